@@ -1,0 +1,1 @@
+"""Events, tasks, labels and point-in-time features (imports neither training nor serving)."""

@@ -1,0 +1,253 @@
+"""Prediction times, eligibility and censoring-aware labels (DESIGN.md, *Labels*).
+
+At prediction time *t* and horizon *H* a row is
+
+* **positive** if the outcome occurs in (*t*, *t*+*H*] (tied with a competing event, the
+  outcome wins);
+* **negative** if a competing event comes first (the target is the cumulative incidence
+  of the outcome) or the subject is observed event-free through *t*+*H*;
+* **censored** otherwise, with the censoring time kept — never silently negative.
+
+A row is not eligible when the outcome or a competing event happened at or before *t*.
+A subject's follow-up ends at their last event of any code.  All of it is vectorised
+over subjects: no Python loop per subject or per prediction time.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from features.errors import DataValidationError
+from features.events import BIRTH_CODE, DEATH_CODE, NAT_US, EventArrays, subject_bounds
+from features.task import EventDefinition, Task
+from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, TimeIndex
+
+NEVER = np.iinfo(np.int64).max
+OUTCOME, COMPETING, CENSORED = 1, 2, 0
+_OPS = {"below": operator.lt, "above": operator.gt, "at_most": operator.le,
+        "at_least": operator.ge}
+
+
+def label_column(horizon_days: int) -> str:
+    return f"label_{horizon_days}d"
+
+
+def censored_column(horizon_days: int) -> str:
+    return f"censored_{horizon_days}d"
+
+
+def event_mask(arrays: EventArrays, definition: EventDefinition) -> np.ndarray:
+    """Rows (with a time) that are an occurrence of ``definition``."""
+    mask = arrays.code_mask(definition.matches_code)
+    for pred in definition.parsed_predicates():
+        on_code = arrays.code_mask(lambda c, p=pred: c == p.code)
+        with np.errstate(invalid="ignore"):
+            mask |= on_code & _OPS[pred.op](arrays.value, pred.value)
+    return mask & (arrays.time_us != NAT_US)
+
+
+def first_time_per_subject(
+    arrays: EventArrays, mask: np.ndarray, starts: np.ndarray
+) -> np.ndarray:
+    """Earliest flagged time per subject segment (``NEVER`` when none)."""
+    if starts.size == 0:
+        return np.empty(0, dtype=np.int64)
+    t = np.where(mask, arrays.time_us, NEVER)
+    return np.minimum.reduceat(t, starts)
+
+
+def subject_summary(arrays: EventArrays, task: Task) -> pd.DataFrame:
+    """Per subject: follow-up end, first outcome, first competing event, birth, first visit."""
+    subjects, starts, ends = subject_bounds(arrays.subject_id)
+    timed = arrays.time_us != NAT_US
+    last = np.where(timed, arrays.time_us, NAT_US)
+    end = np.maximum.reduceat(last, starts) if starts.size else np.empty(0, np.int64)
+    visit = _visit_mask(arrays, task)
+    return pd.DataFrame(
+        {
+            "subject_id": subjects,
+            "start": starts,
+            "end": ends,
+            "followup_end_us": end,
+            "outcome_us": first_time_per_subject(arrays, event_mask(arrays, task.outcome), starts),
+            "competing_us": first_time_per_subject(
+                arrays, event_mask(arrays, task.competing), starts
+            ),
+            "birth_us": first_time_per_subject(
+                arrays, arrays.code_mask(lambda c: c == BIRTH_CODE) & timed, starts
+            ),
+            "death_us": first_time_per_subject(
+                arrays, arrays.code_mask(lambda c: c == DEATH_CODE) & timed, starts
+            ),
+            "first_visit_us": first_time_per_subject(arrays, visit, starts),
+        }
+    )
+
+
+def _visit_mask(arrays: EventArrays, task: Task) -> np.ndarray:
+    """Events that make a visit: timed, not birth, not an excluded (administrative) code."""
+    from fnmatch import fnmatchcase
+
+    def counts(code: str) -> bool:
+        return code != BIRTH_CODE and not any(
+            fnmatchcase(code, p) for p in task.features.exclude_codes
+        )
+
+    return arrays.code_mask(counts) & (arrays.time_us != NAT_US)
+
+
+def visit_times(arrays: EventArrays, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (subject_id, time) pairs with at least one visit-making event."""
+    m = _visit_mask(arrays, task)
+    sid, t = arrays.subject_id[m], arrays.time_us[m]
+    if sid.size == 0:
+        return sid, t
+    new = np.ones(sid.size, dtype=bool)
+    new[1:] = (sid[1:] != sid[:-1]) | (t[1:] != t[:-1])
+    return sid[new], t[new]
+
+
+def _thin(sidx: np.ndarray, t: np.ndarray, gap_us: int, max_per_subject: int | None) -> np.ndarray:
+    """Greedy 'at most one per gap': keep a time, skip later ones closer than ``gap_us``.
+
+    Iterates once per kept time of the busiest subject, each step vectorised over all
+    subjects (``sidx``/``t`` sorted by subject then time).
+    """
+    n = t.size
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    _, first, seg_end = subject_bounds(sidx)
+    keep = np.zeros(n, dtype=bool)
+    if gap_us <= 0 and max_per_subject is None:
+        return ~keep
+    index = TimeIndex.build(np.concatenate((t, t + gap_us)))
+    keys = index.event_keys(sidx, t)
+    cur, end = first.copy(), seg_end.copy()
+    taken = 0
+    while cur.size:
+        keep[cur] = True
+        taken += 1
+        if max_per_subject is not None and taken >= max_per_subject:
+            break
+        if gap_us <= 0:
+            nxt = cur + 1
+        else:
+            target = index.event_keys(sidx[cur], t[cur] + gap_us)
+            nxt = np.searchsorted(keys, target, side="left")
+        alive = nxt < end
+        cur, end = nxt[alive], end[alive]
+    return keep
+
+
+def prediction_times(arrays: EventArrays, task: Task, summary: pd.DataFrame) -> pd.DataFrame:
+    """Eligible prediction times per the task's policy, with each subject's summary row."""
+    sid, t = visit_times(arrays, task)
+    subj = summary["subject_id"].to_numpy()
+    row = np.searchsorted(subj, sid)
+    s = summary.iloc[row]
+    first = s["first_visit_us"].to_numpy()
+    pt, el = task.prediction_times, task.eligibility
+    visit_no = _rank_within(sid)
+    ok = (
+        (t >= first + int(pt.start_after_days * US_PER_DAY))
+        & (t < s["outcome_us"].to_numpy())
+        & (t < s["competing_us"].to_numpy())
+        & (t < s["death_us"].to_numpy())  # alive, whether or not death competes
+        & (t - first >= int(el.min_history_days * US_PER_DAY))
+        & (visit_no >= el.min_visits)
+    )
+    if el.min_age_years is not None or el.max_age_years is not None:
+        birth = s["birth_us"].to_numpy()
+        age = (t - birth) / (US_PER_DAY * DAYS_PER_YEAR)
+        known = birth != NEVER
+        if el.min_age_years is not None:
+            ok &= known & (age >= el.min_age_years)
+        if el.max_age_years is not None:
+            ok &= known & (age <= el.max_age_years)
+    sid, t, row = sid[ok], t[ok], row[ok]
+    keep = _thin(np.searchsorted(subj, sid), t, int(pt.min_gap_days * US_PER_DAY),
+                 pt.max_per_subject)
+    return pd.DataFrame({"subject_id": sid[keep], "time_us": t[keep], "summary_row": row[keep]})
+
+
+def _rank_within(sid: np.ndarray) -> np.ndarray:
+    """1-based position of each row within its subject (rows sorted by subject)."""
+    if sid.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, starts, ends = subject_bounds(sid)
+    return np.arange(sid.size) - np.repeat(starts, ends - starts) + 1
+
+
+def label_rows(times: pd.DataFrame, summary: pd.DataFrame, horizons_days: list[int]) -> pd.DataFrame:
+    """Labels per horizon for prediction rows (``subject_id``, ``time_us``, ``summary_row``).
+
+    Adds ``event_type`` (1 outcome, 2 competing, 0 censored: what ends observation first
+    after *t*), ``event_time_days`` (days from *t* to it) and, per horizon,
+    ``label_<H>d`` (1.0, 0.0, or NaN when censored) and ``censored_<H>d``.
+    """
+    s = summary.iloc[times["summary_row"].to_numpy()]
+    t = times["time_us"].to_numpy()
+    out_t, comp_t = s["outcome_us"].to_numpy(), s["competing_us"].to_numpy()
+    end_t = s["followup_end_us"].to_numpy()
+    outcome_first = (out_t != NEVER) & (out_t <= comp_t)  # a tie counts as the outcome
+    competing_first = (comp_t != NEVER) & (comp_t < out_t)
+    event_type = np.where(outcome_first, OUTCOME, np.where(competing_first, COMPETING, CENSORED))
+    stop = np.where(outcome_first, out_t, np.where(competing_first, comp_t, end_t))
+    frame = pd.DataFrame(
+        {
+            "subject_id": times["subject_id"].to_numpy(),
+            "prediction_time": t.astype("datetime64[us]"),
+            "event_type": event_type.astype(np.int8),
+            "event_time_days": ((stop - t) / US_PER_DAY).astype(np.float64),
+        }
+    )
+    for h in horizons_days:
+        limit = t + h * US_PER_DAY
+        pos = outcome_first & (out_t <= limit)
+        neg = (competing_first & (comp_t <= limit)) | (~pos & (end_t >= limit))
+        label = np.where(pos, 1.0, np.where(neg, 0.0, np.nan))
+        frame[label_column(h)] = label.astype(np.float32)
+        frame[censored_column(h)] = np.isnan(label)
+    return frame
+
+
+def derive_labels(arrays: EventArrays, task: Task) -> pd.DataFrame:
+    """Prediction times and their labels for all subjects in ``arrays``."""
+    summary = subject_summary(arrays, task)
+    return label_rows(prediction_times(arrays, task, summary), summary, task.horizons_days)
+
+
+def read_label_file(path, task: Task) -> pd.DataFrame:
+    """A MEDS label file (``subject_id``, ``prediction_time``, ``boolean_value``) as label rows.
+
+    The prediction times and labels are used as given; nothing is censored.
+    """
+    table = pq.read_table(path)
+    missing = {"subject_id", "prediction_time", "boolean_value"} - set(table.column_names)
+    if missing:
+        raise DataValidationError(
+            f"missing column(s) {sorted(missing)} of the MEDS label schema", source=str(path)
+        )
+    df = table.select(["subject_id", "prediction_time", "boolean_value"]).to_pandas()
+    if df["boolean_value"].isna().any():
+        row = int(np.flatnonzero(df["boolean_value"].isna().to_numpy())[0])
+        raise DataValidationError("null label", source=str(path), row=row,
+                                  column="boolean_value",
+                                  subject_id=int(df["subject_id"].iloc[row]))
+    df = df.sort_values(["subject_id", "prediction_time"], kind="stable").reset_index(drop=True)
+    h = task.horizons_days[0]
+    label = df["boolean_value"].astype(bool).to_numpy()
+    return pd.DataFrame(
+        {
+            "subject_id": df["subject_id"].to_numpy(np.int64),
+            "prediction_time": df["prediction_time"].to_numpy().astype("datetime64[us]"),
+            "event_type": np.where(label, OUTCOME, -1).astype(np.int8),
+            "event_time_days": np.full(len(df), np.nan),
+            label_column(h): label.astype(np.float32),
+            censored_column(h): np.zeros(len(df), dtype=bool),
+        }
+    )

@@ -1,0 +1,198 @@
+"""Training sets, shard by shard: events → labels → point-in-time features → parquet.
+
+Two passes over a MEDS dataset: the first freezes the FeatureSpec from the training
+split, the second labels and featurises bounded chunks of subjects and streams them to
+one parquet file (written beside its destination and renamed, so a failure leaves
+nothing).  Chunks are independent given the spec, so they can be spread over processes.
+
+Output columns follow the MEDS label schema's names: ``subject_id``, ``prediction_time``,
+then ``split``, ``event_type``, ``event_time_days``, ``label_<H>d``, ``censored_<H>d``,
+and the features (float32) in ``spec.feature_names`` order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.events import EventArrays, MedsDataset, subject_bounds
+from features.featurize import build_features
+from features.labels import derive_labels, label_column, read_label_file
+from features.spec import CodeStats, FeatureSpec
+from features.splits import assign_splits
+from features.task import Task
+from features.timeindex import US_PER_DAY
+
+Progress = Callable[[int], None]
+CACHE_EVENTS = 30_000_000  # keep shards in memory between the passes below this size
+
+
+@dataclass
+class TrainingSetSummary:
+    rows: int
+    subjects: int
+    events: int
+    rows_by_split: dict[str, int]
+    positives: dict[int, int]
+    censored: dict[int, int]
+    spec: FeatureSpec
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "subjects": self.subjects, "events": self.events,
+                "rows_by_split": self.rows_by_split, "positives": self.positives,
+                "censored": self.censored, "features": len(self.spec.feature_names)}
+
+
+class TrainingSetBuilder:
+    """Builds the point-in-time training set of one task over one MEDS dataset."""
+
+    def __init__(self, dataset: MedsDataset, task: Task, *, chunk_subjects: int = 25_000):
+        self.dataset = dataset
+        self.task = task
+        self.chunk_subjects = chunk_subjects
+        self._known_splits = dataset.known_splits()
+        self._cache: list[EventArrays] | None = None
+        self._labels = read_label_file(task.labels.path, task) if task.labels else None
+
+    def splits_of(self, subject_ids: np.ndarray) -> np.ndarray:
+        return assign_splits(subject_ids, self.task.split, self._known_splits)
+
+    def shards(self) -> Iterator[EventArrays]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        for events in self.dataset.iter_files():
+            yield EventArrays.from_events(events)
+
+    def fit_spec(self, progress: Progress | None = None) -> FeatureSpec:
+        """Pass 1: count codes among training subjects and freeze the FeatureSpec."""
+        stats, cache, total = CodeStats(), [], 0
+        for arrays in self.shards():
+            stats.add(arrays, self.splits_of(arrays.subject_id) == "train")
+            total += len(arrays)
+            if total <= CACHE_EVENTS:
+                cache.append(arrays)
+            if progress:
+                progress(len(arrays))
+        if total <= CACHE_EVENTS and self._cache is None:
+            self._cache = cache
+        return stats.freeze(self.task, self.dataset.units())
+
+    def chunks(self, spec: FeatureSpec, progress: Progress | None = None) -> Iterator[pd.DataFrame]:
+        """Pass 2: labelled feature rows, one frame per chunk of subjects."""
+        for arrays in self.shards():
+            subjects, starts, ends = subject_bounds(arrays.subject_id)
+            for i in range(0, subjects.size, self.chunk_subjects):
+                lo = starts[i]
+                hi = ends[min(i + self.chunk_subjects, subjects.size) - 1]
+                part = _slice(arrays, lo, hi)
+                frame = self.rows_for(part, spec)
+                if progress:
+                    progress(hi - lo)
+                if len(frame):
+                    yield frame
+
+    def rows_for(self, arrays: EventArrays, spec: FeatureSpec) -> pd.DataFrame:
+        """Label and featurise the subjects in ``arrays``."""
+        if self._labels is not None:
+            lab = self._labels
+            labels = lab[lab["subject_id"].isin(np.unique(arrays.subject_id))]
+            labels = labels.reset_index(drop=True)
+        else:
+            labels = derive_labels(arrays, self.task)
+        split = self.splits_of(labels["subject_id"].to_numpy())
+        labels.insert(2, "split", pd.Categorical(split, categories=["train", "tuning",
+                                                                    "held_out"]))
+        labels = self._temporal(labels)
+        t_us = labels["prediction_time"].to_numpy().view(np.int64)
+        x = build_features(arrays, labels["subject_id"].to_numpy(), t_us, spec)
+        feats = pd.DataFrame(x, columns=spec.feature_names, index=labels.index)
+        return pd.concat([labels, feats], axis=1)
+
+    def _temporal(self, labels: pd.DataFrame) -> pd.DataFrame:
+        temporal = self.task.split.temporal
+        if temporal is None:
+            return labels
+        cutoff = np.datetime64(temporal.cutoff, "us").view(np.int64)
+        t = labels["prediction_time"].to_numpy().view(np.int64)
+        horizon = max(self.task.horizons_days) * US_PER_DAY
+        held = labels["split"].to_numpy() == "held_out"
+        keep = np.where(held, t >= cutoff, t + horizon <= cutoff)
+        return labels[keep].reset_index(drop=True)
+
+
+def _slice(a: EventArrays, lo: int, hi: int) -> EventArrays:
+    return EventArrays(a.subject_id[lo:hi], a.time_us[lo:hi], a.code[lo:hi], a.categories,
+                       a.value[lo:hi])
+
+
+def build_training_frame(dataset: MedsDataset, task: Task) -> tuple[pd.DataFrame, FeatureSpec]:
+    """The whole training set in memory (for modest cohorts and tests)."""
+    builder = TrainingSetBuilder(dataset, task)
+    spec = builder.fit_spec()
+    frames = list(builder.chunks(spec))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return frame, spec
+
+
+def write_training_set(
+    dataset: MedsDataset,
+    task: Task,
+    out: str | os.PathLike,
+    *,
+    progress: Progress | None = None,
+    chunk_subjects: int = 25_000,
+) -> TrainingSetSummary:
+    """Build the training set and stream it to ``out`` (parquet), atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    builder = TrainingSetBuilder(dataset, task, chunk_subjects=chunk_subjects)
+    spec = builder.fit_spec()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    writer = None
+    rows, subjects, events = 0, 0, 0
+    by_split: dict[str, int] = {}
+    pos = dict.fromkeys(task.horizons_days, 0)
+    cens = dict.fromkeys(task.horizons_days, 0)
+
+    def count(n: int) -> None:
+        nonlocal events
+        events += n
+        if progress:
+            progress(n)
+
+    try:
+        for frame in builder.chunks(spec, count):
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+            rows += len(frame)
+            subjects += frame["subject_id"].nunique()
+            for k, v in frame["split"].value_counts().items():
+                by_split[str(k)] = by_split.get(str(k), 0) + int(v)
+            for h in task.horizons_days:
+                lab = frame[label_column(h)].to_numpy()
+                pos[h] += int(np.nansum(lab == 1))
+                cens[h] += int(np.isnan(lab).sum())
+        if writer is None:
+            raise ValueError("no eligible prediction times: check the task's outcome, "
+                             "eligibility and prediction-time settings")
+        writer.close()
+        writer = None
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return TrainingSetSummary(rows, subjects, events, by_split, pos, cens, spec)

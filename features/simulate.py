@@ -1,0 +1,205 @@
+"""A synthetic chronic kidney disease (CKD) cohort: the embedded default data set.
+
+The generative model (documented in ``docs/simulator.md``; the numbers live here):
+
+* **Baseline** at enrolment (a date in 2012–2018): age ~ N(63, 12) clipped to 25–90;
+  sex (47% female); diabetes (logistic in age, about 30%); hypertension (logistic in age
+  and diabetes, about 60%); eGFR ~ N(50, 15) clipped 18–105 ml/min/1.73m²; urine
+  albumin-creatinine ratio (UACR) log-normal around 60 mg/g, higher with diabetes; HbA1c
+  ~ N(7.6, 1.1)% with diabetes, N(5.5, 0.35)% without; systolic blood pressure (SBP)
+  ~ N(132 + 10·hypertension, 14) mmHg; ACE inhibitor and SGLT2 inhibitor use.
+* **Progression**, monthly: true eGFR falls at a subject-specific rate (faster with
+  diabetes, hypertension, albuminuria and high SBP, log-normal frailty); an ACE inhibitor
+  slows the fall by 30% and an SGLT2 inhibitor by 40%; SBP, HbA1c and UACR drift.
+* **Visits** are irregular: each month a visit happens with a probability that rises as
+  eGFR falls (sicker patients are seen more often).  At a visit eGFR is measured with
+  probability 0.92, SBP 0.85, HbA1c 0.70 (diabetes) or 0.15, UACR 0.35, each with
+  measurement noise; medications start at visits (ACE inhibitor for hypertension or
+  albuminuria; SGLT2 inhibitor for diabetes or eGFR < 60, mostly from 2019).
+* **Outcome**: ESKD (``DX//ESKD``), with a monthly hazard that climbs steeply as true
+  eGFR falls below about 12.  **Competing event**: death (``MEDS_DEATH``), Gompertz in
+  age, higher with low eGFR, diabetes and male sex.  **Loss to follow-up**: about 5% a
+  year, after which nothing is recorded.  Subjects still followed at the end of 2024 get
+  ``ADMIN//END_OF_FOLLOWUP`` there (registry linkage knows they are alive and ESKD-free).
+
+Same seed, same events, same bytes on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from features.events import BIRTH_CODE, DEATH_CODE, END_OF_FOLLOWUP_CODE, canonical_order
+from features.timeindex import US_PER_DAY
+
+EPOCH = np.datetime64("1970-01-01", "D")
+ENROL_FIRST = (np.datetime64("2012-01-01", "D") - EPOCH).astype(int)
+ENROL_LAST = (np.datetime64("2018-12-31", "D") - EPOCH).astype(int)
+STUDY_END = (np.datetime64("2024-12-31", "D") - EPOCH).astype(int)
+SGLT2_ERA = (np.datetime64("2019-01-01", "D") - EPOCH).astype(int)
+MONTH_DAYS = 30.4375
+
+CODES = pd.DataFrame(
+    [
+        ("LAB//EGFR", "Estimated glomerular filtration rate", "ml/min/1.73m²"),
+        ("LAB//HBA1C", "Haemoglobin A1c", "%"),
+        ("LAB//UACR", "Urine albumin-creatinine ratio", "mg/g"),
+        ("VITAL//SBP", "Systolic blood pressure", "mmHg"),
+        ("RX//ACEI", "ACE inhibitor started", None),
+        ("RX//SGLT2", "SGLT2 inhibitor started", None),
+        ("DX//DIABETES", "Diabetes mellitus", None),
+        ("DX//HYPERTENSION", "Hypertension", None),
+        ("DX//ESKD", "End-stage kidney disease (kidney failure)", None),
+        ("GENDER//F", "Female", None),
+        ("GENDER//M", "Male", None),
+        (BIRTH_CODE, "Birth", None),
+        (DEATH_CODE, "Death", None),
+        (END_OF_FOLLOWUP_CODE, "Last date the subject is known to be followed", None),
+    ],
+    columns=["code", "description", "unit"],
+)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class _Events:
+    """Columnar event buffers appended month by month."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, str, np.ndarray]] = []
+
+    def add(self, sid: np.ndarray, t_us: np.ndarray, code: str, value=None) -> None:
+        if sid.size:
+            v = np.full(sid.size, np.nan) if value is None else np.asarray(value, float)
+            self.parts.append((sid, t_us, code, v))
+
+    def frame(self) -> pd.DataFrame:
+        sid = np.concatenate([p[0] for p in self.parts])
+        t = np.concatenate([p[1] for p in self.parts])
+        codes = pd.Categorical.from_codes(
+            np.concatenate([np.full(p[0].size, CODES.index[CODES.code == p[2]][0])
+                            for p in self.parts]),
+            categories=CODES["code"].tolist(),
+        )
+        value = np.concatenate([p[3] for p in self.parts]).astype(np.float32)
+        df = pd.DataFrame({
+            "subject_id": sid.astype(np.int64),
+            "time": t.view("datetime64[us]"),
+            "code": codes,
+            "numeric_value": value,
+            "text_value": pd.Series([None] * sid.size, dtype="str"),
+        })
+        return df.iloc[canonical_order(df)].reset_index(drop=True)
+
+
+def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1) -> pd.DataFrame:
+    """Simulate ``n_subjects`` CKD patients as canonical MEDS events."""
+    rng = np.random.default_rng(seed)
+    n = int(n_subjects)
+    sid = np.arange(first_subject_id, first_subject_id + n, dtype=np.int64)
+    ev = _Events()
+    day_us = US_PER_DAY
+
+    enrol = rng.integers(ENROL_FIRST, ENROL_LAST + 1, n)
+    age0 = np.clip(rng.normal(63, 12, n), 25, 90)
+    female = rng.random(n) < 0.47
+    diabetes = rng.random(n) < _sigmoid(-0.9 + 0.03 * (age0 - 60))
+    htn = rng.random(n) < _sigmoid(0.2 + 0.04 * (age0 - 60) + 0.5 * diabetes)
+    egfr = np.clip(rng.normal(50, 15, n), 18, 105)
+    log_uacr = rng.normal(np.log(60) + 0.6 * diabetes, 1.2, n)
+    hba1c = np.where(diabetes, rng.normal(7.6, 1.1, n), rng.normal(5.5, 0.35, n))
+    sbp = rng.normal(132 + 10 * htn, 14, n)
+    frailty = np.exp(rng.normal(0, 0.5, n))
+    on_ace = rng.random(n) < np.where(htn | (log_uacr > np.log(30)), 0.4, 0.1)
+    on_sglt2 = rng.random(n) < np.where(diabetes, 0.1, 0.0)
+
+    birth_day = enrol - np.round(age0 * 365.25).astype(np.int64)
+    static = np.full(n, np.iinfo(np.int64).min)
+    ev.add(sid, birth_day * day_us, BIRTH_CODE)
+    ev.add(sid[female], static[female], "GENDER//F")
+    ev.add(sid[~female], static[~female], "GENDER//M")
+
+    in_study = np.ones(n, dtype=bool)
+    ended = np.zeros(n, dtype=bool)  # by ESKD, death or loss to follow-up
+    months = int(np.ceil((STUDY_END - ENROL_FIRST) / MONTH_DAYS)) + 1
+    for m in range(months):
+        start = enrol + m * MONTH_DAYS
+        active = in_study & (start <= STUDY_END)
+        in_study &= start <= STUDY_END
+        if not active.any():
+            break
+        idx = np.flatnonzero(active)
+        k = idx.size
+        age = age0[idx] + m / 12
+        # -- progression
+        decline = (0.8 + 1.4 * diabetes[idx] + 0.8 * htn[idx]
+                   + 0.9 * np.maximum(log_uacr[idx] - np.log(30), 0)
+                   + 0.04 * np.maximum(sbp[idx] - 130, 0)) * frailty[idx]
+        decline *= np.where(on_ace[idx], 0.7, 1.0) * np.where(on_sglt2[idx], 0.6, 1.0)
+        egfr[idx] = np.maximum(egfr[idx] - decline / 12 + rng.normal(0, 0.6, k), 2.0)
+        sbp[idx] += rng.normal(0, 1.5, k) - 0.08 * (sbp[idx] - (132 + 10 * htn[idx]
+                                                        - 6 * on_ace[idx]))
+        hba1c[idx] += rng.normal(0, 0.05, k) - 0.03 * (hba1c[idx] - np.where(
+            diabetes[idx], 7.4, 5.5))
+        log_uacr[idx] += rng.normal(0.01, 0.05, k) - 0.01 * on_ace[idx]
+        # -- visits (month 0 is the enrolment visit)
+        p_visit = (0.18 + 0.12 * (egfr[idx] < 45) + 0.25 * (egfr[idx] < 30)
+                   + 0.2 * (egfr[idx] < 20))
+        visit = (rng.random(k) < p_visit) | (m == 0)
+        vday = np.floor(start[idx] + rng.random(k) * MONTH_DAYS).astype(np.int64)
+        vday = np.minimum(vday, STUDY_END)
+        vt = vday * day_us + (8 * 60 + rng.integers(0, 540, k)) * 60_000_000
+        measure = rng.random((4, k))
+        noise = rng.normal(0, 1, (4, k))
+        v = visit
+        if m == 0:
+            d0, h0 = idx[diabetes[idx]], idx[htn[idx]]
+            ev.add(sid[d0], vt[diabetes[idx]], "DX//DIABETES")
+            ev.add(sid[h0], vt[htn[idx]], "DX//HYPERTENSION")
+            ev.add(sid[idx[on_ace[idx]]], vt[on_ace[idx]], "RX//ACEI")
+            ev.add(sid[idx[on_sglt2[idx]]], vt[on_sglt2[idx]], "RX//SGLT2")
+        sel = v & (measure[0] < 0.92)
+        ev.add(sid[idx[sel]], vt[sel], "LAB//EGFR",
+               np.round(egfr[idx[sel]] * np.exp(0.06 * noise[0, sel]), 1))
+        sel = v & (measure[1] < 0.85)
+        ev.add(sid[idx[sel]], vt[sel], "VITAL//SBP", np.round(sbp[idx[sel]] + 6 * noise[1, sel]))
+        sel = v & (measure[2] < np.where(diabetes[idx], 0.70, 0.15))
+        ev.add(sid[idx[sel]], vt[sel], "LAB//HBA1C",
+               np.round(hba1c[idx[sel]] + 0.2 * noise[2, sel], 1))
+        sel = v & (measure[3] < 0.35)
+        ev.add(sid[idx[sel]], vt[sel], "LAB//UACR",
+               np.round(np.exp(log_uacr[idx[sel]] + 0.3 * noise[3, sel]), 1))
+        if m > 0:
+            u = rng.random((2, k))
+            start_ace = v & ~on_ace[idx] & (htn[idx] | (log_uacr[idx] > np.log(30))) & (u[0] < 0.12)
+            era = np.where(vday >= SGLT2_ERA, 1.0, 0.2)
+            start_sglt2 = (v & ~on_sglt2[idx] & (diabetes[idx] | (egfr[idx] < 60))
+                           & (u[1] < 0.06 * era))
+            on_ace[idx[start_ace]] = True
+            on_sglt2[idx[start_sglt2]] = True
+            ev.add(sid[idx[start_ace]], vt[start_ace], "RX//ACEI")
+            ev.add(sid[idx[start_sglt2]], vt[start_sglt2], "RX//SGLT2")
+        # -- outcome, competing event, loss to follow-up (after this month's visit)
+        h_eskd = 0.6 * _sigmoid(-(egfr[idx] - 11.0) / 1.5)
+        annual_death = (0.012 * np.exp(0.075 * (age - 65))
+                        * (1 + 1.2 * (egfr[idx] < 30) + 1.5 * (egfr[idx] < 20))
+                        * np.where(diabetes[idx], 1.4, 1.0) * np.where(female[idx], 1.0, 1.2))
+        h_death = 1 - np.exp(-annual_death / 12)
+        u = rng.random((3, k))
+        eskd = u[0] < h_eskd
+        death = ~eskd & (u[1] < h_death)
+        lost = ~eskd & ~death & (u[2] < 0.0043)
+        eday = np.maximum(np.floor(start[idx] + MONTH_DAYS * rng.random(k)).astype(np.int64),
+                          vday + 1)
+        et = np.minimum(eday, STUDY_END) * day_us + 12 * 3_600_000_000
+        ev.add(sid[idx[eskd]], et[eskd], "DX//ESKD")
+        ev.add(sid[idx[death]], et[death], DEATH_CODE)
+        in_study[idx[eskd | death | lost]] = False
+        ended[idx[eskd | death | lost]] = True
+    still = ~ended
+    ev.add(sid[still], np.full(still.sum(), STUDY_END * day_us + 23 * 3_600_000_000),
+           END_OF_FOLLOWUP_CODE)
+    return ev.frame()

@@ -1,0 +1,289 @@
+"""The prediction task: a small YAML file a data scientist writes, validated here.
+
+Example (``examples/tasks/eskd.yaml``)::
+
+    name: eskd
+    outcome: {codes: [DX//ESKD]}
+    competing: {codes: [MEDS_DEATH]}
+    horizons_days: [365, 730]
+    prediction_times: {min_gap_days: 180}
+    eligibility: {min_history_days: 0}
+    features: {windows: [30d, 365d, all], min_code_subjects: 20}
+    split: {salt: twincast, train: 0.7, tuning: 0.15, held_out: 0.15}
+    promotion: {primary_metric: auroc, margin: 0.0}
+
+Unknown keys, bad values and outcome codes that overlap competing codes are errors that
+name the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import date
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from features.errors import TaskError
+from features.events import DEATH_CODE
+
+_PREDICATE = re.compile(
+    r"^\s*(?P<code>\S+)\s+(?P<op>below|above|at_most|at_least)\s+(?P<value>[-+0-9.eE]+)\s*$"
+)
+_WINDOW = re.compile(r"^(?P<n>[1-9][0-9]*)(?P<unit>[dwy])$|^all$")
+_UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
+
+NUMERIC_AGGREGATIONS = ("last", "mean", "min", "max", "std", "count", "slope", "days_since_last")
+CATEGORICAL_AGGREGATIONS = ("ever", "count", "days_since_first")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Predicate(_Strict):
+    """``CODE below|above|at_most|at_least VALUE`` on an event's numeric value."""
+
+    code: str
+    op: Literal["below", "above", "at_most", "at_least"]
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Predicate:
+        m = _PREDICATE.match(text)
+        if not m:
+            raise ValueError(
+                f"predicate {text!r} is not of the form 'CODE below|above|at_most|at_least "
+                "NUMBER', e.g. 'LAB//EGFR below 15'"
+            )
+        return cls(code=m["code"], op=m["op"], value=float(m["value"]))
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.op} {self.value:g}"
+
+
+class EventDefinition(_Strict):
+    """Codes (exact, or glob patterns such as ``DX//ESKD*``) and/or numeric predicates."""
+
+    codes: list[str] = Field(default_factory=list)
+    predicates: list[str] = Field(default_factory=list)
+
+    @field_validator("predicates")
+    @classmethod
+    def _check_predicates(cls, v: list[str]) -> list[str]:
+        for text in v:
+            Predicate.parse(text)
+        return v
+
+    def parsed_predicates(self) -> list[Predicate]:
+        return [Predicate.parse(p) for p in self.predicates]
+
+    def is_empty(self) -> bool:
+        return not self.codes and not self.predicates
+
+    def matches_code(self, code: str) -> bool:
+        """True when ``code`` is one of ``codes`` (predicate codes are not whole codes)."""
+        return any(fnmatchcase(code, pattern) for pattern in self.codes)
+
+    def all_codes(self) -> list[str]:
+        return [*self.codes, *(p.code for p in self.parsed_predicates())]
+
+
+class PredictionTimes(_Strict):
+    """When predictions are made: at visits, at most one per ``min_gap_days``."""
+
+    at: Literal["each_visit"] = "each_visit"
+    min_gap_days: Annotated[float, Field(ge=0)] = 0
+    start_after_days: Annotated[float, Field(ge=0)] = 0
+    max_per_subject: Annotated[int, Field(ge=1)] | None = None
+
+
+class Eligibility(_Strict):
+    """Who may get a prediction at *t* (alive and outcome-free are always required)."""
+
+    min_history_days: Annotated[float, Field(ge=0)] = 0
+    min_visits: Annotated[int, Field(ge=1)] = 1
+    min_age_years: Annotated[float, Field(ge=0)] | None = None
+    max_age_years: Annotated[float, Field(gt=0)] | None = None
+
+
+class FeatureSettings(_Strict):
+    windows: list[str] = Field(default_factory=lambda: ["30d", "365d", "all"], min_length=1)
+    numeric_aggregations: list[Literal[NUMERIC_AGGREGATIONS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(NUMERIC_AGGREGATIONS), min_length=1
+    )
+    categorical_aggregations: list[Literal[CATEGORICAL_AGGREGATIONS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(CATEGORICAL_AGGREGATIONS), min_length=1
+    )
+    min_code_subjects: Annotated[int, Field(ge=1)] = 20
+    exclude_codes: list[str] = Field(default_factory=lambda: ["ADMIN//*"])
+    units: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("windows")
+    @classmethod
+    def _check_windows(cls, v: list[str]) -> list[str]:
+        for w in v:
+            if not _WINDOW.match(w):
+                raise ValueError(f"window {w!r} is not 'all' or a length such as 30d, 8w, 2y")
+        if len(set(v)) != len(v):
+            raise ValueError("windows repeat")
+        return v
+
+    def window_days(self) -> list[float]:
+        """Each window's length in days (``inf`` for ``all``)."""
+        out = []
+        for w in self.windows:
+            m = _WINDOW.match(w)
+            out.append(float("inf") if w == "all" else int(m["n"]) * _UNIT_DAYS[m["unit"]])
+        return out
+
+
+class Temporal(_Strict):
+    """A temporal hold-out on top of the subject split: train and tuning rows must be
+    fully labelled before ``cutoff``; held-out rows are predictions made on or after it."""
+
+    cutoff: date
+
+
+class SplitSettings(_Strict):
+    salt: str = "twincast"
+    train: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    tuning: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    held_out: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    temporal: Temporal | None = None
+    use_dataset_split: bool = True
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitSettings:
+        total = self.train + self.tuning + self.held_out
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"train + tuning + held_out must be 1, got {total:g}")
+        return self
+
+
+class Promotion(_Strict):
+    """The gate a challenger must pass to become champion."""
+
+    primary_metric: Literal["auroc", "auprc", "brier", "uno_c"] = "auroc"
+    horizon_days: int | None = None
+    margin: Annotated[float, Field(ge=0)] = 0.0
+    max_ece: Annotated[float, Field(gt=0)] = 0.05
+    calibration_slope: tuple[float, float] = (0.8, 1.2)
+
+
+class LabelsFile(_Strict):
+    """Take prediction times and labels from a MEDS label file (as ACES writes them)."""
+
+    path: Path
+
+
+class Task(_Strict):
+    """A validated prediction task."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+    description: str = ""
+    outcome: EventDefinition
+    competing: EventDefinition = Field(default_factory=lambda: EventDefinition(codes=[DEATH_CODE]))
+    horizons_days: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    prediction_times: PredictionTimes = Field(default_factory=PredictionTimes)
+    eligibility: Eligibility = Field(default_factory=Eligibility)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    promotion: Promotion = Field(default_factory=Promotion)
+    labels: LabelsFile | None = None
+
+    @field_validator("horizons_days")
+    @classmethod
+    def _sorted_unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("horizons repeat")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> Task:
+        if self.outcome.is_empty():
+            raise ValueError("outcome: give at least one code or predicate")
+        overlap = sorted(
+            {c for c in self.outcome.all_codes() if self.competing.matches_code(c)}
+            | {c for c in self.competing.all_codes() if self.outcome.matches_code(c)}
+        )
+        if overlap:
+            raise ValueError(
+                f"outcome and competing events overlap on {overlap}; a combined outcome "
+                "(e.g. 'death or transplant') has no competing events: set 'competing: {}'"
+            )
+        h = self.promotion.horizon_days
+        if h is not None and h not in self.horizons_days:
+            raise ValueError(f"promotion.horizon_days {h} is not one of {self.horizons_days}")
+        if self.labels is not None and len(self.horizons_days) != 1:
+            raise ValueError("a task that reads a MEDS label file has exactly one horizon")
+        return self
+
+    @property
+    def primary_horizon(self) -> int:
+        return self.promotion.horizon_days or self.horizons_days[-1]
+
+    def is_excluded_from_features(self, code: str) -> bool:
+        """Codes that never become features: excluded patterns, outcome, competing, birth."""
+        return (
+            any(fnmatchcase(code, p) for p in self.features.exclude_codes)
+            or self.outcome.matches_code(code)
+            or self.competing.matches_code(code)
+        )
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """SHA-256 of the task's canonical JSON (what a model version records)."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: the task does not validate:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_task(data: dict, *, source: str = "task") -> Task:
+    """Validate a task given as a mapping."""
+    if not isinstance(data, dict):
+        raise TaskError(f"{source}: a task is a mapping of keys, got {type(data).__name__}")
+    try:
+        task = Task.model_validate(data)
+    except ValidationError as exc:
+        raise TaskError(_format_errors(exc, source)) from None
+    if task.labels is not None and not task.labels.path.is_absolute() and source != "task":
+        # a label file is found relative to the task file that names it
+        base = Path(source).parent
+        task = task.model_copy(update={"labels": LabelsFile(path=base / task.labels.path)})
+    return task
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and validate a task YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such task file") from None
+    except yaml.YAMLError as exc:
+        raise TaskError(f"{path}: not valid YAML: {exc}") from None
+    return parse_task(data, source=str(path))

@@ -1,0 +1,46 @@
+"""Settings: one prefix (``TWINCAST_``), no side effects on import.
+
+The local home folder (``.twincast/`` by default) holds the MLflow SQLite store, its
+artifacts and the twin database, so the embedded default needs no server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
+               "DO_NOT_TRACK": "1"}
+
+
+class Settings(BaseSettings):
+    """Everything configurable, read from ``TWINCAST_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TWINCAST_", extra="ignore")
+
+    home: Path = Path(".twincast")
+    mlflow_uri: str | None = None
+    database_url: str | None = None
+    task: str | None = None
+
+    def tracking_uri(self) -> str:
+        """``TWINCAST_MLFLOW_URI`` wins over ``MLFLOW_TRACKING_URI``; else a local SQLite."""
+        if self.mlflow_uri:
+            return self.mlflow_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    def artifact_root(self) -> str:
+        return (self.home / "mlartifacts").resolve().as_uri()
+
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'twins.db').resolve()}"
+
+
+def go_offline() -> None:
+    """Keep MLflow and BentoML from looking up their telemetry hosts."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
