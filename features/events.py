@@ -98,6 +98,8 @@ def validate_table(
             source=source,
         )
     n = table.num_rows
+    if n == 0:
+        return MEDS_SCHEMA.empty_table()
     sid = _column(table, "subject_id")
     if not pa.types.is_integer(sid.type):
         raise DataValidationError(

@@ -182,7 +182,9 @@ def _rank_within(sid: np.ndarray) -> np.ndarray:
     return np.arange(sid.size) - np.repeat(starts, ends - starts) + 1
 
 
-def label_rows(times: pd.DataFrame, summary: pd.DataFrame, horizons_days: list[int]) -> pd.DataFrame:
+def label_rows(
+    times: pd.DataFrame, summary: pd.DataFrame, horizons_days: list[int]
+) -> pd.DataFrame:
     """Labels per horizon for prediction rows (``subject_id``, ``time_us``, ``summary_row``).
 
     Adds ``event_type`` (1 outcome, 2 competing, 0 censored: what ends observation first

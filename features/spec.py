@@ -133,10 +133,7 @@ class CodeStats:
             if n_subj < task.features.min_code_subjects:
                 continue
             numeric = self.valued[c] * 2 >= self.events[c]
-            if self.timed[c] == 0:
-                kind = "static"
-            else:
-                kind = "numeric" if numeric else "categorical"
+            kind = "static" if self.timed[c] == 0 else "numeric" if numeric else "categorical"
             kept.append(CodeFeature(code=c, kind=kind, numeric=numeric, unit=units.get(c),
                                     train_subjects=n_subj))
         return FeatureSpec.from_codes(task, kept)

@@ -30,8 +30,8 @@ def subject_hash_unit(subject_ids: np.ndarray, salt: str) -> np.ndarray:
     """A uniform number in [0, 1) per subject id, fixed by ``salt``.
 
     >>> u = subject_hash_unit(np.array([1, 2, 3]), "twincast")
-    >>> bool(((u >= 0) & (u < 1)).all()), bool((u == subject_hash_unit(np.array([1, 2, 3]), "twincast")).all())
-    (True, True)
+    >>> bool(((u >= 0) & (u < 1)).all())
+    True
     """
     salt_key = np.uint64(int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little"))
     h = _splitmix64(np.asarray(subject_ids, dtype=np.int64).view(np.uint64) ^ salt_key)
