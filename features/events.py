@@ -175,7 +175,11 @@ def validate_table(
 
 
 def canonical_order(events: pd.DataFrame) -> np.ndarray:
-    """Row order by subject, time (static facts first), code, numeric value."""
+    """Row order by subject, time (static facts first), code, numeric value.
+
+    Data written by twincast is already in this order; that is checked in one linear
+    pass and the sort skipped.
+    """
     codes = events["code"]
     if not isinstance(codes.dtype, pd.CategoricalDtype):
         codes = codes.astype("category")
@@ -184,9 +188,23 @@ def canonical_order(events: pd.DataFrame) -> np.ndarray:
     rank[np.argsort(np.asarray(cats, dtype=object), kind="stable")] = np.arange(len(cats))
     code_rank = rank[codes.cat.codes.to_numpy()]
     t = events["time"].to_numpy().view(np.int64)  # NaT is the smallest int64: static first
-    return np.lexsort(
-        (events["numeric_value"].to_numpy(), code_rank, t, events["subject_id"].to_numpy())
-    )
+    s = events["subject_id"].to_numpy()
+    v = events["numeric_value"].to_numpy()
+    if _is_sorted(s, t, code_rank, v):
+        return np.arange(len(events))
+    return np.lexsort((v, code_rank, t, s))
+
+
+def _is_sorted(s: np.ndarray, t: np.ndarray, c: np.ndarray, v: np.ndarray) -> bool:
+    if s.size < 2:
+        return True
+    # comparisons, not differences: NaT is int64's minimum and would overflow
+    with np.errstate(invalid="ignore"):
+        v_ok = (v[:-1] <= v[1:]) | np.isnan(v[1:])
+    same_s, same_t, same_c = s[1:] == s[:-1], t[1:] == t[:-1], c[1:] == c[:-1]
+    ok = (s[1:] > s[:-1]) | (same_s & ((t[1:] > t[:-1]) | (same_t & (
+        (c[1:] > c[:-1]) | (same_c & v_ok)))))
+    return bool(ok.all())
 
 
 def table_to_events(table: pa.Table) -> pd.DataFrame:

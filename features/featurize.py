@@ -68,9 +68,9 @@ def _range_reduce(table: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np.n
 class _CodeEvents:
     """One code's events (timed), sorted by subject then time, with subject segments."""
 
-    def __init__(self, sidx: np.ndarray, t: np.ndarray, v: np.ndarray, index: TimeIndex):
+    def __init__(self, sidx: np.ndarray, t: np.ndarray, v: np.ndarray, keys: np.ndarray):
         self.sidx, self.t, self.v = sidx, t, v
-        self.keys = index.event_keys(sidx, t)
+        self.keys = keys
         n = sidx.size
         change = np.flatnonzero(np.diff(sidx)) + 1 if n else np.empty(0, np.int64)
         self.seg_starts = np.concatenate(([0], change)).astype(np.int64) if n else change
@@ -112,7 +112,9 @@ def build_features(
     q_sidx = np.searchsorted(subjects, q_sid)
     e_sidx = np.searchsorted(subjects, arrays.subject_id)
     timed = arrays.time_us != NAT_US
-    index = TimeIndex.build(arrays.time_us[timed])
+    index, timed_keys = TimeIndex.build_with_keys(e_sidx[timed], arrays.time_us[timed])
+    event_keys = np.zeros(len(arrays), dtype=np.int64)
+    event_keys[timed] = timed_keys
     windows = list(zip(spec.windows, spec.window_days, strict=True))
     bounds_cache: dict[tuple[float, ...], np.ndarray] = {}
 
@@ -162,7 +164,8 @@ def build_features(
         rows = rows[timed[rows]]
         if cf.kind == "numeric":
             rows = rows[~np.isnan(arrays.value[rows])]
-        ev = _CodeEvents(e_sidx[rows], arrays.time_us[rows], arrays.value[rows], index)
+        ev = _CodeEvents(e_sidx[rows], arrays.time_us[rows], arrays.value[rows],
+                         event_keys[rows])
         hi = np.searchsorted(ev.keys, upper, side="right")
         lo_all = np.searchsorted(ev.keys, lower_keys(np.inf), side="right")
         if cf.kind == "categorical":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,10 @@ class TrainingSetBuilder:
         self._labels = read_label_file(task.labels.path, task) if task.labels else None
 
     def splits_of(self, subject_ids: np.ndarray) -> np.ndarray:
-        return assign_splits(subject_ids, self.task.split, self._known_splits)
+        """Split per row of a subject-sorted id array (hashed once per subject)."""
+        subjects, starts, ends = subject_bounds(np.asarray(subject_ids))
+        per_subject = assign_splits(subjects, self.task.split, self._known_splits)
+        return np.repeat(per_subject, ends - starts)
 
     def shards(self) -> Iterator[EventArrays]:
         if self._cache is not None:
@@ -170,12 +174,17 @@ def write_training_set(
         if progress:
             progress(n)
 
+    pool = ThreadPoolExecutor(max_workers=1)  # compress and write while the next chunk builds
+    pending = None
     try:
         for frame in builder.chunks(spec, count):
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table)
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd",
+                                          use_dictionary=["split"])
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_table, table)
             rows += len(frame)
             subjects += frame["subject_id"].nunique()
             for k, v in frame["split"].value_counts().items():
@@ -187,10 +196,12 @@ def write_training_set(
         if writer is None:
             raise ValueError("no eligible prediction times: check the task's outcome, "
                              "eligibility and prediction-time settings")
+        pending.result()
         writer.close()
         writer = None
         os.replace(tmp, out)
     finally:
+        pool.shutdown(wait=True)
         if writer is not None:
             writer.close()
         if os.path.exists(tmp):

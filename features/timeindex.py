@@ -24,7 +24,26 @@ class TimeIndex:
 
     @classmethod
     def build(cls, event_times_us: np.ndarray) -> TimeIndex:
-        return cls(np.unique(event_times_us))
+        return cls(sorted_unique(event_times_us))
+
+    @classmethod
+    def build_with_keys(
+        cls, subject_index: np.ndarray, times_us: np.ndarray
+    ) -> tuple[TimeIndex, np.ndarray]:
+        """The index of ``times_us`` and the event keys of those same events.
+
+        One radix argsort gives both (no binary search per event).
+        """
+        order = np.argsort(times_us, kind="stable")
+        s = times_us[order]
+        new = np.empty(s.size, dtype=bool)
+        if s.size:
+            new[0] = True
+            np.not_equal(s[1:], s[:-1], out=new[1:])
+        rank = np.empty(s.size, dtype=np.int64)
+        rank[order] = np.cumsum(new)
+        index = cls(s[new])
+        return index, subject_index.astype(np.int64) * index.modulus + rank
 
     @property
     def modulus(self) -> int:
@@ -39,6 +58,17 @@ class TimeIndex:
         """Query keys: an event key is <= this key iff same subject and time <= t."""
         rank = np.searchsorted(self.times, times_us, side="right")
         return subject_index.astype(np.int64) * self.modulus + rank
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` for int64 through a radix sort (several times faster here)."""
+    s = np.sort(values, kind="stable")
+    if s.size < 2:
+        return s
+    keep = np.empty(s.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 def count_upto(event_keys: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
