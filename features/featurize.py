@@ -15,36 +15,30 @@ else is in the batch), minima and maxima from a sparse table.  No loop per row.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+import pandas as pd
 
 from features.events import BIRTH_CODE, NAT_US, EventArrays
 from features.spec import FeatureSpec
 from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, TimeIndex
 
 _NEG_INF_US = np.iinfo(np.int64).min + 1
+PARALLEL_MIN_ROWS = 20_000  # below this, threads cost more than they save
 
 
 def segmented_cumsum(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Inclusive cumulative sums of ``values`` (n × k) restarting at every segment.
 
-    Segments are grouped by length (powers of two) into padded blocks summed along one
-    axis, so each segment's sums are computed exactly as if it were alone.
+    pandas' grouped cumsum keeps one (compensated) running sum per segment, so each
+    segment's sums are exactly what they would be if it were alone.
     """
-    out = np.empty_like(values)
     if lengths.size == 0:
-        return out
-    bucket = np.frexp(np.maximum(lengths - 1, 0).astype(np.float64))[1]  # ceil(log2(len))
-    for b in np.unique(bucket):
-        sel = bucket == b
-        width = 1 << int(b)
-        st, ln = starts[sel], lengths[sel]
-        offs = np.arange(width)
-        valid = offs[None, :] < ln[:, None]
-        pos = np.where(valid, st[:, None] + offs[None, :], 0)
-        block = np.where(valid[..., None], values[pos], 0.0)
-        np.cumsum(block, axis=1, out=block)
-        out[pos[valid]] = block[valid]
-    return out
+        return np.empty_like(values)
+    seg = np.repeat(np.arange(lengths.size), lengths)
+    return pd.DataFrame(values).groupby(seg, sort=True).cumsum().to_numpy()
 
 
 def _sparse_table(v: np.ndarray, max_len: int, fn) -> np.ndarray:
@@ -94,6 +88,8 @@ def build_features(
     subject_ids: np.ndarray,
     times_us: np.ndarray,
     spec: FeatureSpec,
+    *,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Feature matrix (float32, one row per query, columns ``spec.feature_names``).
 
@@ -104,9 +100,10 @@ def build_features(
     q_sid = np.asarray(subject_ids, dtype=np.int64)
     q_t = np.asarray(times_us, dtype=np.int64)
     n = q_sid.size
-    out = np.full((n, len(spec.feature_names)), np.nan, dtype=np.float32)
+    # one contiguous row per feature (column-major result): column writes stay in cache
+    out = np.full((len(spec.feature_names), n), np.nan, dtype=np.float32)
     if n == 0:
-        return out
+        return out.T
     col = {name: i for i, name in enumerate(spec.feature_names)}
     subjects = np.unique(np.concatenate((arrays.subject_id, q_sid)))
     q_sidx = np.searchsorted(subjects, q_sid)
@@ -144,9 +141,13 @@ def build_features(
         birth[first[0]] = arrays.time_us[rows[first[1]]]
         b = birth[q_sidx]
         known = b != NAT_US
-        out[known, col["age_years"]] = (q_t[known] - b[known]) / (US_PER_DAY * DAYS_PER_YEAR)
+        out[col["age_years"], known] = (q_t[known] - b[known]) / (US_PER_DAY * DAYS_PER_YEAR)
 
-    for cf in spec.codes:
+    for _, days in windows:
+        lower_keys(days)  # fill the cache before threads share it
+    lower_keys(np.inf)
+
+    def one_code(cf) -> None:
         rows = rows_of(cf.code)
         if cf.kind == "static":
             rows = rows[~timed[rows]]
@@ -156,11 +157,8 @@ def build_features(
             present[uniq] = True
             value[uniq] = arrays.value[rows[first]]
             name = spec.static_name(cf.code)
-            if cf.numeric:
-                out[:, col[name]] = value[q_sidx]
-            else:
-                out[:, col[name]] = present[q_sidx]
-            continue
+            out[col[name], :] = value[q_sidx] if cf.numeric else present[q_sidx]
+            return
         rows = rows[timed[rows]]
         if cf.kind == "numeric":
             rows = rows[~np.isnan(arrays.value[rows])]
@@ -172,23 +170,32 @@ def build_features(
             _categorical(out, col, spec, cf.code, ev, q_t, lower_keys, hi, lo_all, windows)
         else:
             _numeric(out, col, spec, cf.code, ev, q_t, lower_keys, hi, lo_all, windows)
-    return out
+
+    # codes write disjoint rows of ``out``; numpy releases the GIL in the heavy loops
+    threads = min(threads or os.cpu_count() or 1, len(spec.codes) or 1)
+    if threads > 1 and n >= PARALLEL_MIN_ROWS:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one_code, spec.codes))
+    else:
+        for cf in spec.codes:
+            one_code(cf)
+    return out.T
 
 
 def _categorical(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
     aggs = spec.categorical_aggregations
     has = hi > lo_all
     if "ever" in aggs:
-        out[:, col[spec.feature_name(code, None, "ever")]] = has
+        out[col[spec.feature_name(code, None, "ever")], :] = has
     if "days_since_first" in aggs and len(ev):
         first_t = ev.t[np.where(has, lo_all, 0)]
-        out[has, col[spec.feature_name(code, None, "days_since_first")]] = (
+        out[col[spec.feature_name(code, None, "days_since_first")], has] = (
             (q_t[has] - first_t[has]) / US_PER_DAY
         )
     if "count" in aggs:
         for w, days in windows:
             lo = np.searchsorted(ev.keys, lower_keys(days), side="right")
-            out[:, col[spec.feature_name(code, w, "count")]] = hi - lo
+            out[col[spec.feature_name(code, w, "count")], :] = hi - lo
 
 
 def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
@@ -197,7 +204,7 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
     if m == 0:
         if "count" in aggs:
             for w, _ in windows:
-                out[:, col[spec.feature_name(code, w, "count")]] = 0
+                out[col[spec.feature_name(code, w, "count")], :] = 0
         return
     # centre on each subject's first value and time so sums stay small and exact per subject
     ref_y = ev.v[ev.seg_starts][ev.seg_of]
@@ -224,29 +231,29 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
         has = cnt > 0
         name = lambda agg, w=w: col[spec.feature_name(code, w, agg)]  # noqa: E731
         if "count" in aggs:
-            out[:, name("count")] = cnt
+            out[name("count"), :] = cnt
         if not has.any():
             continue
         if "last" in aggs:
-            out[has, name("last")] = ev.v[last_idx[has]]
+            out[name("last"), has] = ev.v[last_idx[has]]
         if "days_since_last" in aggs:
-            out[has, name("days_since_last")] = (q_t[has] - ev.t[last_idx[has]]) / US_PER_DAY
+            out[name("days_since_last"), has] = (q_t[has] - ev.t[last_idx[has]]) / US_PER_DAY
         s = p_hi[has] - _prefix(sums, lo[has], seg_start_of_query[has])
         k = cnt[has].astype(np.float64)
         sy, syy, sx, sxx, sxy = s[:, 0], s[:, 1], s[:, 2], s[:, 3], s[:, 4]
         if "mean" in aggs:
-            out[has, name("mean")] = sy / k + ref_y[last_idx[has]]
+            out[name("mean"), has] = sy / k + ref_y[last_idx[has]]
         if "std" in aggs:
             two = k >= 2
             var = np.maximum(syy - sy * sy / k, 0.0) / np.where(two, k - 1, 1)
-            out[np.flatnonzero(has)[two], name("std")] = np.sqrt(var[two])
+            out[name("std"), np.flatnonzero(has)[two]] = np.sqrt(var[two])
         if "slope" in aggs:
             # distinct times in [lo, hi): the first counts, later ones if they are new
             distinct = sums[last_idx[has], 5] - sums[lo[has], 5] + 1
             ok = distinct >= 2
             den = sxx - sx * sx / k
             num = sxy - sx * sy / k
-            out[np.flatnonzero(has)[ok], name("slope")] = num[ok] / den[ok]
+            out[name("slope"), np.flatnonzero(has)[ok]] = num[ok] / den[ok]
         for agg in need_minmax:
             fn = np.minimum if agg == "min" else np.maximum
-            out[has, name(agg)] = _range_reduce(tables[agg], lo[has], hi[has], fn)
+            out[name(agg), has] = _range_reduce(tables[agg], lo[has], hi[has], fn)
