@@ -1,0 +1,74 @@
+"""The ``twincast`` command line, run as a user would (a real subprocess)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ESKD_TASK, PBC_MEDS, PBC_TASK
+
+BIN = Path(sys.executable).parent / "twincast"
+
+
+def run(*args: str, cwd: Path | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TWINCAST_HOME": str(cwd / ".twincast") if cwd else ".twincast"}
+    proc = subprocess.run([str(BIN), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_simulate_then_features(tmp_path):
+    run("simulate", "--subjects", "300", "--seed", "5", "--out", str(tmp_path / "c"))
+    assert len(list((tmp_path / "c" / "data").glob("*.parquet"))) == 1
+    proc = run("features", "--events", str(tmp_path / "c"), "--task", str(ESKD_TASK),
+               "--out", str(tmp_path / "train.parquet"))
+    frame = pd.read_parquet(tmp_path / "train.parquet")
+    assert {"subject_id", "prediction_time", "split", "label_730d"} <= set(frame.columns)
+    assert f"{len(frame):,}" in proc.stdout
+
+
+def test_simulate_refuses_to_overwrite(tmp_path):
+    run("simulate", "--subjects", "100", "--out", str(tmp_path / "c"))
+    proc = run("simulate", "--subjects", "100", "--out", str(tmp_path / "c"), ok=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def test_import_csv_reports_line_and_writes_nothing(tmp_path):
+    (tmp_path / "e.csv").write_text("subject_id,time,code,numeric_value\n"
+                                    "1,2020-01-01,LAB//EGFR,40\n1,yesterday,LAB//EGFR,41\n")
+    proc = run("import", "csv", str(tmp_path / "e.csv"), "--out", str(tmp_path / "m"), ok=False)
+    assert proc.returncode == 2
+    assert "e.csv, line 3, subject 1, column 'time': unparseable time" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_wide_pbc_raw_round_trip(tmp_path):
+    """The shipped PBC MEDS data is what the shipped converter makes from the raw file."""
+    src = PBC_MEDS.parent
+    work = tmp_path / "pbc"
+    shutil.copytree(src, work, ignore=shutil.ignore_patterns("meds"))
+    subprocess.run([sys.executable, str(work / "convert.py")], check=True, capture_output=True)
+    a = pd.read_parquet(work / "meds" / "data" / "0.parquet")
+    b = pd.read_parquet(PBC_MEDS / "data" / "0.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_task_validation_command():
+    proc = run("task", str(PBC_TASK))
+    assert '"name": "pbc"' in proc.stdout
+
+
+@pytest.mark.parametrize("bad", ["horizons_days: [0]", "colour: red"])
+def test_task_validation_command_rejects(tmp_path, bad):
+    text = f"name: t\noutcome: {{codes: [A]}}\nhorizons_days: [1]\n{bad}\n"
+    (tmp_path / "t.yaml").write_text(text)
+    proc = run("task", str(tmp_path / "t.yaml"), ok=False)
+    assert proc.returncode == 2 and "t.yaml" in proc.stderr
