@@ -1,0 +1,1 @@
+"""Models, evaluation, MLflow tracking and the registry (imports features, never serving)."""

@@ -1,0 +1,135 @@
+"""Candidate model families: one binary model per horizon, fitted with IPCW weights.
+
+Each horizon's model sees the rows observed at that horizon (censored rows weigh 0;
+competing events are negatives, never censored) and returns a raw score in (0, 1) that
+a calibrator then maps to risk.  LightGBM runs deterministically (fixed threads,
+``deterministic=True``), so a model version reproduces its forecasts bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import lightgbm as lgb
+import numpy as np
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+LGB_THREADS = 2  # fixed, so training reproduces on any machine
+
+
+@dataclass
+class LightGBMHorizon:
+    """A LightGBM binary model with early stopping on a held-back slice of train."""
+
+    params: dict[str, Any]
+    seed: int = 0
+    booster_: lgb.Booster | None = None
+    best_iteration_: int = 0
+
+    family: ClassVar[str] = "lightgbm"
+    space: ClassVar[dict[str, list]] = {
+        "num_leaves": [7, 15, 31, 63],
+        "min_data_in_leaf": [20, 50, 100, 200],
+        "learning_rate": [0.03, 0.05, 0.1],
+        "feature_fraction": [0.6, 0.8, 1.0],
+        "lambda_l2": [0.0, 1.0, 10.0],
+    }
+
+    def fit(self, x, y, w, x_es, y_es, w_es) -> LightGBMHorizon:
+        params = {
+            "objective": "binary", "verbose": -1, "deterministic": True,
+            "force_row_wise": True, "num_threads": LGB_THREADS, "seed": self.seed,
+            "bagging_seed": self.seed, "feature_fraction_seed": self.seed,
+            "data_random_seed": self.seed, **self.params,
+        }
+        train = lgb.Dataset(x, y, weight=w, free_raw_data=True)
+        valid = lgb.Dataset(x_es, y_es, weight=w_es, reference=train)
+        self.booster_ = lgb.train(
+            params, train, num_boost_round=2000, valid_sets=[valid],
+            callbacks=[lgb.early_stopping(50, verbose=False)],
+        )
+        self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
+        # keep only the trees that are used, so predict needs no iteration argument
+        self.booster_ = lgb.Booster(
+            model_str=self.booster_.model_to_string(num_iteration=self.best_iteration_))
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return self.booster_.predict(x, num_threads=1)
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """Per-feature contributions on the raw (log-odds) scale, bias dropped."""
+        return self.booster_.predict(x, pred_contrib=True, num_threads=1)[:, :-1]
+
+    def fitted_params(self) -> dict[str, Any]:
+        return {**self.params, "best_iteration": self.best_iteration_}
+
+
+@dataclass
+class LogisticHorizon:
+    """Median imputation (with missing indicators), scaling and L2 logistic regression."""
+
+    params: dict[str, Any]
+    seed: int = 0
+    pipeline_: Pipeline | None = None
+    n_features_: int = 0
+
+    family: ClassVar[str] = "logistic"
+    space: ClassVar[dict[str, list]] = {"C": [0.01, 0.1, 1.0]}
+
+    def fit(self, x, y, w, x_es=None, y_es=None, w_es=None) -> LogisticHorizon:
+        self.n_features_ = x.shape[1]
+        self.pipeline_ = Pipeline([
+            ("impute", SimpleImputer(strategy="median", add_indicator=True,
+                                     keep_empty_features=True)),
+            ("scale", StandardScaler()),
+            ("model", LogisticRegression(C=self.params["C"], max_iter=2000)),
+        ])
+        self.pipeline_.fit(x, y, model__sample_weight=w)
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return self.pipeline_.predict_proba(x)[:, 1]
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """Coefficient × standardised value (log-odds scale); a missing-value indicator's
+        share is added to its feature."""
+        z = self.pipeline_[:-1].transform(x)
+        coef = self.pipeline_[-1].coef_[0]
+        parts = z * coef
+        out = parts[:, : self.n_features_].copy()
+        indicator = self.pipeline_.named_steps["impute"].indicator_
+        if indicator is not None:
+            out[:, indicator.features_] += parts[:, self.n_features_:]
+        return out
+
+    def fitted_params(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+FAMILIES = {"lightgbm": LightGBMHorizon, "logistic": LogisticHorizon}
+
+
+def sample_configs(family: str, trials: int, seed: int) -> list[dict[str, Any]]:
+    """``trials`` distinct configurations drawn from the family's space (deterministic)."""
+    space = FAMILIES[family].space
+    keys = sorted(space)
+    grid = np.array(np.meshgrid(*[np.arange(len(space[k])) for k in keys])).reshape(len(keys), -1).T
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(grid))[: max(1, min(trials, len(grid)))]
+    return [{k: space[k][int(i)] for k, i in zip(keys, grid[p], strict=True)} for p in picks]
+
+
+@dataclass
+class Candidate:
+    """One family's chosen configuration: a model and a calibrator per horizon."""
+
+    family: str
+    params: dict[str, Any]
+    models: list[Any] = field(default_factory=list)
+    calibrators: list[Any] = field(default_factory=list)
+    search: list[dict[str, Any]] = field(default_factory=list)
