@@ -71,3 +71,39 @@ def make_events(rows: list[tuple]) -> pd.DataFrame:
         }
     )
     return events_from_frame(frame, source="test")
+
+
+# ------------------------------------------------------------------ one tiny trained model
+
+TINY_OPTIONS = {"trials": 2, "n_bootstrap": 30, "min_subgroup": 30, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_task(eskd_task):
+    """The ESKD task with limits loose enough for a 400-subject cohort."""
+    from features.task import parse_task
+
+    data = eskd_task.model_dump(mode="json")
+    data["promotion"].update({"max_ece": 0.2, "calibration_slope": [0.2, 5.0]})
+    return parse_task(data)
+
+
+@pytest.fixture(scope="session")
+def mlflow_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def tracker(mlflow_home):
+    from training.tracking import Tracker
+
+    return Tracker(f"sqlite:///{mlflow_home / 'mlflow.db'}", (mlflow_home / "art").as_uri())
+
+
+@pytest.fixture(scope="session")
+def trained(small_cohort_dir, tiny_task, tracker):
+    """One tiny model trained once per test session; it becomes the first champion."""
+    from training.train import TrainOptions, train
+
+    return train(small_cohort_dir, tiny_task, tracker, TrainOptions(**TINY_OPTIONS),
+                 log=lambda m: None)

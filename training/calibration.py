@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 from training.metrics import _logit, recalibration
 
@@ -31,7 +32,7 @@ class PlattCalibrator:
         return cls(float(a[0]), float(b[0]))
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.intercept + self.slope * _logit(scores))))
+        return expit(self.intercept + self.slope * _logit(scores))
 
 
 def monotone(risks: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ Labels are 1/0 for observed rows; censored rows have zero weight.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 from features.labels import COMPETING, OUTCOME
 
@@ -93,7 +94,7 @@ def calibration_in_the_large(scores: np.ndarray, y: np.ndarray, w: np.ndarray,
     z = _logit(scores)[:, None]
     a = np.zeros(w.shape[1])
     for _ in range(iterations):
-        p = 1 / (1 + np.exp(-(a + z)))
+        p = expit(a + z)
         g = (w * (y - p)).sum(axis=0)
         h = (w * p * (1 - p)).sum(axis=0)
         a = a + np.where(h > 0, g / np.maximum(h, 1e-12), 0)
@@ -109,7 +110,7 @@ def recalibration(scores: np.ndarray, y: np.ndarray, w: np.ndarray,
     z = _logit(scores)[:, None]
     a, b = np.zeros(w.shape[1]), np.ones(w.shape[1])
     for _ in range(iterations):
-        p = 1 / (1 + np.exp(-(a + b * z)))
+        p = expit(a + b * z)
         r = w * (y - p)
         v = w * p * (1 - p)
         g0, g1 = r.sum(axis=0), (r * z).sum(axis=0)

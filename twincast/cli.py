@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ app = typer.Typer(help="twincast: digital twins with live, traceable risk foreca
 import_app = typer.Typer(help="Convert other formats to MEDS.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @app.callback()
@@ -174,12 +175,153 @@ def task(path: Annotated[Path, typer.Argument(help="task YAML to validate")]) ->
         out.print_json(json.dumps(t.model_dump(mode="json")))
 
 
+def _tracker(settings: Settings):
+    from training.tracking import Tracker
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    uri = settings.tracking_uri()
+    root = settings.artifact_root() if uri.startswith("sqlite:") else None
+    return Tracker(uri, root)
+
+
+def _quiet_mlflow() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
+
+
+@app.command()
+def train(
+    events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],
+    task: Annotated[Path, typer.Option(help="task YAML")],
+    trials: Annotated[int, typer.Option(min=1, help="hyperparameter trials per family")] = 8,
+    bootstrap: Annotated[int, typer.Option(min=10, help="subject-bootstrap resamples")] = 200,
+    seed: int = 0,
+    families: Annotated[str, typer.Option(help="comma-separated: lightgbm,logistic")] =
+    "lightgbm,logistic",
+    promote: Annotated[bool, typer.Option(help="let the gate move 'champion'")] = True,
+) -> None:
+    """Train and compare candidates, track them in MLflow, register the best, run the gate."""
+    from features.task import load_task
+    from training.errors import TrainingError
+    from training.train import TrainOptions, candidate_summary
+    from training.train import train as run_training
+
+    _quiet_mlflow()
+    settings = Settings()
+    try:
+        with _errors():
+            t = load_task(task)
+            options = TrainOptions(trials=trials, n_bootstrap=bootstrap, seed=seed,
+                                   families=[f.strip() for f in families.split(",")],
+                                   promote=promote)
+            result = run_training(events, t, _tracker(settings), options,
+                                  log=lambda m: console.print(escape(m)))
+    except TrainingError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    table = Table(title=f"held-out metrics, 95% subject-bootstrap intervals ({t.name})")
+    for col in ("candidate", "horizon", "AUROC", "AUPRC", "Brier", "slope", "ECE", "Uno's C"):
+        table.add_column(col)
+    for row in candidate_summary(result):
+        cells = [_fmt_ci(row[k]) for k in ("auroc", "auprc", "brier", "calibration_slope",
+                                             "ece", "uno_c")]
+        best = " (best)" if row["family"] == result.best else ""
+        table.add_row(row["family"] + best, f"{row['horizon']} d", *cells)
+    out.print(table)
+    out.print(f"MLflow run {result.parent_run_id} (experiment {result.experiment_id}); "
+              f"registered version {result.version}: "
+              f"{'champion' if result.promoted else 'challenger'} — {result.reason}",
+              soft_wrap=True)
+
+
+def _fmt_ci(ci: dict) -> str:
+    return f"{ci['estimate']:.3f} ({ci['lower']:.3f}–{ci['upper']:.3f})"
+
+
+@app.command()
+def promote(
+    task: Annotated[str, typer.Option(help="task name")],
+    version: Annotated[str, typer.Option(help="model version to make champion")],
+    reason: Annotated[str, typer.Option(help="why (kept in the promotion log)")],
+    by: Annotated[str | None, typer.Option(help="who (default: this user)")] = None,
+) -> None:
+    """Audited manual override: point 'champion' at a version and log who and why."""
+    from training.errors import RegistryError
+    from training.registry import current_user, model_name
+
+    _quiet_mlflow()
+    tracker = _tracker(Settings())
+    try:
+        entry = tracker.registry.promote(model_name(task), version, actor=by or current_user(),
+                                         kind="manual", reason=reason, task_name=task)
+    except RegistryError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    out.print(f"champion of {model_name(task)}: version {entry.from_version} → "
+              f"{entry.to_version} (by {entry.actor}: {entry.reason})", soft_wrap=True)
+
+
+@app.command()
+def runs(task: Annotated[str, typer.Option(help="task name")],
+         limit: int = 20) -> None:
+    """List training runs of a task with their key held-out metrics."""
+    from training.registry import CHAMPION, model_name
+
+    _quiet_mlflow()
+    tracker = _tracker(Settings())
+    name = model_name(task)
+    exp = tracker.client.get_experiment_by_name(name)
+    if exp is None:
+        console.print(f"no runs for task {task!r} yet")
+        raise typer.Exit(1)
+    champion = tracker.registry.version_by_alias(name, CHAMPION)
+    found = tracker.client.search_runs([exp.experiment_id], "tags.`twincast.kind` = 'candidate'",
+                                       order_by=["attributes.start_time DESC"], max_results=limit)
+    table = Table(title=f"runs of {name}")
+    for col in ("run", "started", "family", "data digest", "champion", "metrics (rows)"):
+        table.add_column(col, overflow="fold")
+    for r in found:
+        m = r.data.metrics
+        keys = sorted(k for k in m if k.startswith(("auroc_", "brier_", "ece_", "calibration_"))
+                      and not k.endswith(("_lo", "_hi", "_pw")))
+        cells = ", ".join(f"{k} {m[k]:.3f} ({m.get(k + '_lo', float('nan')):.3f}–"
+                          f"{m.get(k + '_hi', float('nan')):.3f})" for k in keys)
+        started = dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.UTC)
+        is_champ = "yes" if champion and champion.run_id == r.info.run_id else ""
+        table.add_row(r.info.run_id[:12], started.strftime("%Y-%m-%d %H:%M"),
+                      r.data.tags.get("family", ""), r.data.tags.get("data_digest", "")[:12],
+                      is_champ, cells)
+    out.print(table)
+
+
+@app.command()
+def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
+    """Open the MLflow UI on twincast's tracking store."""
+    import subprocess
+
+    settings = Settings()
+    uri = settings.tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", settings.artifact_root()]
+    console.print(f"MLflow UI on http://{host}:{port} (store {uri})")
+    raise typer.Exit(subprocess.call(cmd))
+
+
 @app.command()
 def demo(
     subjects: Annotated[int, typer.Option(min=100)] = 5000,
     seed: int = 0,
+    trials: Annotated[int, typer.Option(min=1)] = 4,
+    bootstrap: Annotated[int, typer.Option(min=10)] = 100,
 ) -> None:
-    """The main job on the embedded default: simulate a cohort, build its training set."""
+    """The main job on the embedded default: simulate → features → train → champion."""
     settings = Settings()
     home = settings.home
     cohort = home / "demo" / "cohort"
@@ -192,6 +334,19 @@ def demo(
             console.print(f"using the cohort already in {cohort}")
         summary = build_training_set(cohort, task_file, home / "demo" / "eskd_training.parquet")
         _print_summary(summary)
+    train(events=cohort, task=task_file, trials=trials, bootstrap=bootstrap, seed=seed,
+          families="lightgbm,logistic", promote=True)
+    from training.registry import CHAMPION, model_name
+
+    tracker = _tracker(settings)
+    champ = tracker.registry.version_by_alias(model_name("eskd"), CHAMPION)
+    out.print("")
+    if champ is not None:
+        out.print(f"champion: {model_name('eskd')} version {champ.version} "
+                  f"(run {champ.run_id}) — models:/{model_name('eskd')}@champion")
+    out.print(f"MLflow store: {settings.tracking_uri()}")
+    out.print("look at it: twincast ui   (then open http://127.0.0.1:5000)")
+    out.print("list runs:  twincast runs --task eskd")
 
 
 if __name__ == "__main__":

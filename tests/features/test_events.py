@@ -123,3 +123,14 @@ def test_pbc_ships_with_units():
     assert ev["subject_id"].nunique() == 312
     # 1,945 visits, each with bilirubin
     assert (ev["code"] == "LAB//BILIRUBIN").sum() == 1945
+
+
+def test_digest_ignores_sharding_but_sees_every_event(tmp_path, small_cohort):
+    from features.digest import dataset_digest, events_digest
+
+    a = open_meds(write_meds(small_cohort, tmp_path / "a", shard_subjects=400))
+    b = open_meds(write_meds(small_cohort, tmp_path / "b", shard_subjects=37))
+    assert dataset_digest(a) == dataset_digest(b) == events_digest(small_cohort)
+    changed = small_cohort.copy()
+    changed.loc[len(changed) - 1, "numeric_value"] = np.float32(1.5)  # the very last row
+    assert events_digest(changed) != events_digest(small_cohort)

@@ -1,0 +1,366 @@
+"""A training job: training set → candidates → held-out evaluation → MLflow → gate.
+
+Data use follows DESIGN.md's *Splits*: each horizon's model is fitted on train with early
+stopping on a held-back slice of train subjects; the tuning split picks
+hyperparameters, fits the calibrators and selects the best candidate; held-out only
+reports and gates.  Same seed and data, same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.digest import dataset_digest
+from features.events import open_meds
+from features.labels import label_column
+from features.pipeline import TrainingSetBuilder
+from features.splits import subject_hash_unit
+from features.task import Task
+from training import metrics as M
+from training.bundle import ModelBundle
+from training.calibration import PlattCalibrator, monotone
+from training.card import model_card
+from training.censoring import CensoringSurvival, ipcw_weights
+from training.errors import TrainingError
+from training.evaluate import EvalFrame, evaluate, flat_metrics, paired_difference
+from training.models import FAMILIES, Candidate, sample_configs
+from training.package import PREDICT_CODE, log_package
+from training.plots import evaluation_plots
+from training.registry import CHAMPION, model_name
+from training.tracking import Tracker, code_version, package_versions
+
+Log = Callable[[str], None]
+DIGEST_FIELD = 32  # MLflow's dataset digest holds 36 characters: the full one is a tag
+HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "uno_c": True, "brier": False}
+
+
+class TrainOptions(BaseModel):
+    """How hard to search and how precisely to evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int = Field(default=8, ge=1)
+    n_bootstrap: int = Field(default=200, ge=10)
+    seed: int = 0
+    families: list[str] = Field(default_factory=lambda: ["lightgbm", "logistic"], min_length=1)
+    early_stopping_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    min_subgroup: int = Field(default=100, ge=1)
+    promote: bool = True
+
+
+@dataclass
+class CandidateResult:
+    family: str
+    run_id: str
+    model_uri: str
+    bundle: ModelBundle
+    report: dict
+    tuning_score: float
+    heldout_risk: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    parent_run_id: str
+    experiment_id: str
+    data_digest: str
+    candidates: dict[str, CandidateResult]
+    best: str
+    version: str
+    promoted: bool
+    reason: str
+    heldout_rows: pd.DataFrame = field(repr=False)  # subject_id, prediction_time (tests)
+
+
+def _split_frame(frame: pd.DataFrame, task: Task, options: TrainOptions) -> dict[str, pd.DataFrame]:
+    split = frame["split"].astype(str).to_numpy()
+    train = frame[split == "train"]
+    es_u = subject_hash_unit(train["subject_id"].to_numpy(), task.split.salt + "/early-stopping")
+    parts = {
+        "fit": train[es_u >= options.early_stopping_fraction],
+        "early_stopping": train[es_u < options.early_stopping_fraction],
+        "tuning": frame[split == "tuning"],
+        "held_out": frame[split == "held_out"],
+    }
+    for name, part in parts.items():
+        if len(part) == 0:
+            raise TrainingError(f"the {name} part of the data is empty: too few subjects for "
+                                "the task's split settings")
+    return parts
+
+
+def _xy(part: pd.DataFrame, names: list[str], h: int, g: CensoringSurvival):
+    y = part[label_column(h)].to_numpy(dtype=np.float64)
+    w = ipcw_weights(part["event_time_days"].to_numpy(), y, h, g)
+    keep = w > 0
+    return part[names].to_numpy(np.float32)[keep], y[keep], w[keep]
+
+
+def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: list[str],
+                   seed: int) -> tuple[Candidate, np.ndarray]:
+    """Per-horizon models (fit part, early stopping part) and tuning calibrators."""
+    cls = FAMILIES[family]
+    g = {k: CensoringSurvival.fit(p["event_time_days"].to_numpy(), p["event_type"].to_numpy())
+         for k, p in parts.items()}
+    cand = Candidate(family, params)
+    x_tune = parts["tuning"][names].to_numpy(np.float32)
+    t_tune = parts["tuning"]["event_time_days"].to_numpy()
+    cal_risk = []
+    for h in task.horizons_days:
+        x, y, w = _xy(parts["fit"], names, h, g["fit"])
+        xe, ye, we = _xy(parts["early_stopping"], names, h, g["early_stopping"])
+        if len(np.unique(y)) < 2:
+            raise TrainingError(f"no positive (or no negative) training rows at {h} days")
+        model = cls(params=params, seed=seed).fit(x, y, w, xe, ye, we)
+        yt = parts["tuning"][label_column(h)].to_numpy(dtype=np.float64)
+        wt = ipcw_weights(t_tune, yt, h, g["tuning"])
+        raw = model.score(x_tune)
+        cal = PlattCalibrator.fit(raw, np.nan_to_num(yt), wt)
+        cand.models.append(model)
+        cand.calibrators.append(cal)
+        cal_risk.append(cal(raw))
+    return cand, monotone(np.column_stack(cal_risk))
+
+
+def _tuning_score(risk: np.ndarray, tuning: pd.DataFrame, task: Task, metric: str) -> float:
+    g = CensoringSurvival.fit(tuning["event_time_days"].to_numpy(), tuning["event_type"].to_numpy())
+    h = task.primary_horizon
+    i = task.horizons_days.index(h)
+    y = tuning[label_column(h)].to_numpy(dtype=np.float64)
+    w = ipcw_weights(tuning["event_time_days"].to_numpy(), y, h, g)
+    if metric == "brier":
+        return float(M.brier(risk[:, i], y, w, np.ones_like(w))[0])
+    if metric == "auprc":
+        return float(M.auprc(risk[:, i], y, w)[0])
+    return float(M.auroc(risk[:, i], y, w)[0])
+
+
+def _brier_all(risk: np.ndarray, tuning: pd.DataFrame, task: Task) -> float:
+    g = CensoringSurvival.fit(tuning["event_time_days"].to_numpy(), tuning["event_type"].to_numpy())
+    total = 0.0
+    for i, h in enumerate(task.horizons_days):
+        y = tuning[label_column(h)].to_numpy(dtype=np.float64)
+        w = ipcw_weights(tuning["event_time_days"].to_numpy(), y, h, g)
+        total += float(M.brier(risk[:, i], y, w, np.ones_like(w))[0])
+    return total / len(task.horizons_days)
+
+
+def _calibration_ok(report: dict, task: Task) -> tuple[bool, str]:
+    lo, hi = task.promotion.calibration_slope
+    problems = []
+    for h, e in report["horizons"].items():
+        slope = e["rows"]["calibration_slope"]["estimate"]
+        ece = e["rows"]["ece"]["estimate"]
+        if not lo <= slope <= hi:
+            problems.append(f"{h}-day calibration slope {slope:.3f} outside [{lo}, {hi}]")
+        if ece > task.promotion.max_ece:
+            problems.append(f"{h}-day ECE {ece:.4f} above {task.promotion.max_ece}")
+    return (not problems, "; ".join(problems) or "calibration within limits")
+
+
+def heldout_request(events: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The model-package input for held-out rows: their subjects' events + PREDICT_AT rows."""
+    ev = events[events["subject_id"].isin(rows["subject_id"].unique())]
+    ask = pd.DataFrame({"subject_id": rows["subject_id"].to_numpy(np.int64),
+                        "time": rows["prediction_time"].to_numpy(), "code": PREDICT_CODE,
+                        "numeric_value": np.nan, "text_value": None})
+    ev = ev.assign(code=ev["code"].astype(str))[["subject_id", "time", "code", "numeric_value",
+                                                  "text_value"]]
+    out = pd.concat([ev, ask], ignore_index=True)
+    out["numeric_value"] = out["numeric_value"].astype(np.float64)
+    out["text_value"] = out["text_value"].astype(object)
+    return out
+
+
+def train(events_path: str | Path, task: Task, tracker: Tracker,
+          options: TrainOptions | None = None, log: Log = print) -> TrainResult:
+    """Run one training job and return what it did (see module docstring)."""
+    options = options or TrainOptions()
+    dataset = open_meds(events_path)
+    log(f"building the {task.name} training set from {events_path}")
+    builder = TrainingSetBuilder(dataset, task)
+    spec = builder.fit_spec()
+    frames = list(builder.chunks(spec))
+    if not frames:
+        raise TrainingError("no eligible prediction times in the data for this task")
+    frame = pd.concat(frames, ignore_index=True)
+    names = spec.feature_names
+    digest = dataset_digest(dataset)
+    parts = _split_frame(frame, task, options)
+    summary = {"rows": len(frame), "subjects": int(frame["subject_id"].nunique()),
+               "rows_by_split": {k: len(v) for k, v in parts.items()},
+               "positives": {h: int((frame[label_column(h)] == 1).sum())
+                             for h in task.horizons_days},
+               "censored": {h: int(frame[label_column(h)].isna().sum())
+                            for h in task.horizons_days},
+               "median_followup_days": float(frame["event_time_days"].median())}
+    heldout = parts["held_out"]
+    eval_frame = EvalFrame.from_training_rows(heldout, task.horizons_days)
+    x_held = heldout[names].to_numpy(np.float32)
+    name = model_name(task.name)
+    exp_id = tracker.experiment_id(name)
+    code = code_version()
+    candidates: dict[str, CandidateResult] = {}
+    with tracker.active(), tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow's hints about integer columns and ambiguous local sources do not apply
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+        tmp = Path(tmp)
+        parent = mlflow.start_run(experiment_id=exp_id, run_name=f"train-{task.name}")
+        try:
+            mlflow.set_tags({"twincast.kind": "training-job", "task": task.name,
+                             "task_digest": task.digest(), "feature_spec_digest": spec.digest(),
+                             "data_digest": digest, "code_version": code,
+                             **package_versions()})
+            mlflow.log_params({"trials": options.trials, "n_bootstrap": options.n_bootstrap,
+                               "seed": options.seed, "families": ",".join(options.families),
+                               "n_features": len(names)})
+            ds_frame = pd.DataFrame({c: pd.Series(dtype=t) for c, t in (
+                ("subject_id", "int64"), ("time", "datetime64[us]"), ("code", "str"),
+                ("numeric_value", "float32"), ("text_value", "str"))})
+            dataset_input = mlflow.data.from_pandas(ds_frame, source=str(Path(events_path)
+                                                                         .resolve()),
+                                                    name=f"{task.name}-events",
+                                                    digest=digest[:DIGEST_FIELD])
+            input_tags = {"twincast.sha256": digest}
+            mlflow.log_input(dataset_input, context="training", tags=input_tags)
+            mlflow.log_dict(json.loads(task.canonical_json()), "task.json")
+            mlflow.log_dict(json.loads(spec.canonical_json()), "feature_spec.json")
+            mlflow.log_dict(summary, "data_summary.json")
+            for family in options.families:
+                log(f"  searching {family} ({options.trials} trials)")
+                best = None
+                search = []
+                for i, params in enumerate(sample_configs(family, options.trials, options.seed)):
+                    cand, tune_risk = _fit_candidate(family, params, parts, task, names,
+                                                     options.seed)
+                    score = _brier_all(tune_risk, parts["tuning"], task)
+                    search.append({"trial": i, **params, "tuning_brier": score})
+                    if best is None or score < best[0]:
+                        best = (score, cand, tune_risk)
+                _, cand, tune_risk = best
+                cand.search = search
+                bundle = ModelBundle(task, spec, family, cand.params, cand.models,
+                                     cand.calibrators, metadata={"data_digest": digest,
+                                                                 "code_version": code})
+                risk = bundle.predict_features(x_held)
+                report = evaluate(risk, eval_frame, task.horizons_days,
+                                  n_boot=options.n_bootstrap, seed=options.seed,
+                                  min_subgroup=options.min_subgroup)
+                tscore = _tuning_score(tune_risk, parts["tuning"], task,
+                                       task.promotion.primary_metric)
+                with mlflow.start_run(experiment_id=exp_id, run_name=family, nested=True) as run:
+                    fitted = bundle.models[-1].fitted_params()
+                    mlflow.log_params({f"{k}": v for k, v in fitted.items()})
+                    mlflow.log_params({f"best_iteration_{h}d": getattr(m, "best_iteration_", 0)
+                                       for h, m in zip(task.horizons_days, bundle.models,
+                                                       strict=True)})
+                    mlflow.log_metrics(flat_metrics(report))
+                    mlflow.log_metric(f"tuning_{task.promotion.primary_metric}", tscore)
+                    mlflow.set_tags({"twincast.kind": "candidate", "family": family,
+                                     "task": task.name, "data_digest": digest,
+                                     "code_version": code, "task_digest": task.digest(),
+                                     "feature_spec_digest": spec.digest(),
+                                     **package_versions()})
+                    mlflow.log_input(dataset_input, context="training", tags=input_tags)
+                    mlflow.log_dict(report, "evaluation.json")
+                    mlflow.log_dict({"trials": search}, "search.json")
+                    for p in evaluation_plots(risk, eval_frame, task.horizons_days,
+                                              tmp / family / "plots", f"{task.name} {family}"):
+                        mlflow.log_artifact(str(p), "plots")
+                    mlflow.log_text(model_card(task=task, family=family, params=cand.params,
+                                               report=report, data_summary=summary,
+                                               data_digest=digest, spec=spec,
+                                               code_version=code), "model_card.md")
+                    info = log_package(bundle, tmp / family / "package")
+                    candidates[family] = CandidateResult(family, run.info.run_id,
+                                                         info.model_uri, bundle, report,
+                                                         tscore, risk)
+                log(f"  {family}: tuning {task.promotion.primary_metric} {tscore:.4f}")
+            higher = HIGHER_IS_BETTER[task.promotion.primary_metric]
+            best_family = sorted(candidates.values(),
+                                 key=lambda c: -c.tuning_score if higher else c.tuning_score)[0]
+            mlflow.set_tag("best_candidate", best_family.family)
+            version, promoted, reason = _register_and_gate(
+                tracker, task, best_family, eval_frame, dataset, heldout, options, name, log)
+            mlflow.set_tags({"registered_version": version, "gate_decision":
+                             "promoted" if promoted else "rejected", "gate_reason": reason[:4000]})
+        finally:
+            mlflow.end_run()
+    return TrainResult(parent.info.run_id, exp_id, digest, candidates, best_family.family,
+                       version, promoted, reason,
+                       heldout[["subject_id", "prediction_time"]].reset_index(drop=True))
+
+
+def _register_and_gate(tracker: Tracker, task: Task, best: CandidateResult, eval_frame: EvalFrame,
+                       dataset, heldout: pd.DataFrame, options: TrainOptions, name: str,
+                       log: Log) -> tuple[str, bool, str]:
+    reg = tracker.registry
+    tags = {"task": task.name, "family": best.family,
+            "data_digest": best.bundle.metadata["data_digest"],
+            "code_version": best.bundle.metadata["code_version"],
+            "task_digest": task.digest(), "feature_spec_digest": best.bundle.spec.digest()}
+    mv = reg.register(name, best.model_uri, best.run_id, tags)
+    log(f"registered {name} version {mv.version} ({best.family}) as challenger")
+    cal_ok, cal_reason = _calibration_ok(best.report, task)
+    champion = reg.version_by_alias(name, CHAMPION)
+    metric = task.promotion.primary_metric
+    h = task.primary_horizon
+    if not cal_ok:
+        promoted, reason = False, f"stays challenger: {cal_reason}"
+    elif champion is None:
+        promoted, reason = True, f"first champion: no champion to beat; {cal_reason}"
+    else:
+        events = dataset.read_all()
+        model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+        champ = model.predict(heldout_request(events, heldout))
+        i = task.horizons_days.index(h)
+        if f"risk_{h}d" not in champ:
+            promoted, reason = True, (f"champion version {champion.version} does not forecast "
+                                      f"{h} days; {cal_reason}")
+        else:
+            diff = paired_difference(best.heldout_risk[:, i], champ[f"risk_{h}d"].to_numpy(),
+                                     eval_frame, h, metric, n_boot=options.n_bootstrap,
+                                     seed=options.seed + 1)
+            sign = 1 if HIGHER_IS_BETTER[metric] else -1
+            gain = {k: sign * v for k, v in diff.items()}
+            lower = min(gain["lower"], gain["upper"])
+            margin = task.promotion.margin
+            desc = (f"{metric} at {h} days vs champion version {champion.version}: "
+                    f"improvement {gain['estimate']:+.4f} (95% CI {lower:+.4f} to "
+                    f"{max(gain['lower'], gain['upper']):+.4f}), margin {margin}")
+            promoted = bool(lower > margin)
+            reason = (f"beats the champion: {desc}; {cal_reason}" if promoted
+                      else f"stays challenger: does not beat the champion: {desc}")
+    if promoted and not options.promote:
+        promoted, reason = False, f"passed the gate but promotion was switched off ({reason})"
+    decision = "promoted" if promoted else "rejected"
+    for key, value in (("twincast.gate.decision", decision), ("twincast.gate.reason", reason)):
+        tracker.client.set_model_version_tag(name, mv.version, key, value[:4000])
+        tracker.client.set_tag(best.run_id, key, value[:4000])
+    if promoted:
+        reg.promote(name, mv.version, actor="gate", kind="gate", reason=reason,
+                    task_name=task.name, run_id=best.run_id)
+    log(f"gate: {decision}: {reason}")
+    return mv.version, promoted, reason
+
+
+def candidate_summary(result: TrainResult) -> list[dict[str, Any]]:
+    """Rows for a terminal table: family, horizon, key metrics with intervals."""
+    rows = []
+    for fam, c in result.candidates.items():
+        for h, e in c.report["horizons"].items():
+            m = e["rows"]
+            rows.append({"family": fam, "horizon": h, **{k: m[k] for k in (
+                "auroc", "auprc", "brier", "calibration_slope", "ece", "uno_c")}})
+    return rows
