@@ -107,3 +107,40 @@ def trained(small_cohort_dir, tiny_task, tracker):
 
     return train(small_cohort_dir, tiny_task, tracker, TrainOptions(**TINY_OPTIONS),
                  log=lambda m: None)
+
+
+# ------------------------------------------------------------------ real servers
+
+PG_ADMIN_URL = os.environ.get("TWINCAST_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pg_database():
+    """A fresh PostgreSQL database (dropped afterwards); under CI=true an unreachable
+    server fails the test instead of skipping it."""
+    import uuid
+
+    import psycopg
+
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL is unreachable at {PG_ADMIN_URL} under CI=true: {exc}")
+        pytest.skip(f"PostgreSQL is unreachable at {PG_ADMIN_URL}")
+    name = f"twincast_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

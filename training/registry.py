@@ -8,6 +8,7 @@ in MLflow itself: one run per move in the experiment ``twincast-<task>-promotion
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ class PromotionEntry:
 class Registry:
     """Registered models of one tracking server (an injected ``MlflowClient``)."""
 
-    def __init__(self, client: MlflowClient):
+    def __init__(self, client: MlflowClient, active=contextlib.nullcontext):
         self.client = client
+        self._active = active  # points MLflow's global URIs at this store while needed
 
     # -- lookups
     def version_by_alias(self, name: str, alias: str) -> ModelVersion | None:
@@ -88,10 +90,11 @@ class Registry:
         self.ensure_model(name)
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") \
             else None
-        mv = self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
-                                              model_id=model_id)
-        self._transition(name, mv.version, VersionState.CHALLENGER)
-        self.client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        with self._active():
+            mv = self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                                  model_id=model_id)
+        self._transition(name, str(mv.version), VersionState.CHALLENGER)
+        self.client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
         return mv
 
     def _transition(self, name: str, version: str, to: VersionState) -> None:
@@ -107,17 +110,17 @@ class Registry:
         """Point ``champion`` at ``version`` and append the move to the promotion log."""
         mv = self.version(name, version)
         old = self.version_by_alias(name, CHAMPION)
-        old_version = old.version if old else None
-        if old_version == mv.version:
+        old_version = str(old.version) if old else None
+        if old_version == str(mv.version):
             raise RegistryError(f"{name} version {version} is already the champion")
         if old is not None:
             self._transition(name, old.version, VersionState.RETIRED)
         self._transition(name, mv.version, VersionState.CHAMPION)
         self.client.set_registered_model_alias(name, CHAMPION, mv.version)
         cur = self.version_by_alias(name, CHALLENGER)
-        if cur is not None and cur.version == mv.version:
+        if cur is not None and str(cur.version) == str(mv.version):
             self.client.delete_registered_model_alias(name, CHALLENGER)
-        entry = PromotionEntry(datetime.now(UTC).isoformat(), old_version, mv.version, actor,
+        entry = PromotionEntry(datetime.now(UTC).isoformat(), old_version, str(mv.version), actor,
                                kind, reason, run_id or mv.run_id)
         self._log(task_name, name, entry)
         return entry

@@ -352,7 +352,7 @@ def _register_and_gate(tracker: Tracker, task: Task, best: CandidateResult, eval
         reg.promote(name, mv.version, actor="gate", kind="gate", reason=reason,
                     task_name=task.name, run_id=best.run_id)
     log(f"gate: {decision}: {reason}")
-    return mv.version, promoted, reason
+    return str(mv.version), promoted, reason
 
 
 def candidate_summary(result: TrainResult) -> list[dict[str, Any]]:

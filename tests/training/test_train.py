@@ -68,7 +68,7 @@ def test_runs_params_metrics_tags_inputs_and_artifacts(trained, tracker, tiny_ta
 def test_first_model_is_champion_with_reason(trained, tracker):
     name = model_name("eskd")
     champ = tracker.registry.version_by_alias(name, CHAMPION)
-    assert champ.version == trained.version and trained.promoted
+    assert str(champ.version) == trained.version and trained.promoted
     assert champ.tags["twincast.gate.decision"] == "promoted"
     assert "first champion" in champ.tags["twincast.gate.reason"]
     log = tracker.registry.promotion_log("eskd")
