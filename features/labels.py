@@ -253,3 +253,67 @@ def read_label_file(path, task: Task) -> pd.DataFrame:
             censored_column(h): np.zeros(len(df), dtype=bool),
         }
     )
+
+
+def ineligibility_reasons(arrays: EventArrays, task: Task, subject_ids: np.ndarray,
+                          t_us: np.ndarray) -> list[str | None]:
+    """Why each (subject, t) may not get a forecast (None when eligible), vectorised.
+
+    The task's eligibility applies (alive, outcome and competing events not yet happened,
+    minimum history, visits and age); the prediction-time policy (gaps) does not.
+    """
+    subject_ids = np.asarray(subject_ids, dtype=np.int64)
+    t_us = np.asarray(t_us, dtype=np.int64)
+    summary = subject_summary(arrays, task)
+    subj = summary["subject_id"].to_numpy()
+    pos = np.searchsorted(subj, subject_ids)
+    known = (pos < subj.size) & (subj[np.minimum(pos, max(subj.size - 1, 0))] == subject_ids) \
+        if subj.size else np.zeros(subject_ids.size, dtype=bool)
+    pos = np.minimum(pos, max(subj.size - 1, 0))
+
+    def col(name: str) -> np.ndarray:
+        return summary[name].to_numpy()[pos] if subj.size else np.full(pos.size, NEVER)
+
+    death, outcome, comp = col("death_us"), col("outcome_us"), col("competing_us")
+    first, birth = col("first_visit_us"), col("birth_us")
+    vsid, vt = visit_times(arrays, task)
+    # visits at or before t: count per query via searchsorted on (subject, time) keys
+    index = TimeIndex.build(np.concatenate((vt, t_us)))
+    vkeys = index.event_keys(np.searchsorted(subj, vsid), vt)
+    qkeys = index.event_keys(pos, t_us)
+    start = np.searchsorted(vkeys, pos.astype(np.int64) * index.modulus, side="left")
+    visits = np.searchsorted(vkeys, qkeys, side="right") - start
+    el = task.eligibility
+    age = (t_us - birth) / (US_PER_DAY * DAYS_PER_YEAR)
+    out: list[str | None] = []
+    for i in range(subject_ids.size):
+        t = t_us[i]
+        if not known[i]:
+            reason = "no events for this subject"
+        elif death[i] <= t:
+            reason = "the subject died at or before the forecast time"
+        elif outcome[i] <= t:
+            reason = "the outcome has already happened"
+        elif comp[i] <= t:
+            reason = "a competing event has already happened"
+        elif first[i] == NEVER or first[i] > t:
+            reason = "no visit at or before the forecast time"
+        elif t - first[i] < el.min_history_days * US_PER_DAY:
+            reason = f"less than {el.min_history_days:g} days of history"
+        elif visits[i] < el.min_visits:
+            reason = f"fewer than {el.min_visits} visits"
+        elif (el.min_age_years is not None or el.max_age_years is not None) and birth[i] == NEVER:
+            reason = "age unknown (no birth date) and the task restricts age"
+        elif el.min_age_years is not None and age[i] < el.min_age_years:
+            reason = f"younger than {el.min_age_years:g} years"
+        elif el.max_age_years is not None and age[i] > el.max_age_years:
+            reason = f"older than {el.max_age_years:g} years"
+        else:
+            reason = None
+        out.append(reason)
+    return out
+
+
+def ineligibility_reason(arrays: EventArrays, task: Task, subject_id: int, t_us: int) -> str | None:
+    """Why one subject may not get a forecast at *t* (None when eligible)."""
+    return ineligibility_reasons(arrays, task, np.array([subject_id]), np.array([t_us]))[0]

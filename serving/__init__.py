@@ -1,0 +1,1 @@
+"""The BentoML twin service, its store, API and auth (imports features and training)."""

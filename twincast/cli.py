@@ -314,6 +314,104 @@ def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
     raise typer.Exit(subprocess.call(cmd))
 
 
+keys_app = typer.Typer(help="API keys of the twin service.", no_args_is_help=True)
+db_app = typer.Typer(help="The twin store's database.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+
+def _store(migrate: bool = True):
+    from serving.store.repo import open_store
+
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return open_store(settings.database(), migrate=migrate)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the store's Alembic migrations (the service also does this at start)."""
+    from serving.store.db import current_revision
+
+    store = _store()
+    out.print(f"{Settings().database().split('@')[-1]} at revision "
+              f"{current_revision(store.engine)}")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="clinical, auditor or admin")],
+    name: Annotated[str, typer.Option(help="who holds the key (shown in the access log)")],
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from serving.errors import Conflict
+
+    try:
+        token = _store().create_key(name, role)
+    except (ValueError, Conflict) as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"API key for {name} ({role}); it will not be shown again:")
+    out.print(token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (names, roles, prefixes; never the secrets)."""
+    table = Table(title="API keys")
+    for col in ("name", "role", "prefix", "created", "revoked"):
+        table.add_column(col)
+    for k in _store().list_keys():
+        table.add_row(k.name, k.role, k.prefix + "…", f"{k.created_at:%Y-%m-%d %H:%M}",
+                      f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> None:
+    """Revoke a key: it stops working at once."""
+    from serving.errors import NotFound
+
+    try:
+        _store().revoke_key(name)
+    except NotFound as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    out.print(f"revoked {name}")
+
+
+def serve_command(task: str | None, host: str, port: int, workers: int | None) -> list[str]:
+    """The ``bentoml serve`` command line and environment for the twin service."""
+    return [str(Path(sys.executable).parent / "bentoml"), "serve",
+            "serving.service:Twincast", "--host", host, "--port", str(port)]
+
+
+@app.command()
+def serve(
+    task: Annotated[str | None, typer.Option(help="task name (default: TWINCAST_TASK, "
+                                                  "or the only registered model)")] = None,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    workers: Annotated[int | None, typer.Option(min=1, help="worker processes")] = None,
+) -> None:
+    """Run the BentoML twin service (migrates the store first)."""
+    import os
+
+    settings = Settings()
+    _store()  # migrate once here, before the workers start
+    env = {**os.environ, "BENTOML_HOME": str((settings.home / "bentoml").resolve()),
+           "TWINCAST_HOME": str(settings.home.resolve())}
+    if task:
+        env["TWINCAST_TASK"] = task
+    if workers:
+        env["TWINCAST_WORKERS"] = str(workers)
+    cmd = serve_command(task, host, port, workers)
+    console.print(f"twincast service on http://{host}:{port}  (docs: /v1/docs)")
+    root = Path(__file__).resolve().parents[1]
+    os.chdir(root)
+    os.execve(cmd[0], cmd, env)
+
+
 @app.command()
 def demo(
     subjects: Annotated[int, typer.Option(min=100)] = 5000,

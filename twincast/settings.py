@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     mlflow_uri: str | None = None
     database_url: str | None = None
     task: str | None = None
+    workers: int = 1
+    model_poll_seconds: float = 30.0
+    open_docs: bool = False
+    open_metrics: bool = False
 
     def tracking_uri(self) -> str:
         """``TWINCAST_MLFLOW_URI`` wins over ``MLFLOW_TRACKING_URI``; else a local SQLite."""

@@ -1,0 +1,79 @@
+"""Where the served model comes from: the ``champion`` alias in the MLflow registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from serving.errors import NotReady
+from training.bundle import ModelBundle
+from training.registry import CHAMPION, model_name
+from training.tracking import Tracker
+
+
+@dataclass
+class LoadedModel:
+    bundle: ModelBundle
+    name: str
+    version: str
+    run_id: str
+    loaded_at: datetime
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spec_digest(self) -> str:
+        return self.bundle.spec.digest()
+
+    @property
+    def task_digest(self) -> str:
+        return self.bundle.task.digest()
+
+    @property
+    def code_version(self) -> str:
+        return str(self.bundle.metadata.get("code_version", "unknown"))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id,
+                "family": self.bundle.family, "horizons_days": self.bundle.horizons,
+                "feature_spec_digest": self.spec_digest, "task_digest": self.task_digest,
+                "data_digest": self.bundle.metadata.get("data_digest"),
+                "code_version": self.code_version, "loaded_at": self.loaded_at,
+                "metrics": self.metrics}
+
+
+class ModelSource:
+    """Loads ``models:/twincast-<task>@champion`` (bundle only: no pyfunc environment)."""
+
+    def __init__(self, tracker: Tracker, task_name: str):
+        self.tracker = tracker
+        self.task_name = task_name
+        self.name = model_name(task_name)
+
+    def champion_version(self) -> str | None:
+        mv = self.tracker.registry.version_by_alias(self.name, CHAMPION)
+        return None if mv is None else str(mv.version)
+
+    def load(self, version: str | None = None) -> LoadedModel:
+        version = version or self.champion_version()
+        if version is None:
+            raise NotReady(f"{self.name} has no champion yet: train and promote a model first")
+        mv = self.tracker.registry.version(self.name, version)
+        with self.tracker.active():
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.name}/{version}/artifacts/bundle.pkl")
+        bundle = ModelBundle.loads(Path(path).read_bytes())
+        run = self.tracker.client.get_run(mv.run_id)
+        return LoadedModel(bundle, self.name, str(version), mv.run_id,
+                           datetime.now(UTC), dict(run.data.metrics), dict(mv.tags))
+
+
+def only_task(tracker: Tracker) -> str | None:
+    """The task of the only registered twincast model, if there is exactly one."""
+    names = [m.name for m in tracker.client.search_registered_models()
+             if m.name.startswith("twincast-")]
+    return names[0].removeprefix("twincast-") if len(names) == 1 else None

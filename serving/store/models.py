@@ -1,0 +1,158 @@
+"""The twin store's tables (SQLAlchemy 2).  Times are naive UTC in the database.
+
+Forecasts and the access log are append-only: the application never updates or deletes
+them, and each forecast row carries a digest of its content.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# BIGINT keys everywhere, but SQLite only auto-increments an INTEGER PRIMARY KEY
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
+
+
+class Twin(Base):
+    __tablename__ = "twins"
+
+    subject_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    last_event_time: Mapped[datetime | None] = mapped_column(DateTime)
+    event_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Identifier(Base):
+    """External patient identifiers (e.g. FHIR ``system|value``) mapped to a twin."""
+
+    __tablename__ = "identifiers"
+    __table_args__ = (UniqueConstraint("system", "value", name="uq_identifier"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    system: Mapped[str] = mapped_column(String(255))
+    value: Mapped[str] = mapped_column(String(255))
+    subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("subject_id", "idempotency_key", name="uq_event_idempotency"),
+        Index("ix_events_subject_time", "subject_id", "time"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"))
+    time: Mapped[datetime | None] = mapped_column(DateTime)
+    code: Mapped[str] = mapped_column(String(255))
+    numeric_value: Mapped[float | None] = mapped_column(Float)
+    text_value: Mapped[str | None] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str | None] = mapped_column(String(255))
+
+
+class Forecast(Base):
+    __tablename__ = "forecasts"
+    __table_args__ = (Index("ix_forecasts_subject_seq", "subject_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    forecast_id: Mapped[str] = mapped_column(String(36), unique=True)
+    subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"))
+    as_of: Mapped[datetime | None] = mapped_column(DateTime)
+    watermark: Mapped[datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(16))  # ok | not_eligible
+    reason: Mapped[str | None] = mapped_column(Text)
+    risks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    contributions: Mapped[list[Any] | None] = mapped_column(JSON)
+    model_name: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str] = mapped_column(String(64))
+    feature_spec_digest: Mapped[str] = mapped_column(String(64))
+    task_digest: Mapped[str] = mapped_column(String(64))
+    feature_digest: Mapped[str | None] = mapped_column(String(64))
+    code_version: Mapped[str] = mapped_column(String(128))
+    requested_by: Mapped[str] = mapped_column(String(255))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    row_digest: Mapped[str] = mapped_column(String(64))
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    role: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class AccessLog(Base):
+    __tablename__ = "access_log"
+    __table_args__ = (Index("ix_access_subject_time", "subject_id", "time"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(DateTime)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    key_name: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str | None] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    action: Mapped[str] = mapped_column(String(64))
+    subject_id: Mapped[int | None] = mapped_column(BigInteger)
+    status_code: Mapped[int] = mapped_column(Integer)
+
+
+class ModelLoad(Base):
+    """Every model a worker loads: moves made by hand in the MLflow UI are seen here."""
+
+    __tablename__ = "model_loads"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(DateTime)
+    model_name: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str] = mapped_column(String(64))
+    worker: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(255))
+
+
+class RefreshJob(Base):
+    """Re-forecasting every twin after a new champion; one per (model, version)."""
+
+    __tablename__ = "refresh_jobs"
+    __table_args__ = (UniqueConstraint("model_name", "model_version", name="uq_refresh_model"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
