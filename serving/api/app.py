@@ -8,6 +8,7 @@ the access log (who, what, when; never a clinical value).
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -50,10 +51,10 @@ def require(*roles: str, action: str, twin: bool = False):
     def dependency(request: Request, core: Core) -> Caller:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        subject = request.path_params.get("subject_id")
+        subject = str(request.path_params.get("subject_id", ""))
+        valid = twin and subject.isdigit() and int(subject) < 2**63
         request.state.access = {"action": action, "key": None,
-                                "subject_id": int(subject) if twin and str(subject).isdigit()
-                                else None}
+                                "subject_id": int(subject) if valid else None}
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing 'Authorization: Bearer <key>' header")
         key = core.store.authenticate(token.strip())
@@ -106,10 +107,13 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
                                             or access["action"] in LOGGED_ACTIONS):
             import anyio
 
-            await anyio.to_thread.run_sync(lambda: core.store.log_access(
-                None, key=access["key"], method=request.method, path=request.url.path,
-                action=access["action"], subject_id=access["subject_id"],
-                status_code=response.status_code))
+            try:
+                await anyio.to_thread.run_sync(lambda: core.store.log_access(
+                    None, key=access["key"], method=request.method, path=request.url.path,
+                    action=access["action"], subject_id=access["subject_id"],
+                    status_code=response.status_code))
+            except Exception:
+                logging.getLogger("twincast.access").exception("writing the access log failed")
         return response
 
     docs_guard = [] if open_docs else [Depends(require(*READERS, action="read_docs"))]

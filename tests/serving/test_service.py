@@ -1,0 +1,249 @@
+"""The twin service over real HTTP, once on SQLite and once on PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.package import PREDICT_CODE
+from training.registry import CHAMPION, model_name
+from training.tracking import Tracker
+
+NEW_SUBJECT = 9_000_000  # ids not in the cohort: each test uses its own twin
+
+
+def api_events(frame: pd.DataFrame) -> list[dict]:
+    out = []
+    for r in frame.itertuples():
+        out.append({
+            "time": None if pd.isna(r.time) else pd.Timestamp(r.time).isoformat() + "Z",
+            "code": str(r.code),
+            "numeric_value": None if pd.isna(r.numeric_value) else float(r.numeric_value),
+        })
+    return out
+
+
+def history(small_cohort, trained, k: int = 0) -> pd.DataFrame:
+    """A held-out subject's events up to (and excluding) its outcome or death."""
+    subjects = trained.heldout_rows["subject_id"].unique()
+    sid = int(subjects[k])
+    ev = small_cohort[small_cohort["subject_id"] == sid]
+    return ev[~ev["code"].isin(["DX//ESKD", "MEDS_DEATH", "ADMIN//END_OF_FOLLOWUP"])]
+
+
+def counts(server, sid: int) -> tuple[int, int]:
+    with server.client("auditor") as c:
+        r = c.get(f"/v1/twins/{sid}")
+        if r.status_code == 404:
+            return 0, 0
+        f = c.get(f"/v1/twins/{sid}/forecasts").json()
+        return r.json()["event_count"], f["total"]
+
+
+def package_prediction(server, frame: pd.DataFrame, sid: int, at) -> np.ndarray:
+    tracker = Tracker(server.tracking_uri)
+    with tracker.active():
+        model = mlflow.pyfunc.load_model(f"models:/{model_name('eskd')}@{CHAMPION}")
+    req = frame.assign(subject_id=sid, code=frame["code"].astype(str))[
+        ["subject_id", "time", "code", "numeric_value", "text_value"]]
+    ask = pd.DataFrame({"subject_id": [sid], "time": [at], "code": [PREDICT_CODE],
+                        "numeric_value": [np.nan], "text_value": [None]})
+    req = pd.concat([req, ask], ignore_index=True)
+    req["time"] = req["time"].astype("datetime64[us]")
+    req["numeric_value"] = req["numeric_value"].astype(np.float64)
+    req["text_value"] = req["text_value"].astype(object)
+    out = model.predict(req)
+    return out[["risk_365d", "risk_730d"]].to_numpy()[0]
+
+
+def test_ingest_then_read_back_and_equal_to_the_model_package(server, small_cohort, trained):
+    sid = NEW_SUBJECT + 1
+    ev = history(small_cohort, trained, 0)
+    with server.client() as c:
+        r = c.post(f"/v1/twins/{sid}/events", json={"events": api_events(ev)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["added"] == len(ev) and body["duplicates"] == 0
+        fc = body["forecast"]
+        assert fc["status"] == "ok" and fc["model"]["name"] == "twincast-eskd"
+        assert pd.Timestamp(fc["as_of"]).tz_convert(None) == ev["time"].max()
+        got = c.get(f"/v1/twins/{sid}").json()
+    assert got["event_count"] == len(ev)
+    assert got["forecast"]["forecast_id"] == fc["forecast_id"]
+    assert {v["code"] for v in got["latest_values"]} == set(ev["code"].astype(str))
+    expected = package_prediction(server, ev, sid, ev["time"].max())
+    np.testing.assert_array_equal([fc["risks"]["365d"], fc["risks"]["730d"]], expected)
+    assert fc["risks"]["365d"] <= fc["risks"]["730d"]
+    assert fc["contributions"] and "log-odds" in fc["contributions"][0]["text"]
+
+
+def test_resending_a_batch_adds_nothing(server, small_cohort, trained):
+    sid = NEW_SUBJECT + 2
+    events = api_events(history(small_cohort, trained, 1))
+    with server.client() as c:
+        first = c.post(f"/v1/twins/{sid}/events", json={"events": events}).json()
+        again = c.post(f"/v1/twins/{sid}/events", json={"events": events}).json()
+        # client event ids make re-sends idempotent too
+        tagged = [{**events[0], "event_id": "abc-1", "numeric_value": 1.0, "code": "LAB//X"}]
+        c.post(f"/v1/twins/{sid}/events", json={"events": tagged})
+        c.post(f"/v1/twins/{sid}/events", json={"events": tagged})
+    assert again["added"] == 0 and again["duplicates"] == len(events)
+    assert again["forecast"]["forecast_id"] == first["forecast"]["forecast_id"]
+    assert counts(server, sid) == (len(events) + 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "body", "status"),
+    [
+        (None, "post", "/v1/twins/{sid}/events", "good", 401),
+        ("bogus", "post", "/v1/twins/{sid}/events", "good", 401),
+        ("auditor", "post", "/v1/twins/{sid}/events", "good", 403),
+        ("clinical", "post", "/v1/admin/reload", None, 403),
+        ("clinical", "get", "/v1/access-log", None, 403),
+        ("clinical", "post", "/v1/twins/{sid}/events", {"events": []}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events", {"events": "x"}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events", {"evnts": []}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events",
+         {"events": [{"time": "2020-01-01T10:00:00", "code": "LAB//EGFR"}]}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events",
+         {"events": [{"time": "2999-01-01T10:00:00Z", "code": "LAB//EGFR"}]}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events",
+         {"events": [{"time": "2020-01-01T10:00:00Z", "code": "LAB//EGFR",
+                      "numeric_value": "NaN"}]}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events",
+         {"events": [{"time": "2020-01-01T10:00:00Z", "code": "LAB//EGFR", "colour": 1}]}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events",
+         {"events": [{"time": "2020-01-01T10:00:00Z", "code": "has space"}]}, 422),
+        ("clinical", "post", "/v1/twins/{sid}/events",
+         {"events": [{"time": "2020-01-01T10:00:00Z", "code": "A//B"}] * 1001}, 422),
+        ("clinical", "post", "/v1/twins/-5/events", "good", 422),
+        ("clinical", "post", "/v1/twins/abc/events", "good", 422),
+        ("clinical", "post", "/v1/twins/99999999999999999999/events", "good", 422),
+        ("clinical", "get", "/v1/twins/{sid}", None, 404),
+        ("clinical", "post", "/v1/forecast", {"events": [], "subject_id": 1}, 422),
+    ],
+)
+def test_refusals_write_nothing(server, role, method, path, body, status):
+    sid = NEW_SUBJECT + 3
+    good = {"events": [{"time": "2020-01-01T10:00:00Z", "code": "LAB//EGFR",
+                        "numeric_value": 40.0}]}
+    headers = {}
+    if role == "bogus":
+        headers = {"Authorization": "Bearer tc_not-a-real-key"}
+    with server.client(None if role in (None, "bogus") else role, headers=headers) as c:
+        kw = {} if body is None else {"json": good if body == "good" else body}
+        r = getattr(c, method)(path.format(sid=sid), **kw)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["error"] and err["message"]
+    if status == 422 and "fields" in err and err["fields"]:
+        assert all("input" not in f for f in err["fields"])  # values are not echoed
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert counts(server, sid) == (0, 0)
+
+
+def test_garbage_never_gets_a_500(server):
+    with server.client() as c:
+        for content, ctype in [(b"{not json", "application/json"), (b"\xff\xfe", "text/plain"),
+                               (b"[]", "application/json"), (b"null", "application/json"),
+                               (b'{"events": [{"time": 1e308, "code": "A"}]}',
+                                "application/json"),
+                               (b'{"events": [{"time": "2020-01-01T00:00:00Z", "code": "A", '
+                                b'"numeric_value": 1e400}]}', "application/json")]:
+            r = c.post(f"/v1/twins/{NEW_SUBJECT + 4}/events", content=content,
+                       headers={"content-type": ctype})
+            assert 400 <= r.status_code < 500, (content, r.status_code, r.text)
+
+
+def test_sixteen_clients_at_once_lose_nothing(server, small_cohort, trained):
+    sid = NEW_SUBJECT + 5
+    base = history(small_cohort, trained, 2)
+    with server.client() as c:
+        assert c.post(f"/v1/twins/{sid}/events", json={"events": api_events(base)}
+                      ).status_code == 200
+    last = base["time"].max()
+    extra = [{"time": (last + pd.Timedelta(days=1 + i)).isoformat() + "Z",
+              "code": "LAB//EGFR", "numeric_value": 20.0 + i} for i in range(16)]
+
+    def post(e):
+        with server.client() as c:
+            return c.post(f"/v1/twins/{sid}/events", json={"events": [e]}).status_code
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(post, extra)) == [200] * 16
+    n_events, n_forecasts = counts(server, sid)
+    assert n_events == len(base) + 16 and n_forecasts == 17
+    with server.client() as c:
+        current = c.get(f"/v1/twins/{sid}").json()["forecast"]
+        everything = api_events(base) + extra
+        fresh = c.post("/v1/forecast", json={"events": everything, "subject_id": sid}).json()
+    assert pd.Timestamp(current["as_of"]) == pd.Timestamp(extra[-1]["time"])
+    assert current["risks"] == fresh["risks"] and not fresh["stored"]
+
+
+def test_access_log_names_the_key(server, small_cohort, trained):
+    sid = NEW_SUBJECT + 6
+    with server.client() as c:
+        c.post(f"/v1/twins/{sid}/events", json={"events": api_events(
+            history(small_cohort, trained, 3))})
+    with server.client("auditor") as c:
+        c.get(f"/v1/twins/{sid}")
+        rows = c.get("/v1/access-log", params={"subject_id": sid}).json()
+    got = {(r["key_name"], r["action"], r["status_code"]) for r in rows}
+    assert ("clinical-key", "ingest_events", 200) in got
+    assert ("auditor-key", "read_twin", 200) in got
+    assert all("tc_" not in str(r) for r in rows)
+
+
+def test_metrics_and_docs_need_a_key(server):
+    assert httpx_get(server, "/metrics", None) == 401
+    assert httpx_get(server, "/v1/docs", None) == 401
+    assert httpx_get(server, "/metrics", "auditor") == 200
+    assert httpx_get(server, "/v1/openapi.json", "auditor") == 200
+    assert httpx_get(server, "/v1/health", None) == 200
+    assert httpx_get(server, "/v1/ready", None) == 200
+
+
+def httpx_get(server, path, role):
+    with server.client(role) as c:
+        return c.get(path).status_code
+
+
+def test_new_champion_then_reload_reforecasts_every_twin(server, small_cohort, trained):
+    sids = [NEW_SUBJECT + 100 + k for k in range(3)]
+    with server.client() as c:
+        for k, sid in enumerate(sids):
+            c.post(f"/v1/twins/{sid}/events", json={"events": api_events(
+                history(small_cohort, trained, 4 + k))})
+    tracker = Tracker(server.tracking_uri)
+    reg = tracker.registry
+    name = model_name("eskd")
+    champ = reg.version_by_alias(name, CHAMPION)
+    # a new version of the same package, promoted by hand
+    mv = reg.register(name, champ.source, champ.run_id, {"family": "copy"})
+    reg.promote(name, str(mv.version), actor="test", kind="manual", reason="reload test",
+                task_name="eskd")
+    with server.client("admin") as c:
+        r = c.post("/v1/admin/reload")
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 60
+        while True:
+            job = c.get("/v1/admin/refresh").json()
+            if job and job["model_version"] == str(mv.version) and job["state"] == "done":
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.3)
+        assert c.get("/v1/model").json()["version"] == str(mv.version)
+        with server.client("auditor") as a:
+            for sid in [*sids, NEW_SUBJECT + 1]:
+                tw = a.get(f"/v1/twins/{sid}")
+                if tw.status_code == 404:
+                    continue
+                assert tw.json()["forecast"]["model"]["version"] == str(mv.version)
+    assert job["total"] == job["done"] >= len(sids)
