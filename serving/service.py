@@ -59,9 +59,12 @@ class BentoGuard:
 class Twincast:
     def __init__(self) -> None:
         from serving.bootstrap import build_core
+        from serving.runtime import patch_bentoml_timeout, tune_gc
 
+        patch_bentoml_timeout()  # the latency tail: see serving/runtime.py
         self.core = build_core()
         app.state.core = self.core
+        tune_gc()
 
 
 Twincast.add_asgi_middleware(BentoGuard)

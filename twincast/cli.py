@@ -412,14 +412,53 @@ def serve(
     os.execve(cmd[0], cmd, env)
 
 
+twins_app = typer.Typer(help="Twins in the store.", no_args_is_help=True)
+app.add_typer(twins_app, name="twins")
+
+
+@twins_app.command("import")
+def twins_import(
+    events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],
+    subjects: Annotated[int | None, typer.Option(help="only the first N subjects")] = None,
+) -> None:
+    """Bulk-load MEDS histories as new twins (forecasts follow when the service starts)."""
+    from features.events import read_events
+    from serving.store.repo import import_events
+
+    with _errors():
+        ev = read_events(events)
+        if subjects:
+            keep = ev["subject_id"].drop_duplicates().head(subjects)
+            ev = ev[ev["subject_id"].isin(keep)]
+        twins, n = import_events(_store(), ev)
+    out.print(f"added {twins:,} twins with {n:,} events")
+
+
+def _demo_twin(ev) -> tuple[int, object, float]:
+    """An alive, ESKD-free twin with a low eGFR: its forecast moves visibly."""
+    import numpy as np
+
+    followed = set(ev.loc[ev["code"] == "ADMIN//END_OF_FOLLOWUP", "subject_id"])
+    egfr = ev[(ev["code"] == "LAB//EGFR") & ev["subject_id"].isin(list(followed))]
+    last = egfr.groupby("subject_id").last()
+    pick = last[(last["numeric_value"] > 20) & (last["numeric_value"] < 35)]
+    sid = int(pick.index[0]) if len(pick) else int(last.index[0])
+    t = ev.loc[ev["subject_id"] == sid, "time"].max() + np.timedelta64(30, "D")
+    return sid, t, float(last.loc[sid, "numeric_value"])
+
+
 @app.command()
 def demo(
     subjects: Annotated[int, typer.Option(min=100)] = 5000,
     seed: int = 0,
     trials: Annotated[int, typer.Option(min=1)] = 4,
     bootstrap: Annotated[int, typer.Option(min=10)] = 100,
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve",
+                                              help="end with the service running")] = True,
+    port: int = 3000,
 ) -> None:
-    """The main job on the embedded default: simulate → features → train → champion."""
+    """The main job on the embedded default: simulate → features → train → champion →
+    the twin service running on 127.0.0.1 with a demo key and example requests."""
     settings = Settings()
     home = settings.home
     cohort = home / "demo" / "cohort"
@@ -445,6 +484,32 @@ def demo(
     out.print(f"MLflow store: {settings.tracking_uri()}")
     out.print("look at it: twincast ui   (then open http://127.0.0.1:5000)")
     out.print("list runs:  twincast runs --task eskd")
+    if not serve_after:
+        return
+    from features.events import read_events
+    from serving.store.repo import import_events
+
+    ev = read_events(cohort)
+    keep = ev["subject_id"].drop_duplicates().head(500)
+    ev = ev[ev["subject_id"].isin(keep)]
+    store = _store()
+    twins, _ = import_events(store, ev, source="demo")
+    key = store.create_key(f"demo-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}", "clinical")
+    sid, when, egfr = _demo_twin(ev)
+    url = f"http://127.0.0.1:{port}"
+    body = ('{"events": [{"time": "' + when.strftime("%Y-%m-%dT%H:%M:%SZ")
+            + '", "code": "LAB//EGFR", "numeric_value": ' + f"{max(egfr / 2, 8):.0f}" + "}]}")
+    out.print(f"\n{twins:,} twins loaded; a demo key (clinical role) was created.\n"
+              "Once the service is up, in another terminal:\n")
+    out.print(f"KEY={key}", soft_wrap=True)
+    out.print(f"curl -s {url}/v1/twins/{sid} -H \"Authorization: Bearer $KEY\"   "
+              "# current forecast", soft_wrap=True)
+    out.print(f"curl -s -X POST {url}/v1/twins/{sid}/events -H \"Authorization: Bearer $KEY\""
+              f" -H 'content-type: application/json' -d '{body}'   "
+              "# a falling eGFR: the risk goes up", soft_wrap=True)
+    out.print(f"curl -s {url}/v1/twins/{sid}/forecasts -H \"Authorization: Bearer $KEY\"   "
+              "# the forecast history\n", soft_wrap=True)
+    serve(task="eskd", host="127.0.0.1", port=port, workers=None)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ AUDIT = ("auditor", "admin")
 ADMIN = ("admin",)
 
 
-def get_core(request: Request) -> TwinCore:
+async def get_core(request: Request) -> TwinCore:
     core = getattr(request.app.state, "core", None)
     if core is None:
         raise NotReady("the service is starting")
@@ -48,7 +48,7 @@ Core = Annotated[TwinCore, Depends(get_core)]
 def require(*roles: str, action: str, twin: bool = False):
     """A dependency: authenticate the bearer key, check its role, note the access."""
 
-    def dependency(request: Request, core: Core) -> Caller:
+    async def dependency(request: Request, core: Core) -> Caller:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         subject = str(request.path_params.get("subject_id", ""))
@@ -66,6 +66,38 @@ def require(*roles: str, action: str, twin: bool = False):
         return Caller(key)
 
     return dependency
+
+
+class AccessLogMiddleware:
+    """Pure ASGI: after a response, queue an access-log row for requests that touched a
+    twin (or did something auditable), with the status code that was sent."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def _send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, _send)
+        state = scope.get("state") or {}
+        access = state.get("access")
+        core = getattr(scope["app"].state, "core", None) if "app" in scope else None
+        if access and core is not None and (access["subject_id"] is not None
+                                            or access["action"] in LOGGED_ACTIONS):
+            try:  # queued for the batch writer: no database round trip on the hot path
+                core.store.log_access(
+                    None, key=access["key"], method=scope["method"], path=scope["path"],
+                    action=access["action"], subject_id=access["subject_id"],
+                    status_code=status["code"])
+            except Exception:
+                logging.getLogger("twincast.access").exception("writing the access log failed")
 
 
 def _error(status: int, code: str, message: str, fields: list | None = None) -> JSONResponse:
@@ -98,23 +130,7 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, "http_error", str(exc.detail))
 
-    @app.middleware("http")
-    async def _access_log(request: Request, call_next):
-        response = await call_next(request)
-        access = getattr(request.state, "access", None)
-        core = getattr(request.app.state, "core", None)
-        if access and core is not None and (access["subject_id"] is not None
-                                            or access["action"] in LOGGED_ACTIONS):
-            import anyio
-
-            try:
-                await anyio.to_thread.run_sync(lambda: core.store.log_access(
-                    None, key=access["key"], method=request.method, path=request.url.path,
-                    action=access["action"], subject_id=access["subject_id"],
-                    status_code=response.status_code))
-            except Exception:
-                logging.getLogger("twincast.access").exception("writing the access log failed")
-        return response
+    app.add_middleware(AccessLogMiddleware)
 
     docs_guard = [] if open_docs else [Depends(require(*READERS, action="read_docs"))]
 

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import fcntl
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,10 +67,21 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+_sqlite_writer = threading.Lock()
+
+
 @contextlib.contextmanager
-def write_transaction(factory: sessionmaker) -> Iterator[Session]:
+def write_transaction(factory: sessionmaker, *, sqlite: bool = False) -> Iterator[Session]:
     """A session whose transaction holds the database's write lock from its first
-    statement on SQLite (no other writer can interleave); commits or rolls back."""
+    statement on SQLite (no other writer can interleave); commits or rolls back.
+
+    On SQLite, threads of one process also queue on a lock first: SQLite's own busy
+    handler retries with sleeps of up to 100 ms, which starves unlucky writers.
+    """
+    if sqlite:
+        with _sqlite_writer, write_transaction(factory) as session:
+            yield session
+        return
     token = _immediate.set(True)
     try:
         with factory() as session, session.begin():

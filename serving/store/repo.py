@@ -5,9 +5,13 @@ Patient data stays in the database: nothing here logs values.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import logging
 import secrets
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +39,7 @@ from serving.store.models import (
 )
 
 ROLES = ("clinical", "auditor", "admin")
+ACCESS_FLUSH_SECONDS = 0.2
 KEY_PREFIX = "tc_"
 
 
@@ -91,14 +96,21 @@ class TwinStore:
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.sqlite = is_sqlite(self.engine)
+        self.auth_cache_seconds = 10.0
+        self._access_queue: list[dict[str, Any]] = []
+        self._access_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._access_thread: threading.Thread | None = None
+        self._auth_cache: dict[str, tuple[ApiKey | None, float]] = {}
 
     def dispose(self) -> None:
+        self.flush_access_log()
         self.engine.dispose()
 
     # ------------------------------------------------------------------ transactions
     def write(self):
         """A write transaction (commit on success, roll back on any error)."""
-        return write_transaction(self.sessions)
+        return write_transaction(self.sessions, sqlite=self.sqlite)
 
     def read(self) -> Session:
         return self.sessions()
@@ -251,29 +263,76 @@ class TwinStore:
             done = s.execute(update(ApiKey).where(ApiKey.name == name,
                                                   ApiKey.revoked_at.is_(None))
                              .values(revoked_at=utcnow())).rowcount
+        self._auth_cache.clear()
         if not done:
             raise NotFound(f"no active API key named {name!r}")
 
     def authenticate(self, token: str) -> ApiKey | None:
+        """The active key for a token.  Answers are cached for ``auth_cache_seconds``
+        (a revoked key stops working within that time; 0 disables the cache)."""
+        digest = _hash_key(token)
+        now = time.monotonic()
+        hit = self._auth_cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
         with self.read() as s:
-            return s.execute(select(ApiKey).where(ApiKey.key_hash == _hash_key(token),
-                                                  ApiKey.revoked_at.is_(None))
-                             ).scalar_one_or_none()
+            key = s.execute(select(ApiKey).where(ApiKey.key_hash == digest,
+                                                 ApiKey.revoked_at.is_(None))
+                            ).scalar_one_or_none()
+        if self.auth_cache_seconds > 0:
+            if len(self._auth_cache) > 10_000:
+                self._auth_cache.clear()
+            self._auth_cache[digest] = (key, now + self.auth_cache_seconds)
+        return key
 
     # ------------------------------------------------------------------ access log
     def log_access(self, s: Session | None, *, key: ApiKey | None, method: str, path: str,
                    action: str, subject_id: int | None, status_code: int) -> None:
-        row = AccessLog(time=utcnow(), api_key_id=key.id if key else None,
-                        key_name=key.name if key else None, role=key.role if key else None,
-                        method=method, path=path[:512], action=action, subject_id=subject_id,
-                        status_code=status_code)
+        """Append to the access log: in ``s``'s transaction, or queued for the batch
+        writer (flushed within ``ACCESS_FLUSH_SECONDS``, and before the log is read)."""
+        row = {"time": utcnow(), "api_key_id": key.id if key else None,
+               "key_name": key.name if key else None, "role": key.role if key else None,
+               "method": method, "path": path[:512], "action": action,
+               "subject_id": subject_id, "status_code": status_code}
         if s is not None:
-            s.add(row)
+            s.execute(insert(AccessLog), [row])
             return
-        with self.write() as w:
-            w.add(row)
+        with self._access_lock:
+            self._access_queue.append(row)
+            start = self._access_thread is None
+            if start:
+                self._access_thread = threading.Thread(target=self._access_loop,
+                                                       name="access-log", daemon=True)
+        if start:
+            self._access_thread.start()
+            atexit.register(self.flush_access_log)
+
+    def _access_loop(self) -> None:
+        while True:
+            time.sleep(ACCESS_FLUSH_SECONDS)
+            try:
+                self.flush_access_log()
+            except Exception:
+                logging.getLogger("twincast.access").exception("access log flush failed")
+
+    def flush_access_log(self) -> int:
+        """Write every queued access-log row in one transaction."""
+        with self._flush_lock:
+            with self._access_lock:
+                rows, self._access_queue = self._access_queue, []
+            if not rows:
+                return 0
+            try:
+                with self.write() as w:
+                    w.execute(insert(AccessLog), rows)
+            except Exception:
+                with self._access_lock:  # keep them for the next attempt
+                    self._access_queue[:0] = rows
+                raise
+            return len(rows)
 
     def access_log(self, s: Session, subject_id: int | None, limit: int) -> list[AccessLog]:
+        self.flush_access_log()
         q = select(AccessLog).order_by(AccessLog.id.desc()).limit(limit)
         if subject_id is not None:
             q = q.where(AccessLog.subject_id == subject_id)
@@ -308,6 +367,44 @@ class TwinStore:
                              ).scalar_one_or_none()
 
 
+def import_events(store: TwinStore, events: pd.DataFrame, *, source: str = "import",
+                  batch: int = 50_000) -> tuple[int, int]:
+    """Bulk-load canonical MEDS events into twins (new twins only; one transaction).
+
+    Returns (twins, events) added.  Twins that exist already are left alone: send their
+    new events through the API, which also re-forecasts them.
+    """
+    now = utcnow()
+    with store.write() as s:
+        have = set(store.twin_ids(s))
+        ev = events[~events["subject_id"].isin(list(have))]
+        if ev.empty:
+            return 0, 0
+        g = ev.groupby("subject_id", sort=True)
+        last = g["time"].max()
+        n = g.size()
+        s.execute(insert(Twin), [
+            {"subject_id": int(k), "created_at": now, "updated_at": now,
+             "last_event_time": None if pd.isna(last[k]) else last[k].to_pydatetime(),
+             "event_count": int(n[k])} for k in n.index])
+        rows = []
+        text = ev["text_value"].to_numpy(dtype=object)
+        for i, r in enumerate(ev.itertuples(index=False)):
+            t = None if pd.isna(r.time) else r.time.to_pydatetime()
+            v = None if r.numeric_value != r.numeric_value else float(r.numeric_value)
+            tv = text[i] if isinstance(text[i], str) else None
+            rows.append({"subject_id": int(r.subject_id), "time": t, "code": str(r.code),
+                         "numeric_value": v, "text_value": tv, "recorded_at": now,
+                         "idempotency_key": idempotency_key(int(r.subject_id), t, str(r.code),
+                                                            v, tv, None), "source": source})
+            if len(rows) == batch:
+                s.execute(insert(Event), rows)
+                rows = []
+        if rows:
+            s.execute(insert(Event), rows)
+    return int(n.size), len(ev)
+
+
 def open_store(url: str, *, migrate: bool = True) -> TwinStore:
     from serving.store.db import upgrade
 
@@ -316,6 +413,3 @@ def open_store(url: str, *, migrate: bool = True) -> TwinStore:
         upgrade(store.engine)
     return store
 
-
-def make_store_engine(url: str):
-    return make_engine(url)

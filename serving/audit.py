@@ -1,0 +1,178 @@
+"""The audit chain of a served forecast, every link verified.
+
+forecast (subject, as-of time, risks, who asked, when) → model name and version (still
+champion?) → MLflow run (metrics with intervals, params, tags) → training-data digest and
+dataset input → task and FeatureSpec digests → code version; and the forecast reproduced
+bit for bit by reloading that model version on the twin's history as it was then (events
+received by the forecast's watermark).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from features.digest import dataset_digest
+from features.events import open_meds
+from serving.core import aware
+from serving.errors import NotFound
+from serving.forecasting import forecast_events
+from serving.model_source import ModelSource
+from serving.store.repo import TwinStore, forecast_digest
+from training.registry import CHAMPION
+
+
+@dataclass
+class Link:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _forecast_dict(row) -> dict[str, Any]:
+    return {c: getattr(row, c) for c in (
+        "forecast_id", "subject_id", "as_of", "watermark", "status", "reason", "risks",
+        "contributions", "model_name", "model_version", "run_id", "feature_spec_digest",
+        "task_digest", "feature_digest", "code_version", "requested_by", "api_key_id",
+        "created_at")}
+
+
+def audit_forecast(store: TwinStore, source: ModelSource, forecast_id: str, *,
+                   check_data: bool = True) -> dict[str, Any]:
+    """The chain of one forecast with each link checked; ``ok`` only if all hold."""
+    with store.read() as s:
+        row = store.forecast_by_id(s, forecast_id)
+        fc = _forecast_dict(row)
+        stored_digest = row.row_digest
+    links: list[Link] = []
+    chain: dict[str, Any] = {"forecast": {
+        "forecast_id": fc["forecast_id"], "subject_id": fc["subject_id"],
+        "as_of": aware(fc["as_of"]), "status": fc["status"], "reason": fc["reason"],
+        "risks": fc["risks"], "requested_by": fc["requested_by"],
+        "created_at": aware(fc["created_at"]), "watermark": aware(fc["watermark"])}}
+    intact = forecast_digest(fc) == stored_digest
+    links.append(Link("forecast row intact", intact,
+                      "content matches its digest" if intact
+                      else "the stored row does not match its digest: altered after writing"))
+    reg, client = source.tracker.registry, source.tracker.client
+    mv = None
+    try:
+        mv = reg.version(fc["model_name"], fc["model_version"])
+    except NotFound:
+        pass
+    except Exception as exc:
+        del exc
+    if mv is None:
+        links.append(Link("model version exists", False,
+                          f"{fc['model_name']} version {fc['model_version']} is not in the "
+                          "registry (deleted?)"))
+        return _result(chain, links)
+    champ = reg.version_by_alias(fc["model_name"], CHAMPION)
+    chain["model"] = {"name": fc["model_name"], "version": str(mv.version),
+                      "is_champion": champ is not None and str(champ.version) == str(mv.version),
+                      "current_champion": None if champ is None else str(champ.version),
+                      "tags": dict(mv.tags)}
+    links.append(Link("model version exists", True,
+                      f"{fc['model_name']} version {mv.version}"))
+    try:
+        run = client.get_run(mv.run_id)
+    except MlflowException:
+        run = None
+    run_ok = run is not None and mv.run_id == fc["run_id"]
+    links.append(Link("run exists and matches", run_ok,
+                      f"run {mv.run_id}" if run_ok else
+                      f"run {fc['run_id']} is missing or differs from the version's run"))
+    if run is None:
+        return _result(chain, links)
+    metrics = run.data.metrics
+    chain["run"] = {"run_id": run.info.run_id, "params": dict(run.data.params),
+                    "tags": {k: v for k, v in run.data.tags.items()
+                             if not k.startswith("mlflow.")},
+                    "metrics": {k: {"estimate": v, "lower": metrics.get(k + "_lo"),
+                                    "upper": metrics.get(k + "_hi")}
+                                for k, v in sorted(metrics.items())
+                                if not k.endswith(("_lo", "_hi"))}}
+    tags = run.data.tags
+    for label, key, on_forecast in (("FeatureSpec digest", "feature_spec_digest",
+                                     fc["feature_spec_digest"]),
+                                    ("task digest", "task_digest", fc["task_digest"]),
+                                    ("code version", "code_version", fc["code_version"])):
+        values = {on_forecast, mv.tags.get(key), tags.get(key)}
+        links.append(Link(f"{label} agrees", len(values) == 1,
+                          f"{on_forecast[:16]}… on forecast, version and run" if len(values) == 1
+                          else f"forecast {on_forecast!r}, version {mv.tags.get(key)!r}, "
+                               f"run {tags.get(key)!r}"))
+    data_digest = tags.get("data_digest")
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    recorded = [{t.key: t.value for t in i.tags}.get("twincast.sha256") for i in inputs]
+    chain["data"] = {"digest": data_digest,
+                     "dataset_inputs": [{"name": i.dataset.name, "source": i.dataset.source,
+                                         "digest": i.dataset.digest} for i in inputs]}
+    same = data_digest is not None and data_digest == mv.tags.get("data_digest") and \
+        data_digest in recorded
+    links.append(Link("training-data digest agrees", same,
+                      "run tag, version tag and dataset input agree" if same else
+                      "the data digest differs between run, version and dataset input"))
+    if check_data and inputs:
+        import json
+
+        src = json.loads(inputs[0].dataset.source).get("uri")
+        if src and Path(src).exists():
+            now = dataset_digest(open_meds(src))
+            links.append(Link("training data unchanged", now == data_digest,
+                              f"{src} still hashes to {now[:16]}…" if now == data_digest else
+                              f"{src} now hashes to {now[:16]}…, not the recorded "
+                              f"{str(data_digest)[:16]}…: the training data changed"))
+        else:
+            links.append(Link("training data unchanged", True,
+                              f"source {src} not reachable from here: not re-hashed"))
+    chain["task_digest"], chain["feature_spec_digest"] = fc["task_digest"], \
+        fc["feature_spec_digest"]
+    chain["code_version"] = fc["code_version"]
+    links.append(_reproduce(store, source, fc))
+    return _result(chain, links)
+
+
+def _reproduce(store: TwinStore, source: ModelSource, fc: dict[str, Any]) -> Link:
+    try:
+        model = source.load(fc["model_version"])
+    except Exception as exc:
+        return Link("forecast reproduced", False, f"cannot load the model: {type(exc).__name__}")
+    with store.read() as s:
+        frame = store.events_frame(s, fc["subject_id"], recorded_upto=fc["watermark"])
+    again = forecast_events(model, frame.drop(columns="recorded_at"), fc["subject_id"],
+                            fc["as_of"])
+    same = (again.status == fc["status"] and again.risks == fc["risks"]
+            and again.feature_digest == fc["feature_digest"])
+    return Link("forecast reproduced", same,
+                "bit for bit from the twin's history as of then" if same else
+                "reloading the model on the recorded history gives a different forecast")
+
+
+def _result(chain: dict, links: list[Link]) -> dict[str, Any]:
+    return {"ok": all(link.ok for link in links), "links": [asdict(x) for x in links],
+            "chain": chain}
+
+
+def verify_forecasts(store: TwinStore, batch: int = 5000) -> tuple[int, list[str]]:
+    """Recompute every stored forecast's digest; returns (checked, mismatching ids)."""
+    from sqlalchemy import select
+
+    from serving.store.models import Forecast
+
+    checked, bad = 0, []
+    last = 0
+    while True:
+        with store.read() as s:
+            rows = list(s.execute(select(Forecast).where(Forecast.seq > last)
+                                  .order_by(Forecast.seq).limit(batch)).scalars())
+        if not rows:
+            return checked, bad
+        for r in rows:
+            if forecast_digest(_forecast_dict(r)) != r.row_digest:
+                bad.append(r.forecast_id)
+        checked += len(rows)
+        last = rows[-1].seq
