@@ -163,18 +163,18 @@ class TwinCore:
             values = forecast_values(model, result, watermark, caller.name, caller.key_id)
             row = self.store.add_forecast(s, values)
             out = forecast_out(row)
+            twin.view = twin_view(twin, self.store.latest_values(s, subject_id), out)
         return {"added": added, "duplicates": dupes, "forecast": out}
 
-    def twin(self, subject_id: int) -> dict[str, Any]:
+    def twin(self, subject_id: int) -> str:
+        """The twin's current state as JSON: one primary-key read of its kept view."""
         with self.store.read() as s:
             twin = self.store.get_twin(s, subject_id)
+            if twin.view:
+                return twin.view
             latest = self.store.latest_forecast(s, subject_id)
             values = self.store.latest_values(s, subject_id)
-            return {"subject_id": twin.subject_id, "created_at": aware(twin.created_at),
-                    "last_event_time": aware(twin.last_event_time),
-                    "event_count": twin.event_count,
-                    "latest_values": [{**v, "time": aware(v["time"])} for v in values],
-                    "forecast": forecast_out(latest) if latest else None}
+            return twin_view(twin, values, forecast_out(latest) if latest else None)
 
     def forecasts(self, subject_id: int, limit: int, offset: int) -> dict[str, Any]:
         with self.store.read() as s:
@@ -210,6 +210,17 @@ class TwinCore:
             log.exception("refresh failed")
             self.store.update_refresh(job_id, state="failed", error=type(exc).__name__,
                                       finished_at=datetime.now(UTC).replace(tzinfo=None))
+
+
+def twin_view(twin, values: list[dict[str, Any]], forecast: dict[str, Any] | None) -> str:
+    """The JSON body of GET /v1/twins/{id}."""
+    from serving.api.schemas import TwinOut
+
+    return TwinOut.model_validate({
+        "subject_id": twin.subject_id, "created_at": aware(twin.created_at),
+        "last_event_time": aware(twin.last_event_time), "event_count": twin.event_count,
+        "latest_values": [{**v, "time": aware(v["time"])} for v in values],
+        "forecast": forecast}).model_dump_json()
 
 
 def _frame_checked(subject_id: int, events: list) -> pd.DataFrame:

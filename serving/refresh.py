@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from features.events import EventArrays, events_from_frame
 from features.labels import ineligibility_reasons
+from serving.core import forecast_out, twin_view
 from serving.forecasting import explain
 from serving.model_source import LoadedModel
 from serving.store.models import Twin
@@ -71,6 +72,10 @@ def refresh_twins(store: TwinStore, model: LoadedModel, job_id: int, chunk: int 
                              "feature_digest": hashlib.sha256(xi.tobytes()).hexdigest()})
                 k += 1
             store.add_forecasts(s, rows)
+            values = store.latest_values_many(s, with_time)
+            for r in rows:
+                twin = twins[r["subject_id"]]
+                twin.view = twin_view(twin, values.get(r["subject_id"], []), forecast_out(r))
         done += len(part)
         store.update_refresh(job_id, done=done)
     store.update_refresh(job_id, state="done", finished_at=datetime.now(UTC).replace(tzinfo=None))

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features.errors import FeaturesError
@@ -181,9 +181,9 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
              responses={**ERRORS, **NOT_FOUND})
     def get_twin(subject_id: SubjectId, core: Core,
                  _: Annotated[Caller, Depends(require(*READERS, action="read_twin",
-                                                      twin=True))]) -> dict:
+                                                      twin=True))]) -> Response:
         """The twin's latest value per code and its current forecast."""
-        return core.twin(subject_id)
+        return Response(core.twin(subject_id), media_type="application/json")
 
     @app.get("/v1/twins/{subject_id}/forecasts", response_model=S.ForecastPage, tags=["twins"],
              responses={**ERRORS, **NOT_FOUND})

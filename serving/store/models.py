@@ -39,6 +39,9 @@ class Twin(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     last_event_time: Mapped[datetime | None] = mapped_column(DateTime)
     event_count: Mapped[int] = mapped_column(Integer, default=0)
+    # the twin's current state as served by GET /v1/twins/{id} (JSON), rewritten in the
+    # same transaction as every change, so a read is one primary-key lookup
+    view: Mapped[str | None] = mapped_column(Text)
 
 
 class Identifier(Base):

@@ -198,11 +198,26 @@ class TwinStore:
 
     def latest_values(self, s: Session, subject_id: int) -> list[dict[str, Any]]:
         """Each code's latest event (the twin's current values)."""
-        sub = (select(Event.code, func.max(Event.id).label("id"))
-               .where(Event.subject_id == subject_id).group_by(Event.code).subquery())
-        rows = s.execute(select(Event).join(sub, Event.id == sub.c.id).order_by(Event.code))
-        return [{"code": e.code, "time": e.time, "numeric_value": e.numeric_value,
-                 "text_value": e.text_value} for e in rows.scalars()]
+        return self.latest_values_many(s, [subject_id]).get(subject_id, [])
+
+    def latest_values_many(self, s: Session, subject_ids: list[int]
+                           ) -> dict[int, list[dict[str, Any]]]:
+        """Each code's latest event (by time, then arrival) for many twins at once."""
+        rows = s.execute(select(Event.subject_id, Event.code, Event.time, Event.numeric_value,
+                                Event.text_value, Event.id)
+                         .where(Event.subject_id.in_(subject_ids))).all()
+        best: dict[tuple[int, str], tuple] = {}
+        for r in rows:
+            key = (r.subject_id, r.code)
+            rank = (r.time is not None, r.time.isoformat() if r.time else "", r.id)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, r)
+        out: dict[int, list[dict[str, Any]]] = {}
+        for (sid, code), (_, r) in sorted(best.items()):
+            out.setdefault(sid, []).append({"code": code, "time": r.time,
+                                            "numeric_value": r.numeric_value,
+                                            "text_value": r.text_value})
+        return out
 
     # ------------------------------------------------------------------ forecasts
     def add_forecast(self, s: Session, values: dict[str, Any]) -> Forecast:
