@@ -447,6 +447,161 @@ def _demo_twin(ev) -> tuple[int, object, float]:
     return sid, t, float(last.loc[sid, "numeric_value"])
 
 
+audit_app = typer.Typer(help="Trace forecasts, promotions, runs and access.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _source(settings: Settings, task: str | None = None):
+    from serving.model_source import ModelSource, only_task
+
+    tracker = _tracker(settings)
+    name = task or settings.task or only_task(tracker)
+    if name is None:
+        console.print("[bold red]error:[/] which task? pass --task or set TWINCAST_TASK")
+        raise typer.Exit(2)
+    return ModelSource(tracker, name)
+
+
+def _mark(ok: bool) -> str:
+    return "[green]✓[/]" if ok else "[bold red]✗[/]"
+
+
+@audit_app.command("forecast")
+def audit_forecast_cmd(
+    forecast_id: Annotated[str, typer.Argument(help="the forecast's id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the chain as JSON")] = False,
+) -> None:
+    """The whole chain behind one served forecast, each link verified (exit 1 if broken)."""
+    from serving.audit import audit_forecast
+    from serving.errors import NotFound
+
+    _quiet_mlflow()
+    settings = Settings()
+    store = _store()
+    with store.read() as s:
+        try:
+            row = store.forecast_by_id(s, forecast_id)
+        except NotFound as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+        task = row.model_name.removeprefix("twincast-")
+    result = audit_forecast(store, _source(settings, task), forecast_id)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        c = result["chain"]
+        f = c["forecast"]
+        out.print(f"[bold]forecast {f['forecast_id']}[/]: subject {f['subject_id']}, as of "
+                  f"{f['as_of']}, {f['status']} {f['risks'] or f['reason']}, asked by "
+                  f"{f['requested_by']} at {f['created_at']}", soft_wrap=True)
+        if "model" in c:
+            m = c["model"]
+            state = ("champion" if m["is_champion"]
+                     else f"not champion now: champion is {m['current_champion']}")
+            out.print(f"model: {m['name']} version {m['version']} ({state})")
+        if "run" in c:
+            r = c["run"]
+            keys = [k for k in r["metrics"] if k.startswith(("auroc_", "ece_", "brier_"))
+                    and not k.endswith("_pw")]
+            out.print(f"run: {r['run_id']}  " + ", ".join(
+                f"{k} {r['metrics'][k]['estimate']:.3f} ({r['metrics'][k]['lower'] or 0:.3f}–"
+                f"{r['metrics'][k]['upper'] or 0:.3f})" for k in keys), soft_wrap=True)
+        if "data" in c:
+            out.print(f"training data: digest {c['data']['digest']}; inputs "
+                      f"{[d['source'] for d in c['data']['dataset_inputs']]}", soft_wrap=True)
+        if "task_digest" in c:
+            out.print(f"task {c['task_digest'][:16]}…, FeatureSpec "
+                      f"{c['feature_spec_digest'][:16]}…, code {c['code_version']}")
+        for link in result["links"]:
+            out.print(f"  {_mark(link['ok'])} {link['name']}: {escape(link['detail'])}",
+                      soft_wrap=True)
+        out.print("[green]the chain holds[/]" if result["ok"] else "[bold red]broken link(s)[/]")
+    raise typer.Exit(0 if result["ok"] else 1)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check every stored forecast against its digest (exit 1 on any mismatch)."""
+    from serving.audit import verify_forecasts
+
+    checked, bad = verify_forecasts(_store())
+    for fid in bad:
+        out.print(f"  {_mark(False)} forecast {fid}: content does not match its digest")
+    out.print(f"checked {checked:,} forecasts: {len(bad)} mismatch(es)")
+    raise typer.Exit(1 if bad else 0)
+
+
+@audit_app.command("promotions")
+def audit_promotions(
+    task: Annotated[str, typer.Option(help="task name")],
+    at: Annotated[str | None, typer.Option(help="which version was champion at this "
+                                                "ISO time (UTC)?")] = None,
+) -> None:
+    """Every move of the champion alias: from, to, when, by whom or which gate, and why."""
+    _quiet_mlflow()
+    tracker = _tracker(Settings())
+    log = tracker.registry.promotion_log(task)
+    table = Table(title=f"champion moves of twincast-{task}")
+    for col in ("time (UTC)", "from", "to", "by", "how", "reason"):
+        table.add_column(col, overflow="fold")
+    for e in log:
+        table.add_row(e.time[:19], str(e.from_version or "–"), e.to_version, e.actor, e.kind,
+                      e.reason)
+    out.print(table)
+    if at:
+        when = dt.datetime.fromisoformat(at)
+        when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+        serving = [e for e in log if dt.datetime.fromisoformat(e.time) <= when]
+        out.print(f"champion at {when.isoformat()}: "
+                  f"{'version ' + serving[-1].to_version if serving else 'none'}")
+
+
+@audit_app.command("runs")
+def audit_runs(task: Annotated[str, typer.Option(help="task name")], limit: int = 50) -> None:
+    """Training runs side by side: date, data digest, champion or not, metrics with CIs."""
+    runs(task=task, limit=limit)
+
+
+@audit_app.command("access")
+def audit_access(
+    subject: Annotated[int, typer.Option(help="the twin's subject_id")],
+    limit: int = 200,
+) -> None:
+    """Who read or wrote a twin, when, through which key (names, never secrets)."""
+    store = _store()
+    with store.read() as s:
+        rows = store.access_log(s, subject, limit)
+    table = Table(title=f"access to twin {subject}")
+    for col in ("time (UTC)", "key", "role", "action", "request", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r.time:%Y-%m-%d %H:%M:%S}", r.key_name or "–", r.role or "–",
+                      r.action, f"{r.method} {r.path}", str(r.status_code))
+    out.print(table)
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="a training job's run id (or a candidate's)")],
+    out_file: Annotated[Path, typer.Option("--out", help="HTML file to write")] =
+    Path("report.html"),
+    log: Annotated[bool, typer.Option(help="also log it to the run")] = True,
+) -> None:
+    """A self-contained HTML report of a training job (plots embedded; no network)."""
+    from mlflow.exceptions import MlflowException
+
+    from training.report import write_report
+
+    _quiet_mlflow()
+    try:
+        path = write_report(_tracker(Settings()), run_id, out_file, log=log)
+    except MlflowException as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc).splitlines()[0])}")
+        raise typer.Exit(2) from None
+    out.print(f"wrote {path}")
+
+
 @app.command()
 def demo(
     subjects: Annotated[int, typer.Option(min=100)] = 5000,

@@ -224,6 +224,21 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
                      "method": r.method, "path": r.path, "action": r.action,
                      "subject_id": r.subject_id, "status_code": r.status_code} for r in rows]
 
+    @app.get("/v1/audit/forecasts/{forecast_id}", tags=["audit"],
+             responses={**ERRORS, **NOT_FOUND})
+    def audit(forecast_id: Annotated[str, Path(min_length=1, max_length=64)], core: Core,
+              _: Annotated[Caller, Depends(require(*AUDIT, action="audit_forecast"))]) -> dict:
+        """The chain behind one forecast — model version, run, data, digests, code — with
+        every link verified, including reproducing the forecast bit for bit."""
+        from serving.audit import audit_forecast
+
+        with core.store.read() as s:
+            row = core.store.forecast_by_id(s, forecast_id)
+            task = row.model_name.removeprefix("twincast-")
+        source = core.source if task == core.source.task_name else type(core.source)(
+            core.source.tracker, task)
+        return audit_forecast(core.store, source, forecast_id)
+
     @app.post("/v1/admin/reload", response_model=S.ReloadOut, tags=["admin"],
               responses={**ERRORS})
     def reload(core: Core, _: Annotated[Caller, Depends(require(*ADMIN, action="reload"))]
@@ -240,4 +255,4 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
     return app
 
 
-LOGGED_ACTIONS = {"stateless_forecast", "read_access_log", "reload"}
+LOGGED_ACTIONS = {"stateless_forecast", "read_access_log", "reload", "audit_forecast"}
