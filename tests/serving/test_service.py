@@ -247,3 +247,19 @@ def test_new_champion_then_reload_reforecasts_every_twin(server, small_cohort, t
                     continue
                 assert tw.json()["forecast"]["model"]["version"] == str(mv.version)
     assert job["total"] == job["done"] >= len(sids)
+
+
+def test_the_service_notices_an_alias_move_by_itself(server):
+    """No reload call: the champion watcher (1 s here) loads the new version."""
+    tracker = Tracker(server.tracking_uri)
+    reg = tracker.registry
+    name = model_name("eskd")
+    champ = reg.version_by_alias(name, CHAMPION)
+    mv = reg.register(name, champ.source, champ.run_id, {"family": "copy"})
+    reg.promote(name, str(mv.version), actor="test", kind="manual", reason="watch test",
+                task_name="eskd")
+    deadline = time.monotonic() + 30
+    with server.client("auditor") as c:
+        while c.get("/v1/model").json()["version"] != str(mv.version):
+            assert time.monotonic() < deadline, "the alias move was not noticed"
+            time.sleep(0.3)
