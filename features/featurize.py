@@ -8,9 +8,10 @@ distinct times) and days since last; per categorical code: ever, count per windo
 days since first; plus age at *t* and static facts.  Missing stays NaN, never zero.
 
 How it is fast and exact: events of a code are sorted by (subject, time); every query is
-turned into row ranges with ``searchsorted`` on exact (subject, time-rank) keys; sums come
-from prefix sums that restart at each subject (so a subject's numbers never depend on who
-else is in the batch), minima and maxima from a sparse table.  No loop per row.
+turned into a row range with ``searchsorted`` on exact (subject, time-rank) keys; sums,
+minima and maxima are ``ufunc.reduceat`` over each range's own rows (so a subject's
+numbers never depend on who else is in the batch); counts come from exact integer prefix
+sums.  No Python loop per row.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pandas as pd
 
 from features.events import BIRTH_CODE, NAT_US, EventArrays
 from features.spec import FeatureSpec
@@ -27,36 +27,6 @@ from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, TimeIndex
 
 _NEG_INF_US = np.iinfo(np.int64).min + 1
 PARALLEL_MIN_ROWS = 20_000  # below this, threads cost more than they save
-
-
-def segmented_cumsum(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Inclusive cumulative sums of ``values`` (n × k) restarting at every segment.
-
-    pandas' grouped cumsum keeps one (compensated) running sum per segment, so each
-    segment's sums are exactly what they would be if it were alone.
-    """
-    if lengths.size == 0:
-        return np.empty_like(values)
-    seg = np.repeat(np.arange(lengths.size), lengths)
-    return pd.DataFrame(values).groupby(seg, sort=True).cumsum().to_numpy()
-
-
-def _sparse_table(v: np.ndarray, max_len: int, fn) -> np.ndarray:
-    levels = [v]
-    k = 1
-    while (1 << k) <= max_len:
-        prev, half = levels[-1], 1 << (k - 1)
-        nxt = prev.copy()
-        nxt[:-half] = fn(prev[:-half], prev[half:])
-        levels.append(nxt)
-        k += 1
-    return np.stack(levels)
-
-
-def _range_reduce(table: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np.ndarray:
-    """``fn`` over v[lo:hi] for each non-empty range, from a sparse table."""
-    k = np.frexp((hi - lo).astype(np.float64))[1] - 1  # floor(log2(length))
-    return fn(table[k, lo], table[k, hi - (1 << k)])
 
 
 class _CodeEvents:
@@ -73,14 +43,6 @@ class _CodeEvents:
 
     def __len__(self) -> int:
         return int(self.sidx.size)
-
-
-def _prefix(c: np.ndarray, x: np.ndarray, seg_start: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sums P(x) from segment-local inclusive sums ``c`` (n × k)."""
-    out = np.zeros((x.size, c.shape[1]))
-    inside = x > seg_start
-    out[inside] = c[x[inside] - 1]
-    return out
 
 
 def build_features(
@@ -198,6 +160,20 @@ def _categorical(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows)
             out[col[spec.feature_name(code, w, "count")], :] = hi - lo
 
 
+def range_reduce(ufunc: np.ufunc, values: np.ndarray, lo: np.ndarray,
+                 hi: np.ndarray) -> np.ndarray:
+    """``ufunc`` over ``values[lo:hi]`` for each non-empty range, in one C loop.
+
+    The ranges go to ``ufunc.reduceat`` interleaved (lo₀, hi₀, lo₁, hi₁, …); every other
+    result is a range, reduced over exactly its own elements in order, so a subject's
+    numbers never depend on anyone else's.
+    """
+    padded = np.concatenate((values, np.zeros((1, *values.shape[1:]), values.dtype)))
+    idx = np.empty(2 * lo.size, dtype=np.intp)
+    idx[0::2], idx[1::2] = lo, hi
+    return ufunc.reduceat(padded, idx, axis=0)[0::2]
+
+
 def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
     aggs = set(spec.numeric_aggregations)
     m = len(ev)
@@ -206,24 +182,16 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
             for w, _ in windows:
                 out[col[spec.feature_name(code, w, "count")], :] = 0
         return
-    # centre on each subject's first value and time so sums stay small and exact per subject
+    # centre on each subject's first value and time so the sums stay well conditioned
     ref_y = ev.v[ev.seg_starts][ev.seg_of]
     ref_t = ev.t[ev.seg_starts][ev.seg_of]
     y = ev.v - ref_y
     x = (ev.t - ref_t) / (US_PER_DAY * DAYS_PER_YEAR)
-    new_time = np.ones(m)
+    terms = np.column_stack((y, y * y, x, x * x, x * y))
+    # distinct times: integer prefix sums are exact, so one global cumsum will do
+    new_time = np.ones(m, dtype=np.int64)
     new_time[1:] = (ev.t[1:] != ev.t[:-1]) | (ev.sidx[1:] != ev.sidx[:-1])
-    sums = segmented_cumsum(np.column_stack((y, y * y, x, x * x, x * y, new_time)),
-                            ev.seg_starts, ev.seg_lengths)
-    seg_start_of_query = np.where(hi > lo_all, ev.seg_starts[ev.seg_of[np.maximum(hi - 1, 0)]], 0)
-    p_hi = _prefix(sums, hi, seg_start_of_query)
-    need_minmax = aggs & {"min", "max"}
-    max_len = int(ev.seg_lengths.max())
-    tables = {}
-    if "min" in aggs:
-        tables["min"] = _sparse_table(ev.v, max_len, np.minimum)
-    if "max" in aggs:
-        tables["max"] = _sparse_table(ev.v, max_len, np.maximum)
+    before = np.concatenate(([0], np.cumsum(new_time)))
     last_idx = np.maximum(hi - 1, 0)
     for w, days in windows:
         lo = np.maximum(np.searchsorted(ev.keys, lower_keys(days), side="right"), lo_all)
@@ -234,26 +202,31 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
             out[name("count"), :] = cnt
         if not has.any():
             continue
+        rows = np.flatnonzero(has)
+        lo_h, hi_h, last_h = lo[rows], hi[rows], last_idx[rows]
         if "last" in aggs:
-            out[name("last"), has] = ev.v[last_idx[has]]
+            out[name("last"), rows] = ev.v[last_h]
         if "days_since_last" in aggs:
-            out[name("days_since_last"), has] = (q_t[has] - ev.t[last_idx[has]]) / US_PER_DAY
-        s = p_hi[has] - _prefix(sums, lo[has], seg_start_of_query[has])
-        k = cnt[has].astype(np.float64)
+            out[name("days_since_last"), rows] = (q_t[rows] - ev.t[last_h]) / US_PER_DAY
+        if "min" in aggs:
+            out[name("min"), rows] = range_reduce(np.minimum, ev.v, lo_h, hi_h)
+        if "max" in aggs:
+            out[name("max"), rows] = range_reduce(np.maximum, ev.v, lo_h, hi_h)
+        if not aggs & {"mean", "std", "slope"}:
+            continue
+        s = range_reduce(np.add, terms, lo_h, hi_h)
+        k = cnt[rows].astype(np.float64)
         sy, syy, sx, sxx, sxy = s[:, 0], s[:, 1], s[:, 2], s[:, 3], s[:, 4]
         if "mean" in aggs:
-            out[name("mean"), has] = sy / k + ref_y[last_idx[has]]
+            out[name("mean"), rows] = sy / k + ref_y[last_h]
         if "std" in aggs:
             two = k >= 2
             var = np.maximum(syy - sy * sy / k, 0.0) / np.where(two, k - 1, 1)
-            out[name("std"), np.flatnonzero(has)[two]] = np.sqrt(var[two])
+            out[name("std"), rows[two]] = np.sqrt(var[two])
         if "slope" in aggs:
             # distinct times in [lo, hi): the first counts, later ones if they are new
-            distinct = sums[last_idx[has], 5] - sums[lo[has], 5] + 1
+            distinct = before[hi_h] - before[lo_h + 1] + 1
             ok = distinct >= 2
             den = sxx - sx * sx / k
             num = sxy - sx * sy / k
-            out[name("slope"), np.flatnonzero(has)[ok]] = num[ok] / den[ok]
-        for agg in need_minmax:
-            fn = np.minimum if agg == "min" else np.maximum
-            out[name(agg), has] = _range_reduce(tables[agg], lo[has], hi[has], fn)
+            out[name("slope"), rows[ok]] = num[ok] / den[ok]

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from features.events import NAT_US, EventArrays, events_from_frame
-from features.featurize import build_features, segmented_cumsum
+from features.featurize import build_features, range_reduce
 from features.labels import derive_labels
 from features.spec import CodeFeature, FeatureSpec, fit_feature_spec
 from features.splits import assign_splits
@@ -213,11 +213,13 @@ def test_one_subject_alone_equals_its_rows_in_the_batch(small_cohort, eskd_task)
         np.testing.assert_array_equal(alone, batch[rows], err_msg=f"subject {s}")
 
 
-def test_segmented_cumsum_restarts_at_each_segment():
-    v = np.arange(1.0, 11.0)[:, None]
-    starts, lengths = np.array([0, 3, 4]), np.array([3, 1, 6])
-    got = segmented_cumsum(v, starts, lengths)[:, 0]
-    assert got.tolist() == [1, 3, 6, 4, 5, 11, 18, 26, 35, 45]
+def test_range_reduce_over_arbitrary_ranges():
+    v = np.arange(1.0, 11.0)
+    lo, hi = np.array([0, 3, 9, 2, 0]), np.array([3, 4, 10, 10, 10])  # ends at len(v) too
+    assert range_reduce(np.add, v, lo, hi).tolist() == [6, 4, 10, 52, 55]
+    assert range_reduce(np.minimum, v, lo, hi).tolist() == [1, 4, 10, 3, 1]
+    two = np.column_stack((v, v * 10))
+    assert range_reduce(np.add, two, lo[:2], hi[:2]).tolist() == [[6, 60], [4, 40]]
 
 
 def test_spec_is_frozen_from_training_subjects_only(small_cohort, eskd_task):
