@@ -169,9 +169,13 @@ def range_reduce(ufunc: np.ufunc, values: np.ndarray, lo: np.ndarray,
     numbers never depend on anyone else's.
     """
     padded = np.concatenate((values, np.zeros((1, *values.shape[1:]), values.dtype)))
+    return ufunc.reduceat(padded, _interleave(lo, hi), axis=0)[0::2]
+
+
+def _interleave(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     idx = np.empty(2 * lo.size, dtype=np.intp)
     idx[0::2], idx[1::2] = lo, hi
-    return ufunc.reduceat(padded, idx, axis=0)[0::2]
+    return idx
 
 
 def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
@@ -187,11 +191,13 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
     ref_t = ev.t[ev.seg_starts][ev.seg_of]
     y = ev.v - ref_y
     x = (ev.t - ref_t) / (US_PER_DAY * DAYS_PER_YEAR)
-    terms = np.column_stack((y, y * y, x, x * x, x * y))
+    terms = (y, y * y, x, x * x, x * y)  # 1-D rows: reduceat is fastest on contiguous data
     # distinct times: integer prefix sums are exact, so one global cumsum will do
     new_time = np.ones(m, dtype=np.int64)
     new_time[1:] = (ev.t[1:] != ev.t[:-1]) | (ev.sidx[1:] != ev.sidx[:-1])
     before = np.concatenate(([0], np.cumsum(new_time)))
+    padded_terms = [np.append(t_, 0.0) for t_ in terms]
+    v_padded = np.append(ev.v, 0.0)
     last_idx = np.maximum(hi - 1, 0)
     for w, days in windows:
         lo = np.maximum(np.searchsorted(ev.keys, lower_keys(days), side="right"), lo_all)
@@ -209,14 +215,14 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
         if "days_since_last" in aggs:
             out[name("days_since_last"), rows] = (q_t[rows] - ev.t[last_h]) / US_PER_DAY
         if "min" in aggs:
-            out[name("min"), rows] = range_reduce(np.minimum, ev.v, lo_h, hi_h)
+            out[name("min"), rows] = np.minimum.reduceat(v_padded, _interleave(lo_h, hi_h))[0::2]
         if "max" in aggs:
-            out[name("max"), rows] = range_reduce(np.maximum, ev.v, lo_h, hi_h)
+            out[name("max"), rows] = np.maximum.reduceat(v_padded, _interleave(lo_h, hi_h))[0::2]
         if not aggs & {"mean", "std", "slope"}:
             continue
-        s = range_reduce(np.add, terms, lo_h, hi_h)
+        idx = _interleave(lo_h, hi_h)
+        sy, syy, sx, sxx, sxy = (np.add.reduceat(t_, idx)[0::2] for t_ in padded_terms)
         k = cnt[rows].astype(np.float64)
-        sy, syy, sx, sxx, sxy = s[:, 0], s[:, 1], s[:, 2], s[:, 3], s[:, 4]
         if "mean" in aggs:
             out[name("mean"), rows] = sy / k + ref_y[last_h]
         if "std" in aggs:

@@ -20,7 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from features.errors import FeaturesError
 from serving.api import schemas as S
 from serving.core import Caller, TwinCore
-from serving.errors import Forbidden, NotReady, ServingError, Unauthorized
+from serving.errors import (
+    BadInput,
+    Forbidden,
+    NotFound,
+    NotReady,
+    ServingError,
+    Unauthorized,
+)
 
 SubjectId = Annotated[int, Path(ge=0, le=2**63 - 1, description="The twin's MEDS subject_id")]
 ERRORS = {401: {"model": S.ErrorOut, "description": "missing or unknown API key"},
@@ -185,6 +192,54 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
         """The twin's latest value per code and its current forecast."""
         return Response(core.twin(subject_id), media_type="application/json")
 
+    @app.get("/v1/twins/{subject_id}/forecast", tags=["twins", "fhir"],
+             responses={**ERRORS, **NOT_FOUND, 200: {
+                 "description": "the current forecast: twincast JSON, or a FHIR R4 "
+                                "RiskAssessment with ?format=fhir or "
+                                "Accept: application/fhir+json"}})
+    def current_forecast(request: Request, subject_id: SubjectId, core: Core,
+                         _: Annotated[Caller, Depends(require(*READERS, action="read_forecast",
+                                                              twin=True))],
+                         format: Annotated[str | None, Query(pattern="^(json|fhir)$")] = None):
+        """The twin's current forecast (as FHIR when asked)."""
+        from serving.fhir import risk_assessment
+
+        fhir = format == "fhir" or (format is None and "application/fhir+json" in
+                                    request.headers.get("accept", ""))
+        if fhir:
+            return JSONResponse(risk_assessment(core, subject_id),
+                                media_type="application/fhir+json")
+        with core.store.read() as s:
+            core.store.get_twin(s, subject_id)
+            latest = core.store.latest_forecast(s, subject_id)
+        if latest is None:
+            raise NotFound(f"twin {subject_id} has no forecast yet")
+        from serving.core import forecast_out
+
+        return S.ForecastOut.model_validate(forecast_out(latest))
+
+    @app.post("/v1/fhir", tags=["fhir"], responses={**ERRORS})
+    async def fhir_bundle(request: Request, core: Core,
+                          caller: Annotated[Caller, Depends(require(*CLINICAL,
+                                                                    action="fhir_bundle"))]):
+        """A FHIR R4 Bundle (transaction or collection) of Patient, Observation, Condition
+        and MedicationStatement/MedicationRequest: mapped to events, stored and forecast
+        in one transaction.  Unmapped resources and codes are counted in the answer."""
+        import json as _json
+
+        import anyio
+
+        from serving.fhir import ingest_bundle
+
+        raw = await request.body()
+        if len(raw) > MAX_BUNDLE_BYTES:
+            raise BadInput(f"bundle larger than {MAX_BUNDLE_BYTES // 1_000_000} MB", ["body"])
+        try:
+            bundle = _json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadInput("the body is not JSON", ["body"]) from None
+        return await anyio.to_thread.run_sync(ingest_bundle, core, bundle, caller)
+
     @app.get("/v1/twins/{subject_id}/forecasts", response_model=S.ForecastPage, tags=["twins"],
              responses={**ERRORS, **NOT_FOUND})
     def list_forecasts(subject_id: SubjectId, core: Core,
@@ -255,4 +310,6 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
     return app
 
 
-LOGGED_ACTIONS = {"stateless_forecast", "read_access_log", "reload", "audit_forecast"}
+MAX_BUNDLE_BYTES = 20_000_000
+LOGGED_ACTIONS = {"fhir_bundle", "stateless_forecast", "read_access_log", "reload",
+                  "audit_forecast"}

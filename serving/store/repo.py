@@ -70,6 +70,7 @@ class EventRow:
     numeric_value: float | None
     text_value: str | None
     client_id: str | None = None
+    source: str | None = None
 
 
 FORECAST_DIGEST_FIELDS = (
@@ -168,7 +169,8 @@ class TwinStore:
             seen.add(k)
             fresh.append({"subject_id": twin.subject_id, "time": r.time, "code": r.code,
                           "numeric_value": r.numeric_value, "text_value": r.text_value,
-                          "recorded_at": now, "idempotency_key": k, "source": source})
+                          "recorded_at": now, "idempotency_key": k,
+                          "source": r.source or source})
         if fresh:
             s.execute(insert(Event), fresh)
             times = [r["time"] for r in fresh if r["time"] is not None]
