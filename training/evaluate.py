@@ -83,27 +83,36 @@ def _interval(values: np.ndarray) -> dict[str, float]:
     return {"estimate": est, "lower": float(lo), "upper": float(hi)}
 
 
+SUBGROUP_METRICS = ("auroc", "brier", "citl", "ece")
+
+
 def metric_columns(risk: np.ndarray, data: EvalFrame, horizon: int, m: np.ndarray,
                    g: CensoringSurvival, edges: np.ndarray | None = None,
-                   with_uno: bool = True) -> dict[str, np.ndarray]:
-    """Every metric at one horizon, one value per column of the weighting matrix ``m``."""
+                   with_uno: bool = True, only: tuple[str, ...] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Every metric (or ``only`` these) at one horizon, one value per column of ``m``."""
     y = data.labels[horizon]
     w_ipcw = ipcw_weights(data.time_days, y, horizon, g)
     w = m * w_ipcw[:, None]
     edges = M.bin_edges(risk) if edges is None else edges
-    a, b = M.recalibration(risk, y, w)
-    out = {
-        "auroc": M.auroc(risk, y, w),
-        "auprc": M.auprc(risk, y, w),
-        "brier": M.brier(risk, y, w, m),
-        "citl": M.calibration_in_the_large(risk, y, w),
-        "calibration_slope": b,
-        "ece": M.ece(risk, y, w, edges),
-    }
-    del a
+    want = (lambda k: True) if only is None else (lambda k: k in only)
+    out = {}
+    if want("auroc"):
+        out["auroc"] = M.auroc(risk, y, w)
+    if want("auprc"):
+        out["auprc"] = M.auprc(risk, y, w)
+    if want("brier"):
+        out["brier"] = M.brier(risk, y, w, m)
+    if want("citl"):
+        out["citl"] = M.calibration_in_the_large(risk, y, w)
+    if want("calibration_slope"):
+        out["calibration_slope"] = M.recalibration(risk, y, w)[1]
+    if want("ece"):
+        out["ece"] = M.ece(risk, y, w, edges)
     for t in M.CLINICAL_THRESHOLDS:
-        out[f"net_benefit_{int(t * 100)}"] = M.net_benefit(risk, y, w, t)
-    if with_uno:
+        if want(f"net_benefit_{int(t * 100)}"):
+            out[f"net_benefit_{int(t * 100)}"] = M.net_benefit(risk, y, w, t)
+    if with_uno and want("uno_c"):
         g_left = np.maximum(g(data.time_days, left=True), 0.05)
         out["uno_c"] = M.uno_c(risk, data.time_days, data.event_type, horizon, g_left, m)
     return out
@@ -148,10 +157,11 @@ def evaluate(risks: np.ndarray, data: EvalFrame, horizons: list[int], *, n_boot:
                 entry["subgroups"][name] = {"n": n_obs, "positives": n_pos,
                                             "result": INSUFFICIENT}
                 continue
-            cols = metric_columns(risk[mask], sub, h, boot[mask], g, edges, with_uno=False)
+            cols = metric_columns(risk[mask], sub, h, boot[mask], g, edges, with_uno=False,
+                                  only=SUBGROUP_METRICS)
             entry["subgroups"][name] = {
                 "n": n_obs, "positives": n_pos,
-                **{k: _interval(cols[k]) for k in ("auroc", "brier", "citl", "ece")}}
+                **{k: _interval(cols[k]) for k in SUBGROUP_METRICS}}
         report["horizons"][str(h)] = entry
     return report
 
@@ -161,9 +171,8 @@ def paired_difference(risk_a: np.ndarray, risk_b: np.ndarray, data: EvalFrame, h
     """metric(a) − metric(b) on the same rows and the same subject resamples."""
     g = CensoringSurvival.fit(data.time_days, data.event_type)
     boot = bootstrap_weights(data.subject_id, n_boot, seed)
-    with_uno = metric == "uno_c"
-    a = metric_columns(risk_a, data, horizon, boot, g, with_uno=with_uno)[metric]
-    b = metric_columns(risk_b, data, horizon, boot, g, with_uno=with_uno)[metric]
+    a = metric_columns(risk_a, data, horizon, boot, g, only=(metric,))[metric]
+    b = metric_columns(risk_b, data, horizon, boot, g, only=(metric,))[metric]
     return _interval(a - b)
 
 

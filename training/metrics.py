@@ -97,7 +97,10 @@ def calibration_in_the_large(scores: np.ndarray, y: np.ndarray, w: np.ndarray,
         p = expit(a + z)
         g = (w * (y - p)).sum(axis=0)
         h = (w * p * (1 - p)).sum(axis=0)
-        a = a + np.where(h > 0, g / np.maximum(h, 1e-12), 0)
+        step = np.where(h > 0, g / np.maximum(h, 1e-12), 0)
+        a = a + step
+        if np.abs(step).max() < 1e-10:  # Newton converges in a handful of steps
+            break
     return a
 
 
@@ -118,8 +121,11 @@ def recalibration(scores: np.ndarray, y: np.ndarray, w: np.ndarray,
         det = h00 * h11 - h01 * h01
         ok = det > 1e-12
         safe = np.where(ok, det, 1.0)
-        a = a + np.where(ok, (h11 * g0 - h01 * g1) / safe, 0)
-        b = b + np.where(ok, (h00 * g1 - h01 * g0) / safe, 0)
+        da = np.where(ok, (h11 * g0 - h01 * g1) / safe, 0)
+        db = np.where(ok, (h00 * g1 - h01 * g0) / safe, 0)
+        a, b = a + da, b + db
+        if max(np.abs(da).max(), np.abs(db).max()) < 1e-10:
+            break
     return a, b
 
 
