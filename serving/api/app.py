@@ -218,7 +218,7 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
 
         return S.ForecastOut.model_validate(forecast_out(latest))
 
-    @app.post("/v1/fhir", tags=["fhir"], responses={**ERRORS})
+    @app.post("/v1/fhir", tags=["fhir"], response_model=S.FhirIngestOut, responses={**ERRORS})
     async def fhir_bundle(request: Request, core: Core,
                           caller: Annotated[Caller, Depends(require(*CLINICAL,
                                                                     action="fhir_bundle"))]):

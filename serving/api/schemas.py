@@ -99,6 +99,20 @@ class IngestOut(_Out):
     forecast: ForecastOut
 
 
+class FhirPatientOut(_Out):
+    identifier: str = Field(description="system|value of the Patient's first identifier")
+    subject_id: int
+    added: int
+    duplicates: int
+    forecast: ForecastOut
+
+
+class FhirIngestOut(_Out):
+    patients: list[FhirPatientOut]
+    unmapped: dict[str, int] = Field(description="codes twincast does not map, counted")
+    skipped: dict[str, int] = Field(description="resources twincast does not use, counted")
+
+
 class ValueOut(_Out):
     code: str
     time: AwareDatetime | None
