@@ -32,6 +32,8 @@ def build_core(settings: Settings | None = None, *, start: bool = True):
         raise NotReady("which task? set TWINCAST_TASK (or --task): the registry holds "
                        "no single twincast model")
     core = TwinCore(store, ModelSource(tracker, task), poll_seconds=settings.model_poll_seconds)
+    core.cds_clients = settings.cds_clients
+    core.cds_thresholds = (settings.cds_warning, settings.cds_critical)
     if start:
         core.start()
     return core

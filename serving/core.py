@@ -82,6 +82,8 @@ class TwinCore:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.worker = worker_name()
+        self.cds_clients: dict[str, dict[str, Any]] = {}
+        self.cds_thresholds: tuple[float, float] = (0.10, 0.30)
 
     # ------------------------------------------------------------------ model
     def start(self) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
@@ -28,6 +30,11 @@ class Settings(BaseSettings):
     model_poll_seconds: float = 30.0
     open_docs: bool = False
     open_metrics: bool = False
+    # CDS Hooks: registered clients as JSON {"<issuer>": {"public_key": "<PEM>",
+    # "algorithms": ["RS384", "ES384"]}}; cards turn warning/critical at these risks
+    cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    cds_warning: float = 0.10
+    cds_critical: float = 0.30
 
     def tracking_uri(self) -> str:
         """``TWINCAST_MLFLOW_URI`` wins over ``MLFLOW_TRACKING_URI``; else a local SQLite."""

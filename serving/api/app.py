@@ -107,6 +107,38 @@ class AccessLogMiddleware:
                 logging.getLogger("twincast.access").exception("writing the access log failed")
 
 
+def require_cds(action: str):
+    """CDS Hooks auth: a JWT from a registered CDS client, or a twincast clinical key."""
+
+    async def dependency(request: Request, core: Core) -> tuple[Caller, str]:
+        from serving.cds import verify_jwt
+
+        request.state.access = {"action": action, "key": None, "subject_id": None}
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing 'Authorization: Bearer <JWT or key>' header")
+        if token.startswith("tc_"):
+            key = core.store.authenticate(token)
+            if key is None:
+                raise Unauthorized("unknown or revoked API key")
+            request.state.access["key"] = key
+            if key.role not in CLINICAL:
+                raise Forbidden(f"role '{key.role}' may not call CDS services")
+            return Caller(key), f"key:{key.name}"
+        url = str(request.url).split("?")[0]
+        audiences = [url, url.rsplit("/feedback", 1)[0], str(request.base_url) + "cds-services"]
+        client = verify_jwt(token, core.cds_clients, audiences)
+        from types import SimpleNamespace
+
+        # CDS clients act as the clinical role; their name goes to the access log
+        pseudo = SimpleNamespace(id=None, name=client.name, role="clinical")
+        request.state.access["key"] = pseudo
+        return Caller(pseudo), client.issuer
+
+    return dependency
+
+
 def _error(status: int, code: str, message: str, fields: list | None = None) -> JSONResponse:
     body = {"error": code, "message": message, "fields": fields or []}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -240,6 +272,56 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
             raise BadInput("the body is not JSON", ["body"]) from None
         return await anyio.to_thread.run_sync(ingest_bundle, core, bundle, caller)
 
+    @app.get("/cds-services", tags=["cds-hooks"], responses={**ERRORS})
+    def cds_discovery(core: Core, _: Annotated[tuple, Depends(require_cds("cds_discovery"))]
+                      ) -> dict:
+        """CDS Hooks discovery: the patient-view service and its prefetch templates."""
+        from serving.cds import discovery
+
+        return discovery(core)
+
+    @app.post("/cds-services/{service_id}", tags=["cds-hooks"],
+              responses={**ERRORS, **NOT_FOUND, 412: {"model": S.ErrorOut,
+                                                      "description": "prefetch needed"}})
+    async def cds_call(request: Request, service_id: str, core: Core,
+                       auth: Annotated[tuple, Depends(require_cds("cds_call"))]) -> dict:
+        """A patient-view hook call: update the twin from prefetch, forecast, answer cards."""
+        import anyio
+
+        from serving.cds import HOOK, call_service
+        from serving.cds import service_id as our_id
+
+        if service_id != our_id(core):
+            raise NotFound(f"no CDS service {service_id!r}")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadInput("the body is not JSON", ["body"]) from None
+        if not isinstance(body, dict) or body.get("hook") != HOOK or not isinstance(
+                body.get("hookInstance"), str) or not (body.get("context") or {}).get(
+                "patientId"):
+            raise BadInput("a patient-view request needs hook, hookInstance and "
+                           "context.patientId", ["body"])
+        caller, issuer = auth
+        warning, critical = core.cds_thresholds
+        out = await anyio.to_thread.run_sync(call_service, core, body, caller, issuer,
+                                             warning, critical)
+        request.state.access["subject_id"] = out["twincast"]["subject_id"]
+        return out
+
+    @app.post("/cds-services/{service_id}/feedback", tags=["cds-hooks"], responses={**ERRORS})
+    async def cds_feedback(request: Request, service_id: str, core: Core,
+                           auth: Annotated[tuple, Depends(require_cds("cds_feedback"))]
+                           ) -> dict:
+        """Card feedback (accepted or overridden), kept for auditors."""
+        from serving.cds import store_feedback
+
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadInput("the body is not JSON", ["body"]) from None
+        return {"stored": store_feedback(core, service_id, body, auth[0].name)}
+
     @app.get("/v1/twins/{subject_id}/forecasts", response_model=S.ForecastPage, tags=["twins"],
              responses={**ERRORS, **NOT_FOUND})
     def list_forecasts(subject_id: SubjectId, core: Core,
@@ -311,5 +393,5 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
 
 
 MAX_BUNDLE_BYTES = 20_000_000
-LOGGED_ACTIONS = {"fhir_bundle", "stateless_forecast", "read_access_log", "reload",
-                  "audit_forecast"}
+LOGGED_ACTIONS = {"fhir_bundle", "cds_call", "cds_feedback", "stateless_forecast",
+                  "read_access_log", "reload", "audit_forecast"}

@@ -159,3 +159,18 @@ class RefreshJob(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class CdsFeedback(Base):
+    """What a clinician did with a CDS Hooks card (accepted or overridden, and why)."""
+
+    __tablename__ = "cds_feedback"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(DateTime)
+    service_id: Mapped[str] = mapped_column(String(255))
+    card: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(32))
+    override_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    outcome_time: Mapped[datetime | None] = mapped_column(DateTime)
+    client: Mapped[str | None] = mapped_column(String(255))

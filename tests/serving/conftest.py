@@ -14,11 +14,29 @@ import pytest
 
 from tests.conftest import free_port
 
+CDS_ISSUER = "https://ehr.example.org"
+
+
+def cds_keypair() -> tuple[str, str]:
+    """An RSA key pair for the test CDS client (private PEM, public PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo
+                                           ).decode()
+    return private, public
+
 
 class Server:
-    def __init__(self, url: str, home: Path, tracking_uri: str, db_url: str, keys: dict):
+    def __init__(self, url: str, home: Path, tracking_uri: str, db_url: str, keys: dict,
+                 cds_private_key: str = ""):
         self.url, self.home, self.tracking_uri, self.db_url, self.keys = (
             url, home, tracking_uri, db_url, keys)
+        self.cds_private_key = cds_private_key
 
     def client(self, role: str | None = "clinical", headers: dict | None = None
                ) -> httpx.Client:
@@ -62,7 +80,12 @@ def server(request, trained, mlflow_home, tmp_path_factory):
     else:
         gen = request.getfixturevalue("pg_database_module")
         db_url, cleanup = gen, None
+    import json
+
+    private, public = cds_keypair()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TWINCAST_", "MLFLOW_T"))}
+    env["TWINCAST_CDS_CLIENTS"] = json.dumps({CDS_ISSUER: {"public_key": public,
+                                                           "algorithms": ["RS384"]}})
     env.update({"TWINCAST_HOME": str(home), "TWINCAST_MLFLOW_URI": tracking,
                 "TWINCAST_DATABASE_URL": db_url, "TWINCAST_TASK": "eskd",
                 "TWINCAST_MODEL_POLL_SECONDS": "1", "BENTOML_HOME": str(home / "bentoml"),
@@ -75,7 +98,7 @@ def server(request, trained, mlflow_home, tmp_path_factory):
     store.dispose()
     proc, url = _start(home, env)
     try:
-        yield Server(url, home, tracking, db_url, keys)
+        yield Server(url, home, tracking, db_url, keys, private)
     finally:
         proc.terminate()
         try:
