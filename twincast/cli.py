@@ -118,6 +118,48 @@ def import_wide_cmd(
                       f"{events['subject_id'].nunique():,} subjects to {out_dir}")
 
 
+@import_app.command("fhir")
+def import_fhir(
+    bundles: Annotated[list[Path], typer.Argument(help="FHIR R4 Bundle JSON file(s)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="MEDS directory to write")],
+    mapping: Annotated[Path | None, typer.Option(help="code mapping YAML (default: "
+                                                     "features/fhir_mapping.yaml)")] = None,
+    first_id: Annotated[int, typer.Option(help="subject_id of the first patient")] = 1,
+    overwrite: bool = False,
+) -> None:
+    """Convert FHIR bundles to MEDS; patients get subject ids in order of appearance."""
+    import pandas as pd
+
+    from features.events import events_from_frame, write_meds
+    from features.fhir import FhirMapping, bundle_to_events, import_to_frame, load_bundle
+
+    with _errors():
+        m = FhirMapping.load(mapping) if mapping else FhirMapping.load()
+        frames, ids, unmapped, skipped = [], {}, {}, {}
+        for path in bundles:
+            try:
+                result = bundle_to_events(load_bundle(path), m)
+            except FeaturesError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+            for key in result.patients:
+                ids.setdefault(key, first_id + len(ids))
+            frames.append(import_to_frame(result, ids))
+            for k, v in result.unmapped.items():
+                unmapped[k] = unmapped.get(k, 0) + v
+            for k, v in result.skipped.items():
+                skipped[k] = skipped.get(k, 0) + v
+        events = events_from_frame(pd.concat(frames, ignore_index=True), source="bundles")
+        codes = pd.DataFrame({"code": sorted(set(events["code"].astype(str)))})
+        codes["unit"] = codes["code"].map(m.units())
+        write_meds(events, out_dir, codes=codes, overwrite=overwrite)
+        pd.DataFrame({"identifier": list(ids), "subject_id": list(ids.values())}).to_parquet(
+            out_dir / "metadata" / "fhir_identifiers.parquet", index=False)
+    console.print(f"imported {len(events):,} events of {len(ids):,} patients to {out_dir}")
+    for label, counts in (("unmapped", unmapped), ("skipped", skipped)):
+        for k, v in sorted(counts.items()):
+            console.print(f"  {label}: {k} × {v}")
+
+
 @app.command("features")
 def features_cmd(
     events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],

@@ -72,3 +72,22 @@ def test_task_validation_command_rejects(tmp_path, bad):
     (tmp_path / "t.yaml").write_text(text)
     proc = run("task", str(tmp_path / "t.yaml"), ok=False)
     assert proc.returncode == 2 and "t.yaml" in proc.stderr
+
+
+def test_import_fhir_writes_meds_and_reports_unmapped(tmp_path):
+    bundles = PBC_MEDS.parents[1] / "fhir"
+    proc = run("import", "fhir", str(bundles / "ckd_patients.json"),
+               str(bundles / "hba1c_mmol.json"), "--out", str(tmp_path / "m"))
+    assert "5 patients" in proc.stderr
+    assert "unmapped: Observation http://loinc.org|2093-3 × 1" in proc.stderr
+    ids = pd.read_parquet(tmp_path / "m" / "metadata" / "fhir_identifiers.parquet")
+    assert ids["subject_id"].tolist() == [1, 2, 3, 4, 5]
+    events = pd.read_parquet(tmp_path / "m" / "data" / "0.parquet")
+    assert set(events["subject_id"]) == {1, 2, 3, 4, 5}
+    hba1c = events.loc[events["code"] == "LAB//HBA1C", "numeric_value"]
+    assert hba1c.between(3, 15).all()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"resourceType": "Bundle", "type": "collection", "entry": [{}]}')
+    proc = run("import", "fhir", str(bad), "--out", str(tmp_path / "n"), ok=False)
+    assert proc.returncode == 2 and "bad.json: entry[0].resource" in proc.stderr
+    assert not (tmp_path / "n").exists()
