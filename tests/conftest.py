@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -122,9 +123,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pg_database():
-    """A fresh PostgreSQL database (dropped afterwards); under CI=true an unreachable
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "twincast_test"):
+    """A fresh PostgreSQL database, dropped afterwards; under CI=true an unreachable
     server fails the test instead of skipping it."""
     import uuid
 
@@ -136,11 +137,16 @@ def pg_database():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"PostgreSQL is unreachable at {PG_ADMIN_URL} under CI=true: {exc}")
         pytest.skip(f"PostgreSQL is unreachable at {PG_ADMIN_URL}")
-    name = f"twincast_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
-        yield f"{base}/{name}"
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def pg_database():
+    with fresh_pg_database() as url:
+        yield url

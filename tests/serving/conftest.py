@@ -111,22 +111,7 @@ def server(request, trained, mlflow_home, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pg_database_module():
     """A PostgreSQL database for one test module (fails under CI=true if unreachable)."""
-    import uuid
+    from tests.conftest import fresh_pg_database
 
-    import psycopg
-
-    from tests.conftest import PG_ADMIN_URL
-
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL is unreachable at {PG_ADMIN_URL} under CI=true: {exc}")
-        pytest.skip(f"PostgreSQL is unreachable at {PG_ADMIN_URL}")
-    name = f"twincast_svc_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("twincast_svc") as url:
+        yield url

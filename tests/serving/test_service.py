@@ -215,51 +215,49 @@ def httpx_get(server, path, role):
         return c.get(path).status_code
 
 
+def promote_copy(server, reason: str) -> str:
+    """Register the champion's package again as a new version and promote it by hand."""
+    reg = Tracker(server.tracking_uri).registry
+    name = model_name("eskd")
+    champ = reg.version_by_alias(name, CHAMPION)
+    mv = reg.register(name, champ.source, champ.run_id, {"family": "copy"})
+    reg.promote(name, str(mv.version), actor="test", kind="manual", reason=reason,
+                task_name="eskd")
+    return str(mv.version)
+
+
 def test_new_champion_then_reload_reforecasts_every_twin(server, small_cohort, trained):
     sids = [NEW_SUBJECT + 100 + k for k in range(3)]
     with server.client() as c:
         for k, sid in enumerate(sids):
             c.post(f"/v1/twins/{sid}/events", json={"events": api_events(
                 history(small_cohort, trained, 4 + k))})
-    tracker = Tracker(server.tracking_uri)
-    reg = tracker.registry
-    name = model_name("eskd")
-    champ = reg.version_by_alias(name, CHAMPION)
-    # a new version of the same package, promoted by hand
-    mv = reg.register(name, champ.source, champ.run_id, {"family": "copy"})
-    reg.promote(name, str(mv.version), actor="test", kind="manual", reason="reload test",
-                task_name="eskd")
+    version = promote_copy(server, "reload test")  # a new version of the same package
     with server.client("admin") as c:
         r = c.post("/v1/admin/reload")
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 60
         while True:
             job = c.get("/v1/admin/refresh").json()
-            if job and job["model_version"] == str(mv.version) and job["state"] == "done":
+            if job and job["model_version"] == version and job["state"] == "done":
                 break
             assert time.monotonic() < deadline, job
             time.sleep(0.3)
-        assert c.get("/v1/model").json()["version"] == str(mv.version)
+        assert c.get("/v1/model").json()["version"] == version
         with server.client("auditor") as a:
             for sid in [*sids, NEW_SUBJECT + 1]:
                 tw = a.get(f"/v1/twins/{sid}")
                 if tw.status_code == 404:
                     continue
-                assert tw.json()["forecast"]["model"]["version"] == str(mv.version)
+                assert tw.json()["forecast"]["model"]["version"] == version
     assert job["total"] == job["done"] >= len(sids)
 
 
 def test_the_service_notices_an_alias_move_by_itself(server):
     """No reload call: the champion watcher (1 s here) loads the new version."""
-    tracker = Tracker(server.tracking_uri)
-    reg = tracker.registry
-    name = model_name("eskd")
-    champ = reg.version_by_alias(name, CHAMPION)
-    mv = reg.register(name, champ.source, champ.run_id, {"family": "copy"})
-    reg.promote(name, str(mv.version), actor="test", kind="manual", reason="watch test",
-                task_name="eskd")
+    version = promote_copy(server, "watch test")
     deadline = time.monotonic() + 30
     with server.client("auditor") as c:
-        while c.get("/v1/model").json()["version"] != str(mv.version):
+        while c.get("/v1/model").json()["version"] != version:
             assert time.monotonic() < deadline, "the alias move was not noticed"
             time.sleep(0.3)
