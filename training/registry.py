@@ -61,9 +61,11 @@ class PromotionEntry:
 class Registry:
     """Registered models of one tracking server (an injected ``MlflowClient``)."""
 
-    def __init__(self, client: MlflowClient, active=contextlib.nullcontext):
+    def __init__(self, client: MlflowClient, active=contextlib.nullcontext,
+                 experiment_id=None):
         self.client = client
         self._active = active  # points MLflow's global URIs at this store while needed
+        self._experiment_id = experiment_id  # creates experiments under the artifact root
 
     # -- lookups
     def version_by_alias(self, name: str, alias: str) -> ModelVersion | None:
@@ -127,8 +129,11 @@ class Registry:
 
     def _log(self, task_name: str, name: str, entry: PromotionEntry) -> None:
         exp_name = promotions_experiment(task_name)
-        exp = self.client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(exp_name)
+        if self._experiment_id is not None:
+            exp_id = self._experiment_id(exp_name)
+        else:
+            exp = self.client.get_experiment_by_name(exp_name)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(exp_name)
         run = self.client.create_run(exp_id, run_name=f"{entry.from_version}->{entry.to_version}",
                                      tags={"twincast.kind": "promotion", "model": name,
                                            "from_version": str(entry.from_version),

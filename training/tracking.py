@@ -26,7 +26,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        self.registry = Registry(self.client, self.active)
+        self.registry = Registry(self.client, self.active, self.experiment_id)
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
