@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from features.events import BIRTH_CODE, NAT_US, EventArrays
+from features.events import BIRTH_CODE, NAT_US, EventArrays, subject_bounds
 from features.spec import FeatureSpec
-from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, TimeIndex
+from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, SpanKeys, TimeIndex
 
 _NEG_INF_US = np.iinfo(np.int64).min + 1
 PARALLEL_MIN_ROWS = 20_000  # below this, threads cost more than they save
@@ -67,13 +67,30 @@ def build_features(
     if n == 0:
         return out.T
     col = {name: i for i, name in enumerate(spec.feature_names)}
-    subjects = np.unique(np.concatenate((arrays.subject_id, q_sid)))
+    ev_sid = arrays.subject_id
+    if ev_sid.size and bool((ev_sid[1:] >= ev_sid[:-1]).all()):  # canonical: O(n) indices
+        ev_subjects, starts, ends = subject_bounds(ev_sid)
+        subjects = np.union1d(ev_subjects, np.unique(q_sid))
+        e_sidx = np.repeat(np.searchsorted(subjects, ev_subjects), ends - starts)
+    else:
+        subjects = np.unique(np.concatenate((ev_sid, q_sid)))
+        e_sidx = np.searchsorted(subjects, ev_sid)
     q_sidx = np.searchsorted(subjects, q_sid)
-    e_sidx = np.searchsorted(subjects, arrays.subject_id)
     timed = arrays.time_us != NAT_US
-    index, timed_keys = TimeIndex.build_with_keys(e_sidx[timed], arrays.time_us[timed])
+    # only the events that become windowed features need keys (not birth, not admin …)
+    used = np.zeros(len(arrays.categories), dtype=bool)
+    cat_pos = {c: i for i, c in enumerate(arrays.categories)}
+    for cf in spec.codes:
+        if cf.kind != "static" and cf.code in cat_pos:
+            used[cat_pos[cf.code]] = True
+    keyed = timed & used[arrays.code] if used.size else timed & False
+    fast = SpanKeys.build_with_keys(e_sidx[keyed], arrays.time_us[keyed], subjects.size)
+    if fast is not None:
+        index, keyed_keys = fast
+    else:
+        index, keyed_keys = TimeIndex.build_with_keys(e_sidx[keyed], arrays.time_us[keyed])
     event_keys = np.zeros(len(arrays), dtype=np.int64)
-    event_keys[timed] = timed_keys
+    event_keys[keyed] = keyed_keys
     windows = list(zip(spec.windows, spec.window_days, strict=True))
     bounds_cache: dict[tuple[float, ...], np.ndarray] = {}
 
@@ -136,8 +153,10 @@ def build_features(
     # codes write disjoint rows of ``out``; numpy releases the GIL in the heavy loops
     threads = min(threads or os.cpu_count() or 1, len(spec.codes) or 1)
     if threads > 1 and n >= PARALLEL_MIN_ROWS:
+        # biggest codes first, so the threads finish together (longest-processing-time)
+        by_size = sorted(spec.codes, key=lambda cf: -len(rows_of(cf.code)))
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one_code, spec.codes))
+            list(pool.map(one_code, by_size))
     else:
         for cf in spec.codes:
             one_code(cf)
@@ -196,7 +215,9 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
     new_time = np.ones(m, dtype=np.int64)
     new_time[1:] = (ev.t[1:] != ev.t[:-1]) | (ev.sidx[1:] != ev.sidx[:-1])
     before = np.concatenate(([0], np.cumsum(new_time)))
-    padded_terms = [np.append(t_, 0.0) for t_ in terms]
+    padded_terms = np.zeros((len(terms), m + 1))  # a trailing 0 lets a range end at m
+    for i, t_ in enumerate(terms):
+        padded_terms[i, :m] = t_
     v_padded = np.append(ev.v, 0.0)
     last_idx = np.maximum(hi - 1, 0)
     for w, days in windows:
@@ -209,30 +230,39 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
         if not has.any():
             continue
         rows = np.flatnonzero(has)
-        lo_h, hi_h, last_h = lo[rows], hi[rows], last_idx[rows]
+        last_h = last_idx[rows]
+        v_last = ev.v[last_h]
         if "last" in aggs:
-            out[name("last"), rows] = ev.v[last_h]
+            out[name("last"), rows] = v_last
         if "days_since_last" in aggs:
             out[name("days_since_last"), rows] = (q_t[rows] - ev.t[last_h]) / US_PER_DAY
+        # a window with one value needs no reduction: min = max = mean = that value
+        one = cnt[rows] == 1
+        for agg in ("min", "max", "mean"):
+            if agg in aggs:
+                out[name(agg), rows[one]] = v_last[one]
+        many = rows[~one]
+        if many.size == 0:
+            continue
+        lo_h, hi_h, last_m = lo[many], hi[many], last_idx[many]
+        idx = _interleave(lo_h, hi_h)
         if "min" in aggs:
-            out[name("min"), rows] = np.minimum.reduceat(v_padded, _interleave(lo_h, hi_h))[0::2]
+            out[name("min"), many] = np.minimum.reduceat(v_padded, idx)[0::2]
         if "max" in aggs:
-            out[name("max"), rows] = np.maximum.reduceat(v_padded, _interleave(lo_h, hi_h))[0::2]
+            out[name("max"), many] = np.maximum.reduceat(v_padded, idx)[0::2]
         if not aggs & {"mean", "std", "slope"}:
             continue
-        idx = _interleave(lo_h, hi_h)
         sy, syy, sx, sxx, sxy = (np.add.reduceat(t_, idx)[0::2] for t_ in padded_terms)
-        k = cnt[rows].astype(np.float64)
+        k = cnt[many].astype(np.float64)
         if "mean" in aggs:
-            out[name("mean"), rows] = sy / k + ref_y[last_h]
+            out[name("mean"), many] = sy / k + ref_y[last_m]
         if "std" in aggs:
-            two = k >= 2
-            var = np.maximum(syy - sy * sy / k, 0.0) / np.where(two, k - 1, 1)
-            out[name("std"), rows[two]] = np.sqrt(var[two])
+            var = np.maximum(syy - sy * sy / k, 0.0) / (k - 1)
+            out[name("std"), many] = np.sqrt(var)
         if "slope" in aggs:
             # distinct times in [lo, hi): the first counts, later ones if they are new
             distinct = before[hi_h] - before[lo_h + 1] + 1
             ok = distinct >= 2
             den = sxx - sx * sx / k
             num = sxy - sx * sy / k
-            out[name("slope"), rows[ok]] = num[ok] / den[ok]
+            out[name("slope"), many[ok]] = num[ok] / den[ok]

@@ -243,3 +243,21 @@ def test_spec_is_frozen_from_training_subjects_only(small_cohort, eskd_task):
     spec2 = fit_feature_spec([(g, assign_splits(g.subject_id, eskd_task.split) == "train")],
                              tight)
     assert "LAB//RARE" not in {c.code for c in spec2.codes}
+
+
+def test_both_key_schemes_give_identical_features(small_cohort, eskd_task, monkeypatch):
+    """The sort-free span keys and the rank keys (used when spans would overflow int64)
+    are interchangeable."""
+    from features import featurize
+
+    arrays = EventArrays.from_events(small_cohort)
+    spec = fit_feature_spec(
+        [(arrays, assign_splits(arrays.subject_id, eskd_task.split) == "train")], eskd_task)
+    labels = derive_labels(arrays, eskd_task)
+    t = labels["prediction_time"].to_numpy().view(np.int64)
+    sid = labels["subject_id"].to_numpy()
+    fast = build_features(arrays, sid, t, spec)
+    monkeypatch.setattr(featurize.SpanKeys, "build_with_keys",
+                        classmethod(lambda cls, *a: None))
+    ranked = build_features(arrays, sid, t, spec)
+    np.testing.assert_array_equal(fast, ranked)
