@@ -102,14 +102,15 @@ def build_features(
 
     upper = index.upto_keys(q_sidx, q_t)
     cat_index = {c: i for i, c in enumerate(arrays.categories)}
-    order = np.argsort(arrays.code, kind="stable")
-    code_sorted = arrays.code[order]
-    code_lo = np.searchsorted(code_sorted, np.arange(len(arrays.categories)), "left")
-    code_hi = np.searchsorted(code_sorted, np.arange(len(arrays.categories)), "right")
+    rows_cache: dict[str, np.ndarray] = {}
 
     def rows_of(code: str) -> np.ndarray:
-        i = cat_index.get(code)
-        return np.empty(0, np.int64) if i is None else order[code_lo[i]:code_hi[i]]
+        """The code's rows, in canonical (subject, time) order."""
+        if code not in rows_cache:
+            i = cat_index.get(code)
+            rows_cache[code] = (np.empty(0, np.int64) if i is None
+                                else np.flatnonzero(arrays.code == i))
+        return rows_cache[code]
 
     if "age_years" in col:
         rows = rows_of(BIRTH_CODE)
@@ -175,7 +176,8 @@ def _categorical(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows)
         )
     if "count" in aggs:
         for w, days in windows:
-            lo = np.searchsorted(ev.keys, lower_keys(days), side="right")
+            lo = lo_all if np.isinf(days) else np.searchsorted(ev.keys, lower_keys(days),
+                                                                 side="right")
             out[col[spec.feature_name(code, w, "count")], :] = hi - lo
 
 
@@ -221,7 +223,8 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
     v_padded = np.append(ev.v, 0.0)
     last_idx = np.maximum(hi - 1, 0)
     for w, days in windows:
-        lo = np.maximum(np.searchsorted(ev.keys, lower_keys(days), side="right"), lo_all)
+        lo = lo_all if np.isinf(days) else np.maximum(
+            np.searchsorted(ev.keys, lower_keys(days), side="right"), lo_all)
         cnt = hi - lo
         has = cnt > 0
         name = lambda agg, w=w: col[spec.feature_name(code, w, agg)]  # noqa: E731
@@ -238,9 +241,10 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
             out[name("days_since_last"), rows] = (q_t[rows] - ev.t[last_h]) / US_PER_DAY
         # a window with one value needs no reduction: min = max = mean = that value
         one = cnt[rows] == 1
+        rows_one, v_one = rows[one], v_last[one]
         for agg in ("min", "max", "mean"):
             if agg in aggs:
-                out[name(agg), rows[one]] = v_last[one]
+                out[name(agg), rows_one] = v_one
         many = rows[~one]
         if many.size == 0:
             continue
