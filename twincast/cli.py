@@ -441,6 +441,15 @@ def serve(
 
     settings = Settings()
     _store()  # migrate once here, before the workers start
+    if not (task or settings.task):
+        from serving.model_source import only_task
+
+        _quiet_mlflow()
+        task = only_task(_tracker(settings))
+        if task is None:
+            console.print("[bold red]error:[/] which task? pass --task (or set TWINCAST_TASK); "
+                          "the registry does not hold exactly one twincast model", soft_wrap=True)
+            raise typer.Exit(2)
     env = {**os.environ, "BENTOML_HOME": str((settings.home / "bentoml").resolve()),
            "TWINCAST_HOME": str(settings.home.resolve())}
     if task:

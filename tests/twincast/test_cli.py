@@ -91,3 +91,25 @@ def test_import_fhir_writes_meds_and_reports_unmapped(tmp_path):
     proc = run("import", "fhir", str(bad), "--out", str(tmp_path / "n"), ok=False)
     assert proc.returncode == 2 and "bad.json: entry[0].resource" in proc.stderr
     assert not (tmp_path / "n").exists()
+
+
+def test_serve_without_a_task_says_which_is_missing(tmp_path):
+    proc = run("serve", "--port", "3998", cwd=tmp_path, ok=False)
+    assert proc.returncode == 2 and "which task?" in proc.stderr
+
+
+def test_keys_are_shown_once_and_listed_without_secrets(tmp_path):
+    created = run("keys", "create", "--role", "auditor", "--name", "audit-team", cwd=tmp_path)
+    token = created.stdout.strip()
+    assert token.startswith("tc_") and len(token) > 40
+    listed = run("keys", "list", cwd=tmp_path)
+    assert "audit-team" in listed.stdout and token not in listed.stdout
+    assert token[:10] in listed.stdout  # the prefix identifies it
+    dup = run("keys", "create", "--role", "auditor", "--name", "audit-team", cwd=tmp_path,
+              ok=False)
+    assert dup.returncode == 2 and "exists already" in dup.stderr
+    bad = run("keys", "create", "--role", "root", "--name", "x", cwd=tmp_path, ok=False)
+    assert bad.returncode == 2 and "role must be one of" in bad.stderr
+    run("keys", "revoke", "--name", "audit-team", cwd=tmp_path)
+    again = run("keys", "revoke", "--name", "audit-team", cwd=tmp_path, ok=False)
+    assert again.returncode == 2 and "no active API key" in again.stderr
