@@ -23,6 +23,7 @@ The package bundles the FeatureSpec, the task, the fitted models and calibrators
 from __future__ import annotations
 
 import json
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def log_package(bundle: ModelBundle, work_dir: Path, *, name: str = "model"):
     path.write_bytes(bundle.dumps())
     example = synthetic_example(bundle)
     output = predict_frame(bundle, example, contributions=0)
-    signature = infer_signature(example, output, params={"contributions": 0})
+    with warnings.catch_warnings():
+        # MLflow hints that integer columns cannot hold missing values: subject_id never does
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        signature = infer_signature(example, output, params={"contributions": 0})
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
