@@ -181,22 +181,25 @@ def _categorical(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows)
             out[col[spec.feature_name(code, w, "count")], :] = hi - lo
 
 
-def range_reduce(ufunc: np.ufunc, values: np.ndarray, lo: np.ndarray,
-                 hi: np.ndarray) -> np.ndarray:
-    """``ufunc`` over ``values[lo:hi]`` for each non-empty range, in one C loop.
-
-    The ranges go to ``ufunc.reduceat`` interleaved (lo₀, hi₀, lo₁, hi₁, …); every other
-    result is a range, reduced over exactly its own elements in order, so a subject's
-    numbers never depend on anyone else's.
-    """
-    padded = np.concatenate((values, np.zeros((1, *values.shape[1:]), values.dtype)))
-    return ufunc.reduceat(padded, _interleave(lo, hi), axis=0)[0::2]
+def padded(values: np.ndarray) -> np.ndarray:
+    """``values`` with one trailing zero row, so a range may end at ``len(values)``."""
+    return np.concatenate((values, np.zeros((1, *values.shape[1:]), values.dtype)))
 
 
-def _interleave(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Interleaved range bounds (lo₀, hi₀, lo₁, hi₁, …) for :func:`range_reduce`."""
     idx = np.empty(2 * lo.size, dtype=np.intp)
     idx[0::2], idx[1::2] = lo, hi
     return idx
+
+
+def range_reduce(ufunc: np.ufunc, values_padded: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``ufunc`` over ``values[lo:hi]`` for each non-empty range, in one C loop.
+
+    Every other ``reduceat`` result is a range, reduced over exactly its own elements in
+    order, so a subject's numbers never depend on anyone else's.
+    """
+    return ufunc.reduceat(values_padded, idx, axis=0)[0::2]
 
 
 def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
@@ -217,10 +220,8 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
     new_time = np.ones(m, dtype=np.int64)
     new_time[1:] = (ev.t[1:] != ev.t[:-1]) | (ev.sidx[1:] != ev.sidx[:-1])
     before = np.concatenate(([0], np.cumsum(new_time)))
-    padded_terms = np.zeros((len(terms), m + 1))  # a trailing 0 lets a range end at m
-    for i, t_ in enumerate(terms):
-        padded_terms[i, :m] = t_
-    v_padded = np.append(ev.v, 0.0)
+    padded_terms = [padded(t_) for t_ in terms]
+    v_padded = padded(ev.v)
     last_idx = np.maximum(hi - 1, 0)
     for w, days in windows:
         lo = lo_all if np.isinf(days) else np.maximum(
@@ -249,14 +250,14 @@ def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> 
         if many.size == 0:
             continue
         lo_h, hi_h, last_m = lo[many], hi[many], last_idx[many]
-        idx = _interleave(lo_h, hi_h)
+        idx = ranges(lo_h, hi_h)
         if "min" in aggs:
-            out[name("min"), many] = np.minimum.reduceat(v_padded, idx)[0::2]
+            out[name("min"), many] = range_reduce(np.minimum, v_padded, idx)
         if "max" in aggs:
-            out[name("max"), many] = np.maximum.reduceat(v_padded, idx)[0::2]
+            out[name("max"), many] = range_reduce(np.maximum, v_padded, idx)
         if not aggs & {"mean", "std", "slope"}:
             continue
-        sy, syy, sx, sxx, sxy = (np.add.reduceat(t_, idx)[0::2] for t_ in padded_terms)
+        sy, syy, sx, sxx, sxy = (range_reduce(np.add, t_, idx) for t_ in padded_terms)
         k = cnt[many].astype(np.float64)
         if "mean" in aggs:
             out[name("mean"), many] = sy / k + ref_y[last_m]

@@ -71,16 +71,6 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
-def count_upto(event_keys: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
-    """Index one past the last event at or before each query (events sorted by key)."""
-    return np.searchsorted(event_keys, query_keys, side="right")
-
-
-def segment_starts(keys: np.ndarray, subject_index: np.ndarray, modulus: int) -> np.ndarray:
-    """Index of each query subject's first event in ``keys``."""
-    return np.searchsorted(keys, subject_index.astype(np.int64) * modulus, side="right")
-
-
 @dataclass(frozen=True)
 class SpanKeys:
     """Keys without any sort: ``subject_index * width + (time - origin)``.

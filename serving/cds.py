@@ -110,13 +110,7 @@ def call_service(core: TwinCore, request: dict[str, Any], caller: Caller,
         result = ingest_bundle(core, bundle, caller)
         sid = result["patients"][0]["subject_id"]
         with core.store.write() as s:
-            if core.store.subject_for_identifier(s, system, str(patient_id), create=False) \
-                    is None:
-                from serving.store.models import Identifier
-                from serving.store.repo import utcnow
-
-                s.add(Identifier(system=system, value=str(patient_id), subject_id=sid,
-                                 created_at=utcnow()))
+            core.store.link_identifier(s, system, str(patient_id), sid)
         forecast = result["patients"][0]["forecast"]
     else:
         with core.store.read() as s:

@@ -22,7 +22,7 @@ from serving.forecasting import forecast_events, forecast_values
 from serving.model_source import LoadedModel, ModelSource
 from serving.store.db import worker_name
 from serving.store.models import ApiKey, Forecast
-from serving.store.repo import EventRow, TwinStore
+from serving.store.repo import EventRow, TwinStore, latest_values_of
 
 log = logging.getLogger("twincast.service")
 
@@ -139,9 +139,7 @@ class TwinCore:
                 "refresh": job}
 
     def model_info(self) -> dict[str, Any]:
-        info = self.require_model().describe()
-        info["loaded_at"] = info["loaded_at"]
-        return info
+        return self.require_model().describe()
 
     # ------------------------------------------------------------------ twins
     def ingest(self, subject_id: int, events: list, as_of: datetime | None,
@@ -165,7 +163,7 @@ class TwinCore:
             values = forecast_values(model, result, watermark, caller.name, caller.key_id)
             row = self.store.add_forecast(s, values)
             out = forecast_out(row)
-            twin.view = twin_view(twin, self.store.latest_values(s, subject_id), out)
+            twin.view = twin_view(twin, latest_values_of(frame).get(subject_id, []), out)
         return {"added": added, "duplicates": dupes, "forecast": out}
 
     def twin(self, subject_id: int) -> str:

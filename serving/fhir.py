@@ -9,7 +9,7 @@ from serving.core import Caller, TwinCore, _forecast, forecast_out, twin_view
 from serving.errors import BadInput, NotFound
 from serving.forecasting import forecast_values
 from serving.store.models import Event, Identifier, Twin
-from serving.store.repo import EventRow
+from serving.store.repo import EventRow, latest_values_of
 
 FHIR_SOURCE = "fhir:"
 UCUM = "http://unitsofmeasure.org"
@@ -31,7 +31,7 @@ def ingest_bundle(core: TwinCore, bundle: Any, caller: Caller,
             system, _, value = key.partition("|") if "|" in key else ("fhir", "", key)
             sid = core.store.subject_for_identifier(s, system, value, create=True)
             for sys_, val in patient.identifiers[1:]:
-                _ensure_identifier(core, s, sys_, val, sid)
+                core.store.link_identifier(s, sys_, val, sid)
             twin = core.store.lock_twin(s, sid, create=True)
             rows = [EventRow(e.time, e.code, e.numeric_value, e.text_value, e.event_id,
                              FHIR_SOURCE + e.source)
@@ -43,22 +43,11 @@ def ingest_bundle(core: TwinCore, bundle: Any, caller: Caller,
             row = core.store.add_forecast(s, forecast_values(model, res, watermark,
                                                              caller.name, caller.key_id))
             fc = forecast_out(row)
-            twin.view = twin_view(twin, core.store.latest_values(s, sid), fc)
+            twin.view = twin_view(twin, latest_values_of(frame).get(sid, []), fc)
             out.append({"identifier": key, "subject_id": sid, "added": added,
                         "duplicates": dupes, "forecast": fc})
     return {"patients": out, "unmapped": dict(result.unmapped),
             "skipped": dict(result.skipped)}
-
-
-def _ensure_identifier(core: TwinCore, s, system: str, value: str, sid: int) -> None:
-    from sqlalchemy import select
-
-    from serving.store.repo import utcnow
-
-    found = s.execute(select(Identifier.subject_id).where(
-        Identifier.system == system, Identifier.value == value)).scalar_one_or_none()
-    if found is None:
-        s.add(Identifier(system=system, value=value, subject_id=sid, created_at=utcnow()))
 
 
 def risk_assessment(core: TwinCore, subject_id: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from serving.core import forecast_out, twin_view
 from serving.forecasting import explain
 from serving.model_source import LoadedModel
 from serving.store.models import Twin
-from serving.store.repo import TwinStore
+from serving.store.repo import TwinStore, latest_values_of
 
 
 def refresh_twins(store: TwinStore, model: LoadedModel, job_id: int, chunk: int = 2000) -> int:
@@ -38,7 +38,8 @@ def refresh_twins(store: TwinStore, model: LoadedModel, job_id: int, chunk: int 
             twins = {t.subject_id: t for t in s.execute(q).scalars()}
             frame = store.events_frame(s, part)
             watermark = frame.groupby("subject_id")["recorded_at"].max()
-            events = events_from_frame(frame.drop(columns="recorded_at"), source="twin store")
+            events = events_from_frame(frame.drop(columns=["recorded_at", "id"]),
+                                       source="twin store")
             arrays = EventArrays.from_events(events)
             rows = []
             with_time = [sid for sid in part if twins[sid].last_event_time is not None]
@@ -72,7 +73,7 @@ def refresh_twins(store: TwinStore, model: LoadedModel, job_id: int, chunk: int 
                              "feature_digest": hashlib.sha256(xi.tobytes()).hexdigest()})
                 k += 1
             store.add_forecasts(s, rows)
-            values = store.latest_values_many(s, with_time)
+            values = latest_values_of(frame)
             for r in rows:
                 twin = twins[r["subject_id"]]
                 twin.view = twin_view(twin, values.get(r["subject_id"], []), forecast_out(r))

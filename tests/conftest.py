@@ -150,3 +150,14 @@ def fresh_pg_database(prefix: str = "twincast_test"):
 def pg_database():
     with fresh_pg_database() as url:
         yield url
+
+
+def stop(proc) -> None:
+    """Terminate a server process started by a test, killing it if it hangs."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

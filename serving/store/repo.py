@@ -152,6 +152,13 @@ class TwinStore:
         s.flush()
         return subject_id
 
+    def link_identifier(self, s: Session, system: str, value: str, subject_id: int) -> None:
+        """Map another external identifier to a twin (no-op when already mapped)."""
+        if self.subject_for_identifier(s, system, value, create=False) is None:
+            s.add(Identifier(system=system, value=value, subject_id=subject_id,
+                             created_at=utcnow()))
+            s.flush()
+
     # ------------------------------------------------------------------ events
     def add_events(self, s: Session, twin: Twin, rows: Iterable[EventRow], *,
                    source: str | None = None) -> tuple[int, int]:
@@ -185,12 +192,13 @@ class TwinStore:
         """Events of twins as a MEDS frame (optionally only those received by a time)."""
         ids = [subject_ids] if isinstance(subject_ids, int) else list(subject_ids)
         q = select(Event.subject_id, Event.time, Event.code, Event.numeric_value,
-                   Event.text_value, Event.recorded_at).where(Event.subject_id.in_(ids))
+                   Event.text_value, Event.recorded_at, Event.id).where(
+            Event.subject_id.in_(ids))
         if recorded_upto is not None:
             q = q.where(Event.recorded_at <= recorded_upto)
         rows = s.execute(q).all()
         frame = pd.DataFrame(rows, columns=["subject_id", "time", "code", "numeric_value",
-                                            "text_value", "recorded_at"])
+                                            "text_value", "recorded_at", "id"])
         frame["subject_id"] = frame["subject_id"].astype(np.int64)
         frame["time"] = pd.to_datetime(frame["time"]).astype("datetime64[us]")
         frame["numeric_value"] = pd.to_numeric(frame["numeric_value"]).astype(np.float64)
@@ -200,26 +208,7 @@ class TwinStore:
 
     def latest_values(self, s: Session, subject_id: int) -> list[dict[str, Any]]:
         """Each code's latest event (the twin's current values)."""
-        return self.latest_values_many(s, [subject_id]).get(subject_id, [])
-
-    def latest_values_many(self, s: Session, subject_ids: list[int]
-                           ) -> dict[int, list[dict[str, Any]]]:
-        """Each code's latest event (by time, then arrival) for many twins at once."""
-        rows = s.execute(select(Event.subject_id, Event.code, Event.time, Event.numeric_value,
-                                Event.text_value, Event.id)
-                         .where(Event.subject_id.in_(subject_ids))).all()
-        best: dict[tuple[int, str], tuple] = {}
-        for r in rows:
-            key = (r.subject_id, r.code)
-            rank = (r.time is not None, r.time.isoformat() if r.time else "", r.id)
-            if key not in best or rank > best[key][0]:
-                best[key] = (rank, r)
-        out: dict[int, list[dict[str, Any]]] = {}
-        for (sid, code), (_, r) in sorted(best.items()):
-            out.setdefault(sid, []).append({"code": code, "time": r.time,
-                                            "numeric_value": r.numeric_value,
-                                            "text_value": r.text_value})
-        return out
+        return latest_values_of(self.events_frame(s, subject_id)).get(subject_id, [])
 
     # ------------------------------------------------------------------ forecasts
     def add_forecast(self, s: Session, values: dict[str, Any]) -> Forecast:
@@ -382,6 +371,23 @@ class TwinStore:
         with self.read() as s:
             return s.execute(select(RefreshJob).order_by(RefreshJob.id.desc()).limit(1)
                              ).scalar_one_or_none()
+
+
+def latest_values_of(frame: pd.DataFrame) -> dict[int, list[dict[str, Any]]]:
+    """Each twin's latest event per code (by time, then arrival) from an events frame as
+    ``events_frame`` returns it — no second query for what a caller already loaded."""
+    if frame.empty:
+        return {}
+    f = frame.assign(_timed=frame["time"].notna()).sort_values(
+        ["subject_id", "code", "_timed", "time", "id"], na_position="first", kind="stable")
+    last = f.drop_duplicates(["subject_id", "code"], keep="last")
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in last.itertuples(index=False):
+        out.setdefault(int(r.subject_id), []).append({
+            "code": r.code, "time": None if pd.isna(r.time) else r.time.to_pydatetime(),
+            "numeric_value": None if pd.isna(r.numeric_value) else float(r.numeric_value),
+            "text_value": r.text_value if isinstance(r.text_value, str) else None})
+    return out
 
 
 def import_events(store: TwinStore, events: pd.DataFrame, *, source: str = "import",

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from features.events import NAT_US, EventArrays, events_from_frame
-from features.featurize import build_features, range_reduce
+from features.featurize import build_features, padded, range_reduce, ranges
 from features.labels import derive_labels
 from features.spec import CodeFeature, FeatureSpec, fit_feature_spec
 from features.splits import assign_splits
@@ -216,10 +216,11 @@ def test_one_subject_alone_equals_its_rows_in_the_batch(small_cohort, eskd_task)
 def test_range_reduce_over_arbitrary_ranges():
     v = np.arange(1.0, 11.0)
     lo, hi = np.array([0, 3, 9, 2, 0]), np.array([3, 4, 10, 10, 10])  # ends at len(v) too
-    assert range_reduce(np.add, v, lo, hi).tolist() == [6, 4, 10, 52, 55]
-    assert range_reduce(np.minimum, v, lo, hi).tolist() == [1, 4, 10, 3, 1]
+    assert range_reduce(np.add, padded(v), ranges(lo, hi)).tolist() == [6, 4, 10, 52, 55]
+    assert range_reduce(np.minimum, padded(v), ranges(lo, hi)).tolist() == [1, 4, 10, 3, 1]
     two = np.column_stack((v, v * 10))
-    assert range_reduce(np.add, two, lo[:2], hi[:2]).tolist() == [[6, 60], [4, 40]]
+    assert range_reduce(np.add, padded(two), ranges(lo[:2], hi[:2])).tolist() == [
+        [6, 60], [4, 40]]
 
 
 def test_spec_is_frozen_from_training_subjects_only(small_cohort, eskd_task):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop
 
 CDS_ISSUER = "https://ehr.example.org"
 
@@ -76,10 +76,8 @@ def server(request, trained, mlflow_home, tmp_path_factory):
     tracking = f"sqlite:///{home / 'mlflow.db'}"
     if request.param == "sqlite":
         db_url = f"sqlite:///{home / 'twins.db'}"
-        cleanup = None
     else:
-        gen = request.getfixturevalue("pg_database_module")
-        db_url, cleanup = gen, None
+        db_url = request.getfixturevalue("pg_database_module")
     import json
 
     private, public = cds_keypair()
@@ -100,12 +98,7 @@ def server(request, trained, mlflow_home, tmp_path_factory):
     try:
         yield Server(url, home, tracking, db_url, keys, private)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        del cleanup
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_OPTIONS, free_port
+from tests.conftest import TINY_OPTIONS, free_port, stop
 from training.registry import CHAMPION, model_name
 from training.tracking import Tracker
 from training.train import TrainOptions, heldout_request, train
@@ -49,11 +49,7 @@ def mlflow_server(pg_database, tmp_path):
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
