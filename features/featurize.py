@@ -7,11 +7,13 @@ mean, min, max, std (ddof 1), count, slope (OLS, per year; missing with fewer th
 distinct times) and days since last; per categorical code: ever, count per window and
 days since first; plus age at *t* and static facts.  Missing stays NaN, never zero.
 
-How it is fast and exact: events of a code are sorted by (subject, time); every query is
-turned into a row range with ``searchsorted`` on exact (subject, time-rank) keys; sums,
-minima and maxima are ``ufunc.reduceat`` over each range's own rows (so a subject's
-numbers never depend on who else is in the batch); counts come from exact integer prefix
-sums.  No Python loop per row.
+How it is fast and exact: each code's events are sorted by (subject, time) once, with
+one offset per subject.  A compiled kernel (numba) then answers every query in a single
+pass: two binary searches in the subject's own events give the window's row range, and
+one sweep over exactly those rows gives every aggregation (two passes for std and slope,
+centred on the window's own means).  A query's numbers therefore depend only on its own
+subject's events at or before *t* — never on who else is in the batch — and the kernel
+releases the GIL, so codes run on all cores.
 """
 
 from __future__ import annotations
@@ -19,30 +21,127 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from features.events import BIRTH_CODE, NAT_US, EventArrays, subject_bounds
 from features.spec import FeatureSpec
-from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, SpanKeys, TimeIndex
+from features.timeindex import DAYS_PER_YEAR, US_PER_DAY
 
-_NEG_INF_US = np.iinfo(np.int64).min + 1
 PARALLEL_MIN_ROWS = 20_000  # below this, threads cost more than they save
+ALL_HISTORY = -1  # window length (µs) meaning "all history"
+# numeric aggregations in the kernel's column order
+NUMERIC_AGGS = ("last", "mean", "min", "max", "std", "count", "slope", "days_since_last")
+_LAST, _MEAN, _MIN, _MAX, _STD, _COUNT, _SLOPE, _DSL = range(len(NUMERIC_AGGS))
+_US_PER_YEAR = US_PER_DAY * DAYS_PER_YEAR
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@numba.njit(cache=True, nogil=True)
+def _window_start(t, a, hi, tq, length):
+    """First row of [a, hi) inside the window (tq − length, tq]."""
+    if length < 0:
+        return a
+    return a + np.searchsorted(t[a:hi], tq - length, side="right")
+
+
+@numba.njit(cache=True, nogil=True)
+def _numeric_kernel(offsets, t, v, q_sidx, q_t, lengths, cols, out):
+    """Numeric aggregations of one code for every query.
+
+    ``offsets[s]:offsets[s + 1]`` are subject *s*'s rows of ``t``/``v`` (time order);
+    ``lengths[w]`` is window *w* in µs (``ALL_HISTORY`` for all); ``cols[w, a]`` is the
+    row of ``out`` for window *w* and aggregation *a* (``NUMERIC_AGGS``), −1 if not asked.
+    """
+    for i in range(q_t.size):
+        s, tq = q_sidx[i], q_t[i]
+        a, b = offsets[s], offsets[s + 1]
+        hi = a + np.searchsorted(t[a:b], tq, side="right")
+        for w in range(lengths.size):
+            c = cols[w]
+            lo = _window_start(t, a, hi, tq, lengths[w])
+            k = hi - lo
+            if c[_COUNT] >= 0:
+                out[c[_COUNT], i] = k
+            if k == 0:
+                continue
+            if c[_LAST] >= 0:
+                out[c[_LAST], i] = v[hi - 1]
+            if c[_DSL] >= 0:
+                out[c[_DSL], i] = (tq - t[hi - 1]) / US_PER_DAY
+            # first pass: centred sums (on the window's first value and time), extremes
+            y0, t0 = v[lo], t[lo]
+            sy = sx = 0.0
+            lo_v = hi_v = y0
+            distinct = 1
+            for j in range(lo, hi):
+                y = v[j]
+                sy += y - y0
+                sx += (t[j] - t0) / _US_PER_YEAR
+                if y < lo_v:
+                    lo_v = y
+                if y > hi_v:
+                    hi_v = y
+                if j > lo and t[j] != t[j - 1]:
+                    distinct += 1
+            my, mx = sy / k, sx / k
+            if c[_MEAN] >= 0:
+                out[c[_MEAN], i] = y0 + my
+            if c[_MIN] >= 0:
+                out[c[_MIN], i] = lo_v
+            if c[_MAX] >= 0:
+                out[c[_MAX], i] = hi_v
+            if k < 2 or (c[_STD] < 0 and c[_SLOPE] < 0):
+                continue
+            # second pass: sums of squared and crossed deviations from the window means
+            syy = sxx = sxy = 0.0
+            for j in range(lo, hi):
+                dy = v[j] - y0 - my
+                dx = (t[j] - t0) / _US_PER_YEAR - mx
+                syy += dy * dy
+                sxx += dx * dx
+                sxy += dx * dy
+            if c[_STD] >= 0:
+                out[c[_STD], i] = np.sqrt(syy / (k - 1))
+            if c[_SLOPE] >= 0 and distinct >= 2:
+                out[c[_SLOPE], i] = sxy / sxx
+
+
+@numba.njit(cache=True, nogil=True)
+def _categorical_kernel(offsets, t, q_sidx, q_t, lengths, count_cols, ever_col, first_col,
+                        out):
+    """Ever, days since first and count per window of one code for every query."""
+    for i in range(q_t.size):
+        s, tq = q_sidx[i], q_t[i]
+        a, b = offsets[s], offsets[s + 1]
+        hi = a + np.searchsorted(t[a:b], tq, side="right")
+        if ever_col >= 0:
+            out[ever_col, i] = 1.0 if hi > a else 0.0
+        if first_col >= 0 and hi > a:
+            out[first_col, i] = (tq - t[a]) / US_PER_DAY
+        for w in range(lengths.size):
+            if count_cols[w] >= 0:
+                out[count_cols[w], i] = hi - _window_start(t, a, hi, tq, lengths[w])
+
+
+# --------------------------------------------------------------------------- the builder
 
 
 class _CodeEvents:
-    """One code's events (timed), sorted by subject then time, with subject segments."""
+    """One code's timed events, sorted by (subject, time), with per-subject offsets."""
 
-    def __init__(self, sidx: np.ndarray, t: np.ndarray, v: np.ndarray, keys: np.ndarray):
-        self.sidx, self.t, self.v = sidx, t, v
-        self.keys = keys
-        n = sidx.size
-        change = np.flatnonzero(np.diff(sidx)) + 1 if n else np.empty(0, np.int64)
-        self.seg_starts = np.concatenate(([0], change)).astype(np.int64) if n else change
-        self.seg_lengths = np.diff(np.concatenate((self.seg_starts, [n]))) if n else change
-        self.seg_of = np.repeat(np.arange(self.seg_starts.size), self.seg_lengths)
-
-    def __len__(self) -> int:
-        return int(self.sidx.size)
+    def __init__(self, sidx: np.ndarray, t: np.ndarray, v: np.ndarray, n_subjects: int):
+        if sidx.size > 1:
+            same = sidx[1:] == sidx[:-1]
+            if (sidx[1:] < sidx[:-1]).any() or (same & (t[1:] < t[:-1])).any():
+                order = np.lexsort((t, sidx))  # stable: ties keep their canonical order
+                sidx, t, v = sidx[order], t[order], v[order]
+        self.t = np.ascontiguousarray(t, dtype=np.int64)
+        self.v = np.ascontiguousarray(v, dtype=np.float64)
+        self.offsets = np.zeros(n_subjects + 1, dtype=np.int64)
+        np.cumsum(np.bincount(sidx, minlength=n_subjects), out=self.offsets[1:])
 
 
 def build_features(
@@ -60,7 +159,7 @@ def build_features(
     they are never used.
     """
     q_sid = np.asarray(subject_ids, dtype=np.int64)
-    q_t = np.asarray(times_us, dtype=np.int64)
+    q_t = np.ascontiguousarray(times_us, dtype=np.int64)
     n = q_sid.size
     # one contiguous row per feature (column-major result): column writes stay in cache
     out = np.full((len(spec.feature_names), n), np.nan, dtype=np.float32)
@@ -75,42 +174,13 @@ def build_features(
     else:
         subjects = np.unique(np.concatenate((ev_sid, q_sid)))
         e_sidx = np.searchsorted(subjects, ev_sid)
-    q_sidx = np.searchsorted(subjects, q_sid)
+    q_sidx = np.searchsorted(subjects, q_sid).astype(np.int64)
     timed = arrays.time_us != NAT_US
-    # only the events that become windowed features need keys (not birth, not admin …)
-    used = np.zeros(len(arrays.categories), dtype=bool)
-    cat_pos = {c: i for i, c in enumerate(arrays.categories)}
-    for cf in spec.codes:
-        if cf.kind != "static" and cf.code in cat_pos:
-            used[cat_pos[cf.code]] = True
-    keyed = timed & used[arrays.code] if used.size else timed & False
-    fast = SpanKeys.build_with_keys(e_sidx[keyed], arrays.time_us[keyed], subjects.size)
-    if fast is not None:
-        index, keyed_keys = fast
-    else:
-        index, keyed_keys = TimeIndex.build_with_keys(e_sidx[keyed], arrays.time_us[keyed])
-    event_keys = np.zeros(len(arrays), dtype=np.int64)
-    event_keys[keyed] = keyed_keys
-    windows = list(zip(spec.windows, spec.window_days, strict=True))
-    bounds_cache: dict[tuple[float, ...], np.ndarray] = {}
-
-    def lower_keys(days: float) -> np.ndarray:
-        if days not in bounds_cache:
-            start = np.full(n, _NEG_INF_US) if np.isinf(days) else q_t - int(days * US_PER_DAY)
-            bounds_cache[days] = index.upto_keys(q_sidx, start)
-        return bounds_cache[days]
-
-    upper = index.upto_keys(q_sidx, q_t)
     cat_index = {c: i for i, c in enumerate(arrays.categories)}
-    rows_cache: dict[str, np.ndarray] = {}
 
     def rows_of(code: str) -> np.ndarray:
-        """The code's rows, in canonical (subject, time) order."""
-        if code not in rows_cache:
-            i = cat_index.get(code)
-            rows_cache[code] = (np.empty(0, np.int64) if i is None
-                                else np.flatnonzero(arrays.code == i))
-        return rows_cache[code]
+        i = cat_index.get(code)
+        return np.empty(0, np.int64) if i is None else np.flatnonzero(arrays.code == i)
 
     if "age_years" in col:
         rows = rows_of(BIRTH_CODE)
@@ -123,12 +193,13 @@ def build_features(
         known = b != NAT_US
         out[col["age_years"], known] = (q_t[known] - b[known]) / (US_PER_DAY * DAYS_PER_YEAR)
 
-    for _, days in windows:
-        lower_keys(days)  # fill the cache before threads share it
-    lower_keys(np.inf)
+    lengths = np.array([ALL_HISTORY if np.isinf(d) else int(d * US_PER_DAY)
+                        for d in spec.window_days], dtype=np.int64)
 
-    def one_code(cf) -> None:
-        rows = rows_of(cf.code)
+    def column(code: str, window: str | None, agg: str, asked) -> int:
+        return col[spec.feature_name(code, window, agg)] if agg in asked else -1
+
+    def one_code(cf, rows: np.ndarray) -> None:
         if cf.kind == "static":
             rows = rows[~timed[rows]]
             present = np.zeros(subjects.size, dtype=bool)
@@ -142,132 +213,29 @@ def build_features(
         rows = rows[timed[rows]]
         if cf.kind == "numeric":
             rows = rows[~np.isnan(arrays.value[rows])]
-        ev = _CodeEvents(e_sidx[rows], arrays.time_us[rows], arrays.value[rows],
-                         event_keys[rows])
-        hi = np.searchsorted(ev.keys, upper, side="right")
-        lo_all = np.searchsorted(ev.keys, lower_keys(np.inf), side="right")
+        ev = _CodeEvents(e_sidx[rows], arrays.time_us[rows], arrays.value[rows], subjects.size)
         if cf.kind == "categorical":
-            _categorical(out, col, spec, cf.code, ev, q_t, lower_keys, hi, lo_all, windows)
+            aggs = spec.categorical_aggregations
+            counts = np.array([column(cf.code, w, "count", aggs) for w in spec.windows],
+                              dtype=np.int64)
+            _categorical_kernel(ev.offsets, ev.t, q_sidx, q_t, lengths, counts,
+                                column(cf.code, None, "ever", aggs),
+                                column(cf.code, None, "days_since_first", aggs), out)
         else:
-            _numeric(out, col, spec, cf.code, ev, q_t, lower_keys, hi, lo_all, windows)
+            aggs = spec.numeric_aggregations
+            cols = np.array([[column(cf.code, w, agg, aggs) for agg in NUMERIC_AGGS]
+                             for w in spec.windows], dtype=np.int64).reshape(-1, len(NUMERIC_AGGS))
+            _numeric_kernel(ev.offsets, ev.t, ev.v, q_sidx, q_t, lengths, cols, out)
 
-    # codes write disjoint rows of ``out``; numpy releases the GIL in the heavy loops
-    threads = min(threads or os.cpu_count() or 1, len(spec.codes) or 1)
+    work = [(cf, rows_of(cf.code)) for cf in spec.codes]
+    # codes write disjoint rows of ``out``; the kernels release the GIL
+    threads = min(threads or os.cpu_count() or 1, len(work) or 1)
     if threads > 1 and n >= PARALLEL_MIN_ROWS:
         # biggest codes first, so the threads finish together (longest-processing-time)
-        by_size = sorted(spec.codes, key=lambda cf: -len(rows_of(cf.code)))
+        work.sort(key=lambda item: -item[1].size)
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one_code, by_size))
+            list(pool.map(lambda item: one_code(*item), work))
     else:
-        for cf in spec.codes:
-            one_code(cf)
+        for item in work:
+            one_code(*item)
     return out.T
-
-
-def _categorical(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
-    aggs = spec.categorical_aggregations
-    has = hi > lo_all
-    if "ever" in aggs:
-        out[col[spec.feature_name(code, None, "ever")], :] = has
-    if "days_since_first" in aggs and len(ev):
-        first_t = ev.t[np.where(has, lo_all, 0)]
-        out[col[spec.feature_name(code, None, "days_since_first")], has] = (
-            (q_t[has] - first_t[has]) / US_PER_DAY
-        )
-    if "count" in aggs:
-        for w, days in windows:
-            lo = lo_all if np.isinf(days) else np.searchsorted(ev.keys, lower_keys(days),
-                                                                 side="right")
-            out[col[spec.feature_name(code, w, "count")], :] = hi - lo
-
-
-def padded(values: np.ndarray) -> np.ndarray:
-    """``values`` with one trailing zero row, so a range may end at ``len(values)``."""
-    return np.concatenate((values, np.zeros((1, *values.shape[1:]), values.dtype)))
-
-
-def ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Interleaved range bounds (lo₀, hi₀, lo₁, hi₁, …) for :func:`range_reduce`."""
-    idx = np.empty(2 * lo.size, dtype=np.intp)
-    idx[0::2], idx[1::2] = lo, hi
-    return idx
-
-
-def range_reduce(ufunc: np.ufunc, values_padded: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``ufunc`` over ``values[lo:hi]`` for each non-empty range, in one C loop.
-
-    Every other ``reduceat`` result is a range, reduced over exactly its own elements in
-    order, so a subject's numbers never depend on anyone else's.
-    """
-    return ufunc.reduceat(values_padded, idx, axis=0)[0::2]
-
-
-def _numeric(out, col, spec, code, ev, q_t, lower_keys, hi, lo_all, windows) -> None:
-    aggs = set(spec.numeric_aggregations)
-    m = len(ev)
-    if m == 0:
-        if "count" in aggs:
-            for w, _ in windows:
-                out[col[spec.feature_name(code, w, "count")], :] = 0
-        return
-    # centre on each subject's first value and time so the sums stay well conditioned
-    ref_y = ev.v[ev.seg_starts][ev.seg_of]
-    ref_t = ev.t[ev.seg_starts][ev.seg_of]
-    y = ev.v - ref_y
-    x = (ev.t - ref_t) / (US_PER_DAY * DAYS_PER_YEAR)
-    terms = (y, y * y, x, x * x, x * y)  # 1-D rows: reduceat is fastest on contiguous data
-    # distinct times: integer prefix sums are exact, so one global cumsum will do
-    new_time = np.ones(m, dtype=np.int64)
-    new_time[1:] = (ev.t[1:] != ev.t[:-1]) | (ev.sidx[1:] != ev.sidx[:-1])
-    before = np.concatenate(([0], np.cumsum(new_time)))
-    padded_terms = [padded(t_) for t_ in terms]
-    v_padded = padded(ev.v)
-    last_idx = np.maximum(hi - 1, 0)
-    for w, days in windows:
-        lo = lo_all if np.isinf(days) else np.maximum(
-            np.searchsorted(ev.keys, lower_keys(days), side="right"), lo_all)
-        cnt = hi - lo
-        has = cnt > 0
-        name = lambda agg, w=w: col[spec.feature_name(code, w, agg)]  # noqa: E731
-        if "count" in aggs:
-            out[name("count"), :] = cnt
-        if not has.any():
-            continue
-        rows = np.flatnonzero(has)
-        last_h = last_idx[rows]
-        v_last = ev.v[last_h]
-        if "last" in aggs:
-            out[name("last"), rows] = v_last
-        if "days_since_last" in aggs:
-            out[name("days_since_last"), rows] = (q_t[rows] - ev.t[last_h]) / US_PER_DAY
-        # a window with one value needs no reduction: min = max = mean = that value
-        one = cnt[rows] == 1
-        rows_one, v_one = rows[one], v_last[one]
-        for agg in ("min", "max", "mean"):
-            if agg in aggs:
-                out[name(agg), rows_one] = v_one
-        many = rows[~one]
-        if many.size == 0:
-            continue
-        lo_h, hi_h, last_m = lo[many], hi[many], last_idx[many]
-        idx = ranges(lo_h, hi_h)
-        if "min" in aggs:
-            out[name("min"), many] = range_reduce(np.minimum, v_padded, idx)
-        if "max" in aggs:
-            out[name("max"), many] = range_reduce(np.maximum, v_padded, idx)
-        if not aggs & {"mean", "std", "slope"}:
-            continue
-        sy, syy, sx, sxx, sxy = (range_reduce(np.add, t_, idx) for t_ in padded_terms)
-        k = cnt[many].astype(np.float64)
-        if "mean" in aggs:
-            out[name("mean"), many] = sy / k + ref_y[last_m]
-        if "std" in aggs:
-            var = np.maximum(syy - sy * sy / k, 0.0) / (k - 1)
-            out[name("std"), many] = np.sqrt(var)
-        if "slope" in aggs:
-            # distinct times in [lo, hi): the first counts, later ones if they are new
-            distinct = before[hi_h] - before[lo_h + 1] + 1
-            ok = distinct >= 2
-            den = sxx - sx * sx / k
-            num = sxy - sx * sy / k
-            out[name("slope"), many[ok]] = num[ok] / den[ok]

@@ -69,38 +69,3 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
-
-
-@dataclass(frozen=True)
-class SpanKeys:
-    """Keys without any sort: ``subject_index * width + (time - origin)``.
-
-    Exact, and O(n), whenever every subject's block of ``width`` microseconds fits in an
-    int64 together (``build_with_keys`` returns None otherwise and the caller falls back
-    to :class:`TimeIndex`).  Query times outside the events' span are clipped to it,
-    which changes no comparison.
-    """
-
-    origin: int
-    width: int
-
-    @classmethod
-    def build_with_keys(cls, subject_index: np.ndarray, times_us: np.ndarray,
-                        n_subjects: int) -> tuple[SpanKeys, np.ndarray] | None:
-        if times_us.size == 0:
-            return None
-        lo, hi = int(times_us.min()), int(times_us.max())
-        width = hi - lo + 2
-        if width * (n_subjects + 1) > 2**63 - 1:  # every key must fit an int64
-            return None
-        keys = cls(lo - 1, width)
-        return keys, subject_index.astype(np.int64) * width + (times_us - keys.origin)
-
-    @property
-    def modulus(self) -> int:
-        return self.width
-
-    def upto_keys(self, subject_index: np.ndarray, times_us: np.ndarray) -> np.ndarray:
-        """An event key is <= this key iff same subject and time <= t."""
-        t = np.minimum(np.maximum(times_us, self.origin), self.origin + self.width - 1)
-        return subject_index.astype(np.int64) * self.width + (t - self.origin)

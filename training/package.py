@@ -37,8 +37,8 @@ from training.errors import PackageError
 
 PREDICT_CODE = "TWINCAST//PREDICT_AT"
 INPUT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value")
-REQUIREMENTS = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "pydantic", "pyyaml",
-                "mlflow")
+REQUIREMENTS = ("numpy", "numba", "pandas", "pyarrow", "scikit-learn", "lightgbm", "pydantic",
+                "pyyaml", "mlflow")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +64,8 @@ class TwincastModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.bundle = ModelBundle.loads(Path(context.artifacts["bundle"]).read_bytes())
+        # the first forecast would otherwise pay for loading (or compiling) the kernels
+        predict_frame(self.bundle, synthetic_example(self.bundle))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         return predict_frame(self.bundle, model_input, int((params or {}).get("contributions", 0)))
