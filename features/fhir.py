@@ -137,9 +137,14 @@ def parse_time(value: Any, *, entry: int, element: str) -> datetime:
     if t.tzinfo is None:
         raise FhirError("a FHIR dateTime with a time needs a time zone", entry=entry,
                         element=element)
+    try:
+        t = t.astimezone(UTC)
+    except OverflowError:
+        raise FhirError("time is outside the representable range", entry=entry,
+                        element=element) from None
     if t > datetime.now(UTC):
         raise FhirError("time is in the future", entry=entry, element=element)
-    return t.astimezone(UTC).replace(tzinfo=None)
+    return t.replace(tzinfo=None)
 
 
 def _codings(obj: Any, *, entry: int, element: str) -> list[dict]:
@@ -178,8 +183,9 @@ def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImp
                             element="resource")
         if res["resourceType"] == "Patient":
             pid = res.get("id")
-            ids = [(x.get("system", ""), str(x.get("value"))) for x in res.get("identifier", [])
-                   if isinstance(x, dict) and x.get("value") is not None]
+            if pid is not None and not isinstance(pid, str):
+                raise FhirError("Patient.id must be a string", entry=i, element="id")
+            ids = _identifiers(res.get("identifier", []), entry=i)
             if not ids and not pid:
                 raise FhirError("a Patient needs an id or an identifier", entry=i,
                                 element="identifier")
@@ -213,6 +219,26 @@ def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImp
             times = (("effectiveDateTime", "effectivePeriod.start", "dateAsserted")
                      if kind == "MedicationStatement" else ("authoredOn",))
             _coded(res, patient, rid, i, mapping.medications, field_, times, out, kind)
+    return out
+
+
+def _identifiers(raw: Any, *, entry: int) -> list[tuple[str, str]]:
+    """A Patient's (system, value) identifiers; those without a value are skipped."""
+    if not isinstance(raw, list):
+        raise FhirError("Patient.identifier must be a list", entry=entry, element="identifier")
+    out = []
+    for k, x in enumerate(raw):
+        if not isinstance(x, dict):
+            raise FhirError("an identifier must be an object", entry=entry,
+                            element=f"identifier[{k}]")
+        system, value = x.get("system", ""), x.get("value")
+        if value is None:
+            continue
+        if not isinstance(system, str) or isinstance(value, bool) or not isinstance(
+                value, str | int):
+            raise FhirError("identifier system and value must be strings", entry=entry,
+                            element=f"identifier[{k}]")
+        out.append((system, str(value)))
     return out
 
 

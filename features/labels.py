@@ -62,13 +62,18 @@ def first_time_per_subject(
 
 def subject_summary(arrays: EventArrays, task: Task) -> pd.DataFrame:
     """Per subject: follow-up end, first outcome, first competing event, birth, first visit."""
+    return pd.DataFrame(summary_arrays(arrays, task))
+
+
+def summary_arrays(arrays: EventArrays, task: Task) -> dict[str, np.ndarray]:
+    """:func:`subject_summary` as plain arrays (no DataFrame: the online path is one
+    subject, where building a frame would cost more than the numbers)."""
     subjects, starts, ends = subject_bounds(arrays.subject_id)
     timed = arrays.time_us != NAT_US
     last = np.where(timed, arrays.time_us, NAT_US)
     end = np.maximum.reduceat(last, starts) if starts.size else np.empty(0, np.int64)
     visit = _visit_mask(arrays, task)
-    return pd.DataFrame(
-        {
+    return {
             "subject_id": subjects,
             "start": starts,
             "end": ends,
@@ -85,7 +90,6 @@ def subject_summary(arrays: EventArrays, task: Task) -> pd.DataFrame:
             ),
             "first_visit_us": first_time_per_subject(arrays, visit, starts),
         }
-    )
 
 
 def _visit_mask(arrays: EventArrays, task: Task) -> np.ndarray:
@@ -264,15 +268,15 @@ def ineligibility_reasons(arrays: EventArrays, task: Task, subject_ids: np.ndarr
     """
     subject_ids = np.asarray(subject_ids, dtype=np.int64)
     t_us = np.asarray(t_us, dtype=np.int64)
-    summary = subject_summary(arrays, task)
-    subj = summary["subject_id"].to_numpy()
+    summary = summary_arrays(arrays, task)
+    subj = summary["subject_id"]
     pos = np.searchsorted(subj, subject_ids)
     known = (pos < subj.size) & (subj[np.minimum(pos, max(subj.size - 1, 0))] == subject_ids) \
         if subj.size else np.zeros(subject_ids.size, dtype=bool)
     pos = np.minimum(pos, max(subj.size - 1, 0))
 
     def col(name: str) -> np.ndarray:
-        return summary[name].to_numpy()[pos] if subj.size else np.full(pos.size, NEVER)
+        return summary[name][pos] if subj.size else np.full(pos.size, NEVER)
 
     death, outcome, comp = col("death_us"), col("outcome_us"), col("competing_us")
     first, birth = col("first_visit_us"), col("birth_us")

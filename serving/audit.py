@@ -17,11 +17,12 @@ from mlflow.exceptions import MlflowException
 
 from features.digest import dataset_digest
 from features.events import open_meds
-from serving.core import aware
 from serving.errors import NotFound
-from serving.forecasting import forecast_events
+from serving.forecasting import forecast_batch
 from serving.model_source import ModelSource
-from serving.store.repo import TwinStore, forecast_digest
+from serving.store import Store
+from serving.store.twins import forecast_digest
+from serving.views import iso
 from training.registry import CHAMPION
 
 
@@ -40,19 +41,21 @@ def _forecast_dict(row) -> dict[str, Any]:
         "created_at")}
 
 
-def audit_forecast(store: TwinStore, source: ModelSource, forecast_id: str, *,
+def audit_forecast(store: Store, source: ModelSource, forecast_id: str, *,
                    check_data: bool = True) -> dict[str, Any]:
     """The chain of one forecast with each link checked; ``ok`` only if all hold."""
     with store.read() as s:
-        row = store.forecast_by_id(s, forecast_id)
+        row = store.twins.forecast_by_id(s, forecast_id)
+        if row is None:
+            raise NotFound(f"no forecast {forecast_id}")
         fc = _forecast_dict(row)
         stored_digest = row.row_digest
     links: list[Link] = []
     chain: dict[str, Any] = {"forecast": {
         "forecast_id": fc["forecast_id"], "subject_id": fc["subject_id"],
-        "as_of": aware(fc["as_of"]), "status": fc["status"], "reason": fc["reason"],
+        "as_of": iso(fc["as_of"]), "status": fc["status"], "reason": fc["reason"],
         "risks": fc["risks"], "requested_by": fc["requested_by"],
-        "created_at": aware(fc["created_at"]), "watermark": aware(fc["watermark"])}}
+        "created_at": iso(fc["created_at"]), "watermark": iso(fc["watermark"])}}
     intact = forecast_digest(fc) == stored_digest
     links.append(Link("forecast row intact", intact,
                       "content matches its digest" if intact
@@ -136,15 +139,14 @@ def audit_forecast(store: TwinStore, source: ModelSource, forecast_id: str, *,
     return _result(chain, links)
 
 
-def _reproduce(store: TwinStore, source: ModelSource, fc: dict[str, Any]) -> Link:
+def _reproduce(store: Store, source: ModelSource, fc: dict[str, Any]) -> Link:
     try:
         model = source.load(fc["model_version"])
     except Exception as exc:
         return Link("forecast reproduced", False, f"cannot load the model: {type(exc).__name__}")
     with store.read() as s:
-        frame = store.events_frame(s, fc["subject_id"], recorded_upto=fc["watermark"])
-    again = forecast_events(model, frame.drop(columns="recorded_at"), fc["subject_id"],
-                            fc["as_of"])
+        history = store.twins.histories(s, [fc["subject_id"]], recorded_upto=fc["watermark"])
+    again = forecast_batch(model, history.arrays, [fc["subject_id"]], [fc["as_of"]])[0]
     same = (again.status == fc["status"] and again.risks == fc["risks"]
             and again.feature_digest == fc["feature_digest"])
     return Link("forecast reproduced", same,
@@ -157,7 +159,7 @@ def _result(chain: dict, links: list[Link]) -> dict[str, Any]:
             "chain": chain}
 
 
-def verify_forecasts(store: TwinStore, batch: int = 5000) -> tuple[int, list[str]]:
+def verify_forecasts(store: Store, batch: int = 5000) -> tuple[int, list[str]]:
     """Recompute every stored forecast's digest; returns (checked, mismatching ids)."""
     from sqlalchemy import select
 

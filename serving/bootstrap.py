@@ -1,39 +1,33 @@
-"""Wiring: settings → store (migrated) → model source → core.  Used by the service and CLI."""
+"""Wiring: a :class:`ServingConfig` → store (migrated) → model source → service."""
 
 from __future__ import annotations
 
 import logging
 
+from serving.config import ServingConfig
+from serving.core import TwinService
 from serving.errors import NotReady
-from twincast.settings import Settings, go_offline
+from serving.model_source import ModelSource, only_task
+from serving.offline import go_offline
+from serving.store import open_store
+from training.tracking import Tracker
 
 
-def tracker_for(settings: Settings):
-    from training.tracking import Tracker
-
-    uri = settings.tracking_uri()
-    root = settings.artifact_root() if uri.startswith("sqlite:") else None
-    return Tracker(uri, root)
+def tracker_for(config: ServingConfig) -> Tracker:
+    root = config.artifact_root if config.tracking_uri.startswith("sqlite:") else None
+    return Tracker(config.tracking_uri, root)
 
 
-def build_core(settings: Settings | None = None, *, start: bool = True):
-    from serving.core import TwinCore
-    from serving.model_source import ModelSource, only_task
-    from serving.store.repo import open_store
-
+def build_service(config: ServingConfig, *, start: bool = True) -> TwinService:
     go_offline()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    settings = settings or Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.database())
-    tracker = tracker_for(settings)
-    task = settings.task or only_task(tracker)
+    store = open_store(config.database_url)
+    tracker = tracker_for(config)
+    task = config.task or only_task(tracker)
     if task is None:
         raise NotReady("which task? set TWINCAST_TASK (or --task): the registry holds "
                        "no single twincast model")
-    core = TwinCore(store, ModelSource(tracker, task), poll_seconds=settings.model_poll_seconds)
-    core.cds_clients = settings.cds_clients
-    core.cds_thresholds = (settings.cds_warning, settings.cds_critical)
+    service = TwinService(config, store, ModelSource(tracker, task))
     if start:
-        core.start()
-    return core
+        service.start()
+    return service

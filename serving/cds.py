@@ -19,8 +19,13 @@ from typing import Any
 
 import jwt
 
-from serving.core import Caller, TwinCore
-from serving.errors import ServingError, Unauthorized
+from serving.core import TwinService
+from serving.errors import BadInput, ServingError, Unauthorized
+from serving.fhir import bundle_inputs, convert
+from serving.store.identity import MAX_VALUE, scoped_system
+from serving.store.models import CdsFeedback
+from serving.store.twins import utcnow
+from serving.writes import AccessInfo, Caller
 
 HOOK = "patient-view"
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
@@ -33,25 +38,31 @@ class PreconditionFailed(ServingError):
 
 @dataclass
 class CdsClient:
-    """A caller authenticated by a CDS Hooks JWT."""
+    """A caller authenticated by a CDS Hooks JWT (issuer and the JWT's ``tenant``)."""
 
     issuer: str
     subject: str | None
+    tenant: str | None = None
 
     @property
     def name(self) -> str:
         return f"cds:{self.issuer}"
 
+    @property
+    def sender(self) -> str:
+        """Who names this client's patients: the issuer, within its tenant."""
+        return self.name if not self.tenant else f"{self.name}|{self.tenant}"
 
-def service_id(core: TwinCore) -> str:
-    return f"twincast-{core.source.task_name}"
+
+def service_id(service: TwinService) -> str:
+    return f"twincast-{service.task_name}"
 
 
-def discovery(core: TwinCore) -> dict[str, Any]:
-    sid = service_id(core)
+def discovery(service: TwinService) -> dict[str, Any]:
+    sid = service_id(service)
     return {"services": [{
         "hook": HOOK, "id": sid,
-        "title": f"twincast {core.source.task_name} risk",
+        "title": f"twincast {service.task_name} risk",
         "description": f"Risk forecast of the patient's digital twin ({sid}); associational, "
                        "for decision support next to clinical judgement.",
         "prefetch": {
@@ -61,7 +72,7 @@ def discovery(core: TwinCore) -> dict[str, Any]:
     }]}
 
 
-def verify_jwt(token: str, clients: dict[str, dict[str, Any]], audience: str) -> CdsClient:
+def verify_jwt(token: str, clients: dict[str, dict[str, Any]], audience) -> CdsClient:
     """Check a CDS client's JWT: known issuer, signature by its key, audience, expiry."""
     try:
         unverified = jwt.decode(token, options={"verify_signature": False})
@@ -82,80 +93,94 @@ def verify_jwt(token: str, clients: dict[str, dict[str, Any]], audience: str) ->
         raise Unauthorized("the JWT's audience is not this CDS service") from None
     except jwt.PyJWTError as exc:
         raise Unauthorized(f"the JWT does not verify ({type(exc).__name__})") from None
-    return CdsClient(iss, claims.get("sub"))
+    tenant = claims.get("tenant")
+    return CdsClient(iss, claims.get("sub"), tenant if isinstance(tenant, str) else None)
 
 
-def _prefetch_bundle(prefetch: dict[str, Any]) -> dict[str, Any] | None:
+def _prefetch_bundle(prefetch: Any, patient_id: str) -> dict[str, Any] | None:
+    if not isinstance(prefetch, dict):
+        raise BadInput("prefetch must be an object", ["body", "prefetch"])
     patient = prefetch.get("patient")
-    if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+    if patient is None:
         return None
+    if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+        raise BadInput("prefetch.patient must be a FHIR Patient", ["body", "prefetch",
+                                                                   "patient"])
+    if str(patient.get("id")) != patient_id:
+        raise BadInput("the prefetched Patient is not context.patientId",
+                       ["body", "prefetch", "patient", "id"])
     entries = [{"fullUrl": f"Patient/{patient.get('id')}", "resource": patient}]
     obs = prefetch.get("observations")
-    if isinstance(obs, dict) and obs.get("resourceType") == "Bundle":
-        entries += [e for e in obs.get("entry", []) if isinstance(e, dict)]
+    if obs is not None:
+        if not isinstance(obs, dict) or obs.get("resourceType") != "Bundle" or not \
+                isinstance(obs.get("entry", []) or [], list):
+            raise BadInput("prefetch.observations must be a FHIR Bundle with an entry list",
+                           ["body", "prefetch", "observations"])
+        entries += [e for e in obs.get("entry") or [] if isinstance(e, dict)]
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
-def call_service(core: TwinCore, request: dict[str, Any], caller: Caller,
-                 client_issuer: str, warning: float, critical: float) -> dict[str, Any]:
-    """Handle one ``patient-view`` call and return the cards."""
-    from serving.api.schemas import ForecastOut
-    from serving.fhir import ingest_bundle
-
+def call_service(service: TwinService, request: dict[str, Any], caller: Caller,
+                 sender: str, access: AccessInfo) -> dict[str, Any]:
+    """Handle one ``patient-view`` call and return the cards.  ``sender`` scopes the ids
+    that only mean something to the caller (the CDS patient id, a Patient's logical id,
+    identifiers without a system): a key's name, or a CDS client's issuer and tenant."""
     started = time.perf_counter()
-    patient_id = (request.get("context") or {}).get("patientId")
-    system = f"urn:cds-client:{client_issuer}"
-    bundle = _prefetch_bundle(request.get("prefetch") or {})
+    patient_id = str((request.get("context") or {}).get("patientId"))
+    if len(patient_id) > MAX_VALUE:
+        raise BadInput(f"context.patientId is longer than {MAX_VALUE} characters",
+                       ["body", "context", "patientId"])
+    cds_ident = (scoped_system("cds-patient", sender), patient_id)
+    prefetch = request.get("prefetch")
+    bundle = _prefetch_bundle({} if prefetch is None else prefetch, patient_id)
     if bundle is not None:
-        result = ingest_bundle(core, bundle, caller)
-        sid = result["patients"][0]["subject_id"]
-        with core.store.write() as s:
-            core.store.link_identifier(s, system, str(patient_id), sid)
-        forecast = result["patients"][0]["forecast"]
+        result = convert(bundle)
+        inputs = bundle_inputs(result, sender)
+        inp = inputs[0]
+        inp.identifiers = (*inp.identifiers, cds_ident)
+        outcome = service.writer.write([inp], caller, access)[0]
+        sid, forecast = outcome.subject_id, outcome.forecast
     else:
-        with core.store.read() as s:
-            sid = core.store.subject_for_identifier(s, system, str(patient_id), create=False)
-            latest = core.store.latest_forecast(s, sid) if sid is not None else None
-        if latest is None:
+        with service.store.read() as s:
+            sid = service.store.identities.lookup(s, [cds_ident]).get(cds_ident)
+        if sid is None:
             raise PreconditionFailed(
                 "no prefetch and no twin for this patient: send the 'patient' and "
                 "'observations' prefetch")
-        from serving.core import forecast_out
-
-        forecast = forecast_out(latest)
-    fc = ForecastOut.model_validate(forecast)
-    card = _card(core, fc, warning, critical)
+        forecast = service.current_forecast(sid)
+    card = _card(service, forecast, service.config.cds_warning, service.config.cds_critical)
     elapsed = (time.perf_counter() - started) * 1000
-    return {"cards": [card], "twincast": {"subject_id": sid, "forecast_id": fc.forecast_id,
+    return {"cards": [card], "twincast": {"subject_id": sid,
+                                          "forecast_id": forecast["forecast_id"],
                                           "elapsed_ms": round(elapsed, 1)}}
 
 
-def _card(core: TwinCore, fc, warning: float, critical: float) -> dict[str, Any]:
-    task = core.source.task_name
+def _card(service: TwinService, fc: dict[str, Any], warning: float, critical: float
+          ) -> dict[str, Any]:
+    task = service.task_name
+    model = fc["model"]
     source = {"label": "twincast", "topic": {"system": "urn:twincast:model",
-                                             "code": f"{fc.model.name}/{fc.model.version}",
-                                             "display": f"{fc.model.name} v{fc.model.version}"}}
-    if fc.status != "ok":
+                                             "code": f"{model['name']}/{model['version']}",
+                                             "display": f"{model['name']} v{model['version']}"}}
+    if fc["status"] != "ok":
         return {"uuid": str(uuid.uuid4()), "summary": f"{task} risk not available"[:140],
                 "indicator": "info", "source": source,
-                "detail": f"Not eligible for a forecast: {fc.reason}."}
-    risks = fc.risks or {}
+                "detail": f"Not eligible for a forecast: {fc['reason']}."}
+    risks = fc["risks"] or {}
     top = max(risks.values()) if risks else 0.0
     indicator = "critical" if top >= critical else "warning" if top >= warning else "info"
     summary = f"{task.upper()} risk " + ", ".join(f"{v:.0%} in {k.removesuffix('d')} days"
                                                   for k, v in risks.items())
-    lines = [f"**{summary}** (as of {fc.as_of:%Y-%m-%d}, model {fc.model.name} "
-             f"version {fc.model.version}).", "", "Top contributions (associational, "
+    lines = [f"**{summary}** (as of {fc['as_of'][:10]}, model {model['name']} "
+             f"version {model['version']}).", "", "Top contributions (associational, "
              "raw model scale):", ""]
-    lines += [f"- {c.text}" for c in (fc.contributions or [])[:5]]
+    lines += [f"- {c['text']}" for c in (fc["contributions"] or [])[:5]]
     return {"uuid": str(uuid.uuid4()), "summary": summary[:140], "indicator": indicator,
             "source": source, "detail": "\n".join(lines)}
 
 
-def store_feedback(core: TwinCore, service: str, body: dict[str, Any], client: str) -> int:
-    from serving.errors import BadInput
-    from serving.store.models import CdsFeedback
-    from serving.store.repo import utcnow
+def store_feedback(service: TwinService, service_id: str, body: dict[str, Any],
+                   client: str) -> int:
 
     items = body.get("feedback") if isinstance(body, dict) else None
     if not isinstance(items, list) or not items:
@@ -174,9 +199,9 @@ def store_feedback(core: TwinCore, service: str, body: dict[str, Any], client: s
             except ValueError:
                 raise BadInput("outcomeTimestamp is not an ISO 8601 time",
                                ["body", "feedback", i, "outcomeTimestamp"]) from None
-        rows.append(CdsFeedback(time=utcnow(), service_id=service, card=f["card"][:64],
+        rows.append(CdsFeedback(time=utcnow(), service_id=service_id, card=f["card"][:64],
                                 outcome=f["outcome"], override_reason=f.get("overrideReason"),
                                 outcome_time=when, client=client))
-    with core.store.write() as s:
+    with service.store.write() as s:
         s.add_all(rows)
     return len(rows)

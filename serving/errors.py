@@ -40,3 +40,16 @@ class BadInput(ServingError):
     def __init__(self, message: str, field: list | None = None):
         super().__init__(message)
         self.field = field or []
+
+
+class Unavailable(ServingError):
+    """The database is busy (deadlocks retried) or unreachable: try again shortly."""
+
+    http_status = 503
+    code = "unavailable"
+    retry_after = 1
+
+
+class PayloadTooLarge(ServingError):
+    http_status = 413
+    code = "payload_too_large"

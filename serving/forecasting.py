@@ -1,4 +1,9 @@
-"""Forecasting a twin: eligibility, the model bundle, contributions in plain words.
+"""Forecasting twins: eligibility, the model bundle, contributions in plain words.
+
+One function, :func:`forecast_batch`, serves every path — an ingest, a FHIR bundle, a CDS
+call, the bulk route, the refresh, the stateless forecast and the audit's replay — for
+any number of twins at once, from canonical event arrays.  A twin's numbers depend only
+on its own events, so a batch gives each twin what it would get alone.
 
 The as-of time is the twin's latest event time unless the request sets one (never the
 wall clock, which would shift age and days-since features).
@@ -13,21 +18,22 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from features.describe import describe_feature, describe_value
-from features.events import EventArrays, events_from_frame
-from features.labels import ineligibility_reason
+from features.events import NAT_US, EventArrays
+from features.labels import ineligibility_reasons
 from serving.model_source import LoadedModel
+from serving.store.twins import datetime_of
 
 TOP_CONTRIBUTIONS = 5
+NO_DATED_EVENTS = "the twin has no dated events yet"
 
 
 @dataclass
 class ForecastResult:
     forecast_id: str
     subject_id: int
-    as_of: datetime | None
+    as_of: datetime | None  # naive UTC
     status: str  # ok | not_eligible
     reason: str | None
     risks: dict[str, float] | None
@@ -35,48 +41,82 @@ class ForecastResult:
     feature_digest: str | None
 
 
-def _as_us(t: datetime) -> int:
+def _us(t: datetime) -> int:
     return int(np.datetime64(t, "us").view(np.int64))
 
 
-def explain(model: LoadedModel, x: np.ndarray) -> list[dict[str, Any]]:
-    """Top contributions for one feature row, with readable names and values."""
-    spec = model.bundle.spec
-    out = []
-    for item in model.bundle.contributions(x, TOP_CONTRIBUTIONS)[0]:
-        name = item["feature"]
-        code = name.split("__")[0]
-        unit = spec.unit_of(code)
-        label = describe_feature(name, unit)
-        value = describe_value(name, item["value"], unit)
-        out.append({**item, "label": label, "value_text": value,
-                    "text": f"{label}: {value}, {item['contribution']:+.3f} log-odds "
-                            f"(raw model scale) toward {item['horizon_days']}-day risk"})
+def latest_times(arrays: EventArrays, subject_ids: np.ndarray) -> np.ndarray:
+    """Each subject's latest dated event (µs; ``NAT_US`` when it has none)."""
+    out = np.full(subject_ids.size, NAT_US, dtype=np.int64)
+    dated = arrays.time_us != NAT_US
+    if not dated.any():
+        return out
+    sid, t = arrays.subject_id[dated], arrays.time_us[dated]
+    order = np.lexsort((t, sid))
+    sid, t = sid[order], t[order]
+    last = np.r_[sid[1:] != sid[:-1], True]
+    u_sid, u_t = sid[last], t[last]
+    pos = np.searchsorted(u_sid, subject_ids)
+    pos_c = np.minimum(pos, u_sid.size - 1)
+    hit = u_sid[pos_c] == subject_ids
+    out[hit] = u_t[pos_c[hit]]
     return out
 
 
-def forecast_events(model: LoadedModel, events: pd.DataFrame, subject_id: int,
-                    as_of: datetime | None, *, validate: bool = True) -> ForecastResult:
-    """Forecast one twin from its events (MEDS frame) at ``as_of`` (default: latest event)."""
-    ev = events_from_frame(events[["subject_id", "time", "code", "numeric_value",
-                                   "text_value"]], source="twin events") if validate else events
-    times = ev["time"].dropna()
-    if as_of is None:
-        as_of = None if times.empty else times.max().to_pydatetime()
-    fid = str(uuid.uuid4())
-    if as_of is None:
-        return ForecastResult(fid, subject_id, None, "not_eligible",
-                              "the twin has no dated events yet", None, None, None)
-    arrays = EventArrays.from_events(ev)
-    t_us = _as_us(as_of)
-    reason = ineligibility_reason(arrays, model.bundle.task, subject_id, t_us)
-    if reason is not None:
-        return ForecastResult(fid, subject_id, as_of, "not_eligible", reason, None, None, None)
-    x = model.bundle.features_for(arrays, np.array([subject_id]), np.array([t_us]))
-    risk = model.bundle.predict_features(x)[0]
-    risks = {f"{h}d": float(r) for h, r in zip(model.bundle.horizons, risk, strict=True)}
-    return ForecastResult(fid, subject_id, as_of, "ok", None, risks, explain(model, x),
-                          hashlib.sha256(x.tobytes()).hexdigest())
+def forecast_batch(model: LoadedModel, arrays: EventArrays, subject_ids: list[int],
+                   as_of: list[datetime | None]) -> list[ForecastResult]:
+    """Forecasts for twins (``as_of`` naive UTC, None: each twin's latest event)."""
+    sids = np.asarray(subject_ids, dtype=np.int64)
+    t = latest_times(arrays, sids)
+    for i, a in enumerate(as_of):
+        if a is not None:
+            t[i] = _us(a)
+    dated = t != NAT_US
+    reasons: list[str | None] = [NO_DATED_EVENTS] * sids.size
+    if dated.any():
+        for i, r in zip(np.flatnonzero(dated), ineligibility_reasons(
+                arrays, model.bundle.task, sids[dated], t[dated]), strict=True):
+            reasons[i] = r
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    x = risks = None
+    contributions: list[list[dict[str, Any]]] = []
+    if ok.any():
+        x = model.bundle.features_for(arrays, sids[ok], t[ok])
+        risks = model.bundle.predict_features(x)
+        contributions = explain(model, x)
+    horizons = model.bundle.horizons
+    out, k = [], 0
+    for i in range(sids.size):
+        when = datetime_of(t[i]) if dated[i] else None
+        fid = str(uuid.uuid4())
+        if not ok[i]:
+            out.append(ForecastResult(fid, int(sids[i]), when, "not_eligible", reasons[i],
+                                      None, None, None))
+            continue
+        out.append(ForecastResult(
+            fid, int(sids[i]), when, "ok", None,
+            {f"{h}d": float(r) for h, r in zip(horizons, risks[k], strict=True)},
+            contributions[k], hashlib.sha256(x[k:k + 1].tobytes()).hexdigest()))
+        k += 1
+    return out
+
+
+def explain(model: LoadedModel, x: np.ndarray) -> list[list[dict[str, Any]]]:
+    """Top contributions for each feature row, with readable names and values."""
+    spec = model.bundle.spec
+    out = []
+    for row in model.bundle.contributions(x, TOP_CONTRIBUTIONS):
+        items = []
+        for item in row:
+            name = item["feature"]
+            unit = spec.unit_of(name.split("__")[0])
+            label = describe_feature(name, unit)
+            value = describe_value(name, item["value"], unit)
+            items.append({**item, "label": label, "value_text": value,
+                          "text": f"{label}: {value}, {item['contribution']:+.3f} log-odds "
+                                  f"(raw model scale) toward {item['horizon_days']}-day risk"})
+        out.append(items)
+    return out
 
 
 def forecast_values(model: LoadedModel, result: ForecastResult, watermark: datetime | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ class LoadedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def spec_digest(self) -> str:
         return self.bundle.spec.digest()
 
-    @property
+    @cached_property
     def task_digest(self) -> str:
         return self.bundle.task.digest()
 

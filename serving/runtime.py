@@ -1,4 +1,4 @@
-"""Worker-process tuning for the BentoML service: the latency tail and its fix.
+"""Worker-process tuning for the BentoML service: the latency tail and its fixes.
 
 Finding (bench/serve_bench.py, DEVELOPERS' closing note of the serving issue): BentoML
 1.4's ``TimeoutMiddleware`` schedules ``loop.call_later(timeout, …)`` for every request
@@ -62,6 +62,77 @@ def patch_bentoml_timeout() -> bool:
 
     cls.__call__ = __call__
     cls._twincast_patched = True
+    return True
+
+
+BENTO_PATHS = ("/metrics", "/healthz", "/livez", "/readyz", "/docs", "/docs.json",
+               "/schema.json")
+UNMATCHED = "(unmatched)"
+
+
+def route_template(app: Any):
+    """A function mapping a request path to its route's template (``/v1/twins/{subject_id}``)
+    — a bounded set of labels whatever the paths clients send."""
+    routes = []
+
+    def collect(items) -> None:
+        for r in items:
+            if hasattr(r, "path_regex"):
+                routes.append((r.path_regex, r.path))
+            inner = getattr(r, "original_router", None)  # FastAPI's included routers
+            if inner is not None:
+                collect(inner.routes)
+
+    collect(getattr(app, "routes", []))
+
+    def template(path: str) -> str:
+        if path in BENTO_PATHS:
+            return path
+        for regex, name in routes:
+            if regex.match(path):
+                return name
+        return UNMATCHED
+    return template
+
+
+class _Templated:
+    """A Prometheus metric whose ``endpoint`` label is the route template."""
+
+    def __init__(self, metric: Any, template):
+        self._metric, self._template = metric, template
+
+    def labels(self, *args: Any, **kw: Any):
+        if "endpoint" in kw:
+            kw["endpoint"] = self._template(kw["endpoint"])
+        return self._metric.labels(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metric, name)
+
+
+def patch_bentoml_metrics(app: Any) -> bool:
+    """BentoML 1.4 labels its request metrics with the raw path, so every twin id makes
+    new series: memory that grows with every twin served (and the long generation-2
+    garbage collections that come with it) and a ``/metrics`` as large as the twin
+    count.  Label them with the matched route's template instead (idempotent)."""
+    try:
+        from bentoml._internal.server.http import instruments
+    except ImportError:
+        return False
+    template = route_template(app)
+    for cls in (instruments.HTTPTrafficMetricsMiddleware,
+                instruments.RunnerTrafficMetricsMiddleware):
+        if getattr(cls, "_twincast_patched", False):
+            continue
+
+        def _setup(self, *args: Any, _orig=cls._setup, **kw: Any) -> None:
+            _orig(self, *args, **kw)
+            for name in list(vars(self)):
+                if name.startswith("metrics_") and name != "metrics_client":
+                    setattr(self, name, _Templated(getattr(self, name), template))
+
+        cls._setup = _setup
+        cls._twincast_patched = True
     return True
 
 

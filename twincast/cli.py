@@ -363,7 +363,7 @@ app.add_typer(db_app, name="db")
 
 
 def _store(migrate: bool = True):
-    from serving.store.repo import open_store
+    from serving.store import open_store
 
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -389,7 +389,7 @@ def keys_create(
     from serving.errors import Conflict
 
     try:
-        token = _store().create_key(name, role)
+        token = _store().keys.create(name, role)
     except (ValueError, Conflict) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -403,7 +403,7 @@ def keys_list() -> None:
     table = Table(title="API keys")
     for col in ("name", "role", "prefix", "created", "revoked"):
         table.add_column(col)
-    for k in _store().list_keys():
+    for k in _store().keys.list():
         table.add_row(k.name, k.role, k.prefix + "…", f"{k.created_at:%Y-%m-%d %H:%M}",
                       f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
     out.print(table)
@@ -415,7 +415,7 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
     from serving.errors import NotFound
 
     try:
-        _store().revoke_key(name)
+        _store().keys.revoke(name)
     except NotFound as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -425,7 +425,7 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
 def serve_command(task: str | None, host: str, port: int, workers: int | None) -> list[str]:
     """The ``bentoml serve`` command line and environment for the twin service."""
     return [str(Path(sys.executable).parent / "bentoml"), "serve",
-            "serving.service:Twincast", "--host", host, "--port", str(port)]
+            "twincast.service:Twincast", "--host", host, "--port", str(port)]
 
 
 @app.command()
@@ -472,17 +472,22 @@ def twins_import(
     events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],
     subjects: Annotated[int | None, typer.Option(help="only the first N subjects")] = None,
 ) -> None:
-    """Bulk-load MEDS histories as new twins (forecasts follow when the service starts)."""
+    """Load MEDS histories into twins (new or existing; the service forecasts them)."""
     from features.events import read_events
-    from serving.store.repo import import_events
+    from serving.errors import BadInput
+    from serving.imports import import_events
 
     with _errors():
         ev = read_events(events)
         if subjects:
             keep = ev["subject_id"].drop_duplicates().head(subjects)
             ev = ev[ev["subject_id"].isin(keep)]
-        twins, n = import_events(_store(), ev)
-    out.print(f"added {twins:,} twins with {n:,} events")
+        try:
+            twins, n = import_events(_store(), ev)
+        except BadInput as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+    out.print(f"{twins:,} twins, {n:,} new events; the service forecasts them when it runs")
 
 
 def _demo_twin(ev) -> tuple[int, object, float]:
@@ -525,17 +530,15 @@ def audit_forecast_cmd(
 ) -> None:
     """The whole chain behind one served forecast, each link verified (exit 1 if broken)."""
     from serving.audit import audit_forecast
-    from serving.errors import NotFound
 
     _quiet_mlflow()
     settings = Settings()
     store = _store()
     with store.read() as s:
-        try:
-            row = store.forecast_by_id(s, forecast_id)
-        except NotFound as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}")
-            raise typer.Exit(2) from None
+        row = store.twins.forecast_by_id(s, forecast_id)
+        if row is None:
+            console.print(f"[bold red]error:[/] no forecast {escape(forecast_id)}")
+            raise typer.Exit(2)
         task = row.model_name.removeprefix("twincast-")
     result = audit_forecast(store, _source(settings, task), forecast_id)
     if as_json:
@@ -620,9 +623,7 @@ def audit_access(
     limit: int = 200,
 ) -> None:
     """Who read or wrote a twin, when, through which key (names, never secrets)."""
-    store = _store()
-    with store.read() as s:
-        rows = store.access_log(s, subject, limit)
+    rows = _store().access.read(subject, limit)
     table = Table(title=f"access to twin {subject}")
     for col in ("time (UTC)", "key", "role", "action", "request", "status"):
         table.add_column(col)
@@ -693,14 +694,14 @@ def demo(
     if not serve_after:
         return
     from features.events import read_events
-    from serving.store.repo import import_events
+    from serving.imports import import_events
 
     ev = read_events(cohort)
     keep = ev["subject_id"].drop_duplicates().head(500)
     ev = ev[ev["subject_id"].isin(keep)]
     store = _store()
     twins, _ = import_events(store, ev, source="demo")
-    key = store.create_key(f"demo-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}", "clinical")
+    key = store.keys.create(f"demo-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}", "clinical")
     sid, when, egfr = _demo_twin(ev)
     url = f"http://127.0.0.1:{port}"
     body = ('{"events": [{"time": "' + when.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -13,8 +13,11 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
-               "DO_NOT_TRACK": "1"}
+from serving.config import ServingConfig
+from serving.offline import go_offline
+
+__all__ = ["Settings", "go_offline"]
+
 
 
 class Settings(BaseSettings):
@@ -35,6 +38,12 @@ class Settings(BaseSettings):
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     cds_warning: float = 0.10
     cds_critical: float = 0.30
+    refresh_chunk: int = 256
+    refresh_lease_seconds: float = 30.0
+    max_bulk_twins: int = 2_000
+    max_bulk_events: int = 50_000
+    # fault injection for tests, comma-separated failpoint names; never set in production
+    failpoints: str = ""
 
     def tracking_uri(self) -> str:
         """``TWINCAST_MLFLOW_URI`` wins over ``MLFLOW_TRACKING_URI``; else a local SQLite."""
@@ -50,8 +59,13 @@ class Settings(BaseSettings):
     def database(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'twins.db').resolve()}"
 
-
-def go_offline() -> None:
-    """Keep MLflow and BentoML from looking up their telemetry hosts."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    def serving(self) -> ServingConfig:
+        """The service's typed configuration (the only way settings reach ``serving``):
+        every field the two share, plus the ones settings derive."""
+        derived = {"database_url", "tracking_uri", "artifact_root", "failpoints"}
+        shared = set(ServingConfig.model_fields) & set(type(self).model_fields) - derived
+        return ServingConfig(
+            **self.model_dump(include=shared),
+            database_url=self.database(), tracking_uri=self.tracking_uri(),
+            artifact_root=self.artifact_root(),
+            failpoints=frozenset(f for f in self.failpoints.split(",") if f))

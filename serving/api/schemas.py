@@ -10,8 +10,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
+from serving.store.ids import ASSIGNED_MAX, CLIENT_ID_MAX
+from serving.store.twins import EventRow, storable
+
 MAX_EVENTS_PER_REQUEST = 1000
+MAX_EVENTS_PER_BULK_TWIN = 10_000
+HARD_MAX_BULK_TWINS = 100_000
 CLOCK_SKEW = timedelta(minutes=5)
+ClientSubjectId = Annotated[int, Field(ge=0, le=CLIENT_ID_MAX, description=(
+    "the twin's MEDS subject_id, chosen by the client: 0 to 2**52 - 1 (ids from 2**52 "
+    "up are assigned by the store to patients known by an external identifier)"))]
 
 
 class _In(BaseModel):
@@ -23,7 +31,13 @@ class _Out(BaseModel):
 
 
 def _not_future(t: datetime | None) -> datetime | None:
-    if t is not None and t > datetime.now(UTC) + CLOCK_SKEW:
+    if t is None:
+        return None
+    try:
+        t.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time is outside the representable range") from None
+    if t > datetime.now(UTC) + CLOCK_SKEW:
         raise ValueError("time is in the future")
     return t
 
@@ -42,6 +56,23 @@ class EventIn(_In):
 
     _future = field_validator("time")(lambda cls, v: _not_future(v))
 
+    @field_validator("numeric_value")
+    @classmethod
+    def _float32(cls, v: float | None) -> float | None:
+        if not storable(v):
+            raise ValueError("outside the float32 range that MEDS values are stored in")
+        return v
+
+    def to_row(self) -> EventRow:
+        """As the write path takes it: naive UTC."""
+        t = self.time
+        return EventRow(None if t is None else t.astimezone(UTC).replace(tzinfo=None),
+                        self.code, self.numeric_value, self.text_value, self.event_id)
+
+
+def naive_utc(t: datetime | None) -> datetime | None:
+    return None if t is None else t.astimezone(UTC).replace(tzinfo=None)
+
 
 class EventsIn(_In):
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
@@ -51,10 +82,24 @@ class EventsIn(_In):
     _future = field_validator("as_of")(lambda cls, v: _not_future(v))
 
 
+class BulkTwinIn(_In):
+    subject_id: ClientSubjectId
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_BULK_TWIN)]
+    as_of: AwareDatetime | None = None
+
+    _future = field_validator("as_of")(lambda cls, v: _not_future(v))
+
+
+class BulkIn(_In):
+    """Many twins' events in one request: all stored, or none."""
+
+    twins: Annotated[list[BulkTwinIn], Field(min_length=1, max_length=HARD_MAX_BULK_TWINS)]
+
+
 class StatelessIn(_In):
     """A history supplied in full; nothing is stored."""
 
-    subject_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    subject_id: Annotated[int, Field(ge=0, le=ASSIGNED_MAX)] = 0
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
     as_of: AwareDatetime | None = None
 
@@ -99,9 +144,29 @@ class IngestOut(_Out):
     forecast: ForecastOut
 
 
-class FhirPatientOut(_Out):
-    identifier: str = Field(description="system|value of the Patient's first identifier")
+class BulkTwinOut(_Out):
     subject_id: int
+    added: int
+    duplicates: int
+    created: bool
+    forecast_id: str
+    status: Literal["ok", "not_eligible"]
+    reason: str | None
+    as_of: AwareDatetime | None
+    risks: dict[str, float] | None
+
+
+class BulkOut(_Out):
+    twins: list[BulkTwinOut]
+    events_added: int
+    model: ModelRef
+
+
+class FhirPatientOut(_Out):
+    identifier: str = Field(description="system|value of the Patient's first identifier, "
+                            "else Patient/<id>")
+    subject_id: int
+    created: bool = Field(description="a new twin was made for this patient")
     added: int
     duplicates: int
     forecast: ForecastOut
@@ -160,10 +225,14 @@ class ReloadOut(_Out):
 class RefreshOut(_Out):
     model_name: str
     model_version: str
-    state: str
+    state: Literal["pending", "running", "done", "failed", "superseded"]
     total: int
     done: int
-    started_at: AwareDatetime
+    worker: str | None
+    attempts: int
+    verified: bool | None
+    created_at: AwareDatetime | None
+    started_at: AwareDatetime | None
     finished_at: AwareDatetime | None
     error: str | None
 

@@ -1,0 +1,50 @@
+"""The twin store (SQLAlchemy 2 + Alembic): small repositories over one database.
+
+``open_store(url)`` migrates and returns a :class:`Store` whose parts are ``twins``
+(twins, events, forecasts, views), ``identities`` (external identifiers), ``keys``,
+``access`` (the access log) and ``jobs`` (served version and refresh jobs).
+"""
+
+from __future__ import annotations
+
+from serving.store.access import Access
+from serving.store.db import Database, upgrade
+from serving.store.identity import Identities
+from serving.store.jobs import Jobs
+from serving.store.keys import Keys
+from serving.store.twins import Twins
+
+
+class Store:
+    def __init__(self, url: str):
+        self.db = Database(url)
+        self.twins = Twins(self.db.sqlite)
+        self.identities = Identities(self.db.sqlite, self.twins)
+        self.keys = Keys(self.db)
+        self.access = Access(self.db)
+        self.jobs = Jobs(self.db, self.twins)
+
+    @property
+    def sqlite(self) -> bool:
+        return self.db.sqlite
+
+    @property
+    def engine(self):
+        return self.db.engine
+
+    def read(self):
+        return self.db.read()
+
+    def write(self, *, urgent: bool = True):
+        return self.db.write(urgent=urgent)
+
+    def dispose(self) -> None:
+        self.access.flush()
+        self.db.dispose()
+
+
+def open_store(url: str, *, migrate: bool = True) -> Store:
+    store = Store(url)
+    if migrate:
+        upgrade(store.engine)
+    return store

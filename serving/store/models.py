@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -42,6 +43,10 @@ class Twin(Base):
     # the twin's current state as served by GET /v1/twins/{id} (JSON), rewritten in the
     # same transaction as every change, so a read is one primary-key lookup
     view: Mapped[str | None] = mapped_column(Text)
+    # the model behind the current forecast: a refresh re-forecasts twins whose version is
+    # not the served one (NULL: never forecast, e.g. imported)
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    model_version: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
 class Identifier(Base):
@@ -51,7 +56,7 @@ class Identifier(Base):
     __table_args__ = (UniqueConstraint("system", "value", name="uq_identifier"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    system: Mapped[str] = mapped_column(String(255))
+    system: Mapped[str] = mapped_column(String(1024))  # scoped by sender where needed
     value: Mapped[str] = mapped_column(String(255))
     subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
@@ -144,10 +149,14 @@ class ModelLoad(Base):
 
 
 class RefreshJob(Base):
-    """Re-forecasting every twin after a new champion; one per (model, version)."""
+    """Re-forecasting every twin whose forecast is not the served version's.
+
+    One is created each time the served version changes (a roll-back too); a worker
+    claims it with a lease and heart-beats; another takes it over when the lease expires.
+    States and transitions: ``serving.states``.
+    """
 
     __tablename__ = "refresh_jobs"
-    __table_args__ = (UniqueConstraint("model_name", "model_version", name="uq_refresh_model"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     model_name: Mapped[str] = mapped_column(String(255))
@@ -155,10 +164,38 @@ class RefreshJob(Base):
     state: Mapped[str] = mapped_column(String(16))
     total: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str] = mapped_column(String(128))
-    started_at: Mapped[datetime] = mapped_column(DateTime)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    verified: Mapped[bool | None] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class ServedModel(Base):
+    """The version the service serves, per model: every write transaction checks it and
+    reloads first when its own model is behind."""
+
+    __tablename__ = "served_model"
+
+    model_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(DateTime)
+    changed_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(255))
+
+
+class IdCounter(Base):
+    """SQLite's source of store-assigned twin ids (PostgreSQL uses a sequence)."""
+
+    __tablename__ = "id_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_value: Mapped[int] = mapped_column(BigInteger)
 
 
 class CdsFeedback(Base):

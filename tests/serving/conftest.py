@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +33,17 @@ def cds_keypair() -> tuple[str, str]:
     return private, public
 
 
+def event_rows(frame) -> list:
+    """Canonical MEDS events as the write path takes them (naive UTC)."""
+    import pandas as pd
+
+    from serving.store.twins import EventRow
+
+    return [EventRow(None if pd.isna(r.time) else pd.Timestamp(r.time).to_pydatetime(),
+                     str(r.code), None if pd.isna(r.numeric_value) else float(r.numeric_value),
+                     None) for r in frame.itertuples()]
+
+
 class Server:
     def __init__(self, url: str, home: Path, tracking_uri: str, db_url: str, keys: dict,
                  cds_private_key: str = ""):
@@ -49,7 +62,7 @@ def _start(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:Twincast",
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "twincast.service:Twincast",
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home)
     url = f"http://127.0.0.1:{port}"
@@ -67,38 +80,47 @@ def _start(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
         time.sleep(0.3)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request, trained, mlflow_home, tmp_path_factory):
-    """The service over a copy of the session's MLflow store (so promotions here touch
-    nothing else) and a fresh twin database: SQLite, then PostgreSQL."""
-    home = tmp_path_factory.mktemp(f"svc-{request.param}")
-    shutil.copy(mlflow_home / "mlflow.db", home / "mlflow.db")
-    tracking = f"sqlite:///{home / 'mlflow.db'}"
-    if request.param == "sqlite":
-        db_url = f"sqlite:///{home / 'twins.db'}"
-    else:
-        db_url = request.getfixturevalue("pg_database_module")
+@contextlib.contextmanager
+def start_server(kind: str, tmp_path_factory, mlflow_home: Path, *, db_url: str | None = None,
+                 extra_keys: dict[str, str] | None = None, env: dict[str, str] | None = None
+                 ) -> Iterator[Server]:
+    """A real twin service (``bentoml serve``) over a copy of the session's MLflow store
+    (so promotions touch nothing else) and a fresh twin database, with a key per role."""
     import json
 
-    private, public = cds_keypair()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWINCAST_", "MLFLOW_T"))}
-    env["TWINCAST_CDS_CLIENTS"] = json.dumps({CDS_ISSUER: {"public_key": public,
-                                                           "algorithms": ["RS384"]}})
-    env.update({"TWINCAST_HOME": str(home), "TWINCAST_MLFLOW_URI": tracking,
-                "TWINCAST_DATABASE_URL": db_url, "TWINCAST_TASK": "eskd",
-                "TWINCAST_MODEL_POLL_SECONDS": "1", "BENTOML_HOME": str(home / "bentoml"),
-                "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"})
-    from serving.store.repo import open_store
+    from serving.store import open_store
 
+    home = tmp_path_factory.mktemp(f"svc-{kind}")
+    shutil.copy(mlflow_home / "mlflow.db", home / "mlflow.db")
+    tracking = f"sqlite:///{home / 'mlflow.db'}"
+    db_url = db_url or f"sqlite:///{home / 'twins.db'}"
+    private, public = cds_keypair()
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("TWINCAST_", "MLFLOW_T"))}
+    full["TWINCAST_CDS_CLIENTS"] = json.dumps({CDS_ISSUER: {"public_key": public,
+                                                            "algorithms": ["RS384"]}})
+    full.update({"TWINCAST_HOME": str(home), "TWINCAST_MLFLOW_URI": tracking,
+                 "TWINCAST_DATABASE_URL": db_url, "TWINCAST_TASK": "eskd",
+                 "TWINCAST_MODEL_POLL_SECONDS": "1", "BENTOML_HOME": str(home / "bentoml"),
+                 "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 **(env or {})})
     store = open_store(db_url)
-    keys = {role: store.create_key(f"{role}-key", role) for role in
-            ("clinical", "auditor", "admin")}
+    roles = {"clinical": "clinical", "auditor": "auditor", "admin": "admin",
+             **(extra_keys or {})}
+    keys = {name: store.keys.create(f"{name}-key", role) for name, role in roles.items()}
     store.dispose()
-    proc, url = _start(home, env)
+    proc, url = _start(home, full)
     try:
         yield Server(url, home, tracking, db_url, keys, private)
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, trained, mlflow_home, tmp_path_factory):
+    """One worker, SQLite then PostgreSQL."""
+    db = None if request.param == "sqlite" else request.getfixturevalue("pg_database_module")
+    with start_server(request.param, tmp_path_factory, mlflow_home, db_url=db) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

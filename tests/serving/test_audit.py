@@ -12,7 +12,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,9 +20,10 @@ from sqlalchemy.exc import DatabaseError
 
 from features.events import write_meds
 from serving.audit import audit_forecast, verify_forecasts
-from serving.core import Caller, TwinCore
-from serving.model_source import ModelSource
-from serving.store.repo import open_store
+from serving.bootstrap import build_service
+from serving.config import ServingConfig
+from serving.writes import AccessInfo, Caller, TwinInput
+from tests.serving.conftest import event_rows
 from tests.serving.test_service import history
 from training.report import SECTIONS
 from training.tracking import Tracker
@@ -42,25 +42,19 @@ def audited(tmp_path_factory, small_cohort, tiny_task, trained):
                                                           families=["logistic"],
                                                           min_subgroup=30), log=lambda m: None)
     assert result.promoted, result.reason
-    store = open_store(f"sqlite:///{home / 'twins.db'}")
-    core = TwinCore(store, ModelSource(tracker, tiny_task.name), poll_seconds=0)
-    core.reload(refresh=False)
-    key = store.create_key("ward-7", "clinical")
-    caller = Caller(store.authenticate(key))
+    core = build_service(ServingConfig(
+        database_url=f"sqlite:///{home / 'twins.db'}", tracking_uri=tracker.tracking_uri,
+        artifact_root=(home / "art").as_uri(), task=tiny_task.name, model_poll_seconds=0))
+    store = core.store
+    key = store.keys.authenticate(store.keys.create("ward-7", "clinical"))
+    caller = Caller(key.name, key.id, key.role)
     ids = []
     for k in range(3):
-        ev = history(small_cohort, trained, k)
-        events = [types.SimpleNamespace(
-            time=None if pd.isna(r.time) else pd.Timestamp(r.time).tz_localize("UTC")
-            .to_pydatetime(), code=str(r.code),
-            numeric_value=None if pd.isna(r.numeric_value) else float(r.numeric_value),
-            text_value=None, event_id=None) for r in ev.itertuples()]
-        out = core.ingest(700_000 + k, events, None, caller)
-        ids.append(out["forecast"]["forecast_id"])
-        store.log_access(None, key=caller.key, method="POST",
-                         path=f"/v1/twins/{700_000 + k}/events", action="ingest_events",
-                         subject_id=700_000 + k, status_code=200)
-    store.flush_access_log()
+        sid = 700_000 + k
+        out = core.writer.write(
+            [TwinInput(sid, events=event_rows(history(small_cohort, trained, k)))], caller,
+            AccessInfo("POST", f"/v1/twins/{sid}/events", "ingest_events"))[0]
+        ids.append(out.forecast["forecast_id"])
     env = {**os.environ, "TWINCAST_HOME": str(home),
            "TWINCAST_MLFLOW_URI": tracker.tracking_uri,
            "TWINCAST_DATABASE_URL": f"sqlite:///{home / 'twins.db'}",

@@ -37,14 +37,18 @@ def call(server, path: str, body=None, **claims) -> httpx.Response:
         return c.post(url, json=body, headers=headers)
 
 
-def prefetch() -> dict:
+def prefetch(patient_id: str | None = None) -> dict:
+    """The first example patient and their observations, as the EHR would prefetch them
+    for ``context.patientId`` (the Patient's id is that id)."""
     bundle = json.loads((ROOT / "examples" / "fhir" / "ckd_patients.json").read_text())
     patient = next(e["resource"] for e in bundle["entry"]
                    if e["resource"]["resourceType"] == "Patient")
-    obs = [{"resource": e["resource"]} for e in bundle["entry"]
+    pid = patient_id or patient["id"]
+    obs = [{"resource": {**e["resource"], "subject": {"reference": f"Patient/{pid}"}}}
+           for e in bundle["entry"]
            if e["resource"].get("subject", {}).get("reference") == f"Patient/{patient['id']}"
            and e["resource"]["resourceType"] == "Observation"]
-    return {"patient": patient,
+    return {"patient": {**patient, "id": pid},
             "observations": {"resourceType": "Bundle", "type": "searchset", "entry": obs}}
 
 
@@ -52,7 +56,7 @@ def hook(patient_id: str, with_prefetch: bool = True) -> dict:
     body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
             "context": {"userId": "Practitioner/1", "patientId": patient_id}}
     if with_prefetch:
-        body["prefetch"] = prefetch()
+        body["prefetch"] = prefetch(patient_id)
     return body
 
 

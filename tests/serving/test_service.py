@@ -261,3 +261,59 @@ def test_the_service_notices_an_alias_move_by_itself(server):
         while c.get("/v1/model").json()["version"] != version:
             assert time.monotonic() < deadline, "the alias move was not noticed"
             time.sleep(0.3)
+
+
+def hostile_requests() -> list[tuple[str, str, dict]]:
+    """What an attacker sends: odd path ids, times at the edges of the representable
+    range with extreme offsets, deeply nested JSON, wrong shapes everywhere."""
+    deep = "[" * 100_000 + "]" * 100_000
+    deep_obj = '{"a":' * 50_000 + "1" + "}" * 50_000
+    ev = {"code": "LAB//EGFR", "numeric_value": 40.0}
+    reqs: list[tuple[str, str, dict]] = []
+    for sid in ("%00", "1e5", "0x10", "-0", "+5", " 5", "9" * 400, "%F0%9F%98%80", "5.0",
+                "4503599627370496", "9007199254740992"):
+        reqs += [("get", f"/v1/twins/{sid}", {}), ("get", f"/v1/twins/{sid}/forecasts", {}),
+                 ("post", f"/v1/twins/{sid}/events", {"json": {"events": [
+                     {**ev, "time": "2020-01-01T00:00:00Z"}]}})]
+    for t in ("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00Z",
+              "2020-01-01T00:00:00+24:00", "2020-13-01T00:00:00Z", "-0001-01-01T00:00:00Z",
+              "2020-01-01T00:00:00.9999999999Z", "1e308", "", "now"):
+        reqs += [("post", "/v1/twins/5/events", {"json": {"events": [{**ev, "time": t}]}}),
+                 ("post", "/v1/twins/5/events", {"json": {"events": [
+                     {**ev, "time": "2020-01-01T00:00:00Z"}], "as_of": t}}),
+                 ("post", "/v1/forecast", {"json": {"events": [{**ev, "time": t}]}})]
+        reqs.append(("post", "/v1/fhir", {"json": {
+            "resourceType": "Bundle", "type": "collection", "entry": [
+                {"resource": {"resourceType": "Patient", "id": "h", "birthDate": t}}]}}))
+    for path in ("/v1/twins/5/events", "/v1/twins:bulk", "/v1/forecast", "/v1/fhir",
+                 "/cds-services/twincast-eskd", "/cds-services/twincast-eskd/feedback"):
+        for body in (deep, deep_obj, '{"events": ' + deep + "}", '"x"', "1" * 5000):
+            reqs.append(("post", path, {"content": body.encode(),
+                                        "headers": {"content-type": "application/json"}}))
+    reqs += [("get", "/v1/twins/5/forecasts?limit=abc", {}),
+             ("get", "/v1/twins/5/forecasts?offset=99999999999999999999", {}),
+             ("get", "/v1/access-log?subject_id=-1", {}),
+             ("get", "/v1/audit/forecasts/" + "x" * 5000, {}),
+             ("post", "/v1/twins:bulk", {"json": {"twins": {"subject_id": 1}}}),
+             ("post", "/v1/twins:bulk", {"json": {"twins": [{"subject_id": 2**70,
+                                                             "events": []}]}}),
+             ("post", "/cds-services/twincast-eskd", {"json": {
+                 "hook": "patient-view", "hookInstance": "i", "context": {"patientId": "p"},
+                 "prefetch": {"patient": {"resourceType": "Patient", "id": "p"},
+                              "observations": {"resourceType": "Bundle", "entry": None}}}}),
+             ("post", "/cds-services/twincast-eskd", {"json": {
+                 "hook": "patient-view", "hookInstance": "i", "context": {"patientId": "p"},
+                 "prefetch": ["not", "an", "object"]}}),
+             ("post", "/v1/fhir", {"json": {"resourceType": "Bundle", "type": "collection",
+                                            "entry": [{"resource": {
+                                                "resourceType": "Patient", "id": 7,
+                                                "identifier": 7}}]}})]
+    return reqs
+
+
+def test_hostile_input_never_gets_a_500(server):
+    with server.client("admin") as c:
+        for method, path, kw in hostile_requests():
+            r = getattr(c, method)(path, **kw)
+            assert r.status_code < 500, (method, path[:80], r.status_code, r.text[:300])
+            assert r.headers["content-type"].startswith("application/json"), path[:80]

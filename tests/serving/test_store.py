@@ -4,28 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import numpy as np
-import pandas as pd
-
-from serving.store.repo import forecast_digest, idempotency_key, latest_values_of
+from serving.store.twins import History, forecast_digest, idempotency_key
 
 
 def test_latest_value_is_by_time_then_arrival_not_by_arrival_alone():
-    frame = pd.DataFrame({
-        "subject_id": np.array([1, 1, 1, 1, 2], dtype=np.int64),
-        "time": pd.to_datetime(["2021-05-01", "2020-01-01", "2021-05-01", None,
-                                "2019-01-01"]).astype("datetime64[us]"),
-        "code": ["LAB//A", "LAB//A", "LAB//B", "GENDER//F", "LAB//A"],
-        "numeric_value": [40.0, 10.0, 1.0, np.nan, 7.0],
-        "text_value": [None] * 5,
-        "recorded_at": pd.to_datetime(["2021-06-01"] * 5),
-        "id": [1, 2, 3, 4, 5],  # the 2020 value arrived last (a late backfill)
-    })
-    got = latest_values_of(frame)
+    t = [datetime(2021, 5, 1), datetime(2020, 1, 1), datetime(2021, 5, 1), None,  # noqa: DTZ001
+         datetime(2019, 1, 1)]  # noqa: DTZ001
+    rec = datetime(2021, 6, 1)  # noqa: DTZ001
+    rows = [(1, t[0], "LAB//A", 40.0, None, 1, rec), (1, t[1], "LAB//A", 10.0, None, 2, rec),
+            (1, t[2], "LAB//B", 1.0, None, 3, rec), (1, t[3], "GENDER//F", None, None, 4, rec),
+            (2, t[4], "LAB//A", 7.0, None, 5, rec)]  # the 2020 value arrived last: a backfill
+    got = History.from_rows(rows).latest
     one = {v["code"]: v["numeric_value"] for v in got[1]}
     assert one == {"GENDER//F": None, "LAB//A": 40.0, "LAB//B": 1.0}
     assert [v["numeric_value"] for v in got[2]] == [7.0]
-    assert latest_values_of(frame.iloc[:0]) == {}
+    assert History.from_rows([]).latest == {}
 
 
 def test_idempotency_keys_and_forecast_digests_see_every_field():

@@ -1,0 +1,56 @@
+"""The model, admin and audit routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from serving.api import schemas as S
+from serving.api.deps import Principal, Service, require
+from serving.api.responses import ERRORS, NOT_FOUND
+from serving.states import Action
+
+router = APIRouter()
+
+
+@router.get("/v1/model", response_model=S.ModelOut, tags=["model"], responses={**ERRORS})
+def model(service: Service,
+          _: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_model"))]) -> dict:
+    """The served model: name, version, run, digests, metrics, when it was loaded."""
+    return service.model_info()
+
+
+@router.post("/v1/admin/reload", response_model=S.ReloadOut, tags=["admin"],
+             responses={**ERRORS})
+def reload(service: Service,
+           _: Annotated[Principal, Depends(require(Action.ADMINISTER, "reload"))]) -> dict:
+    """Load the current champion; if it changed, re-forecast every twin (background)."""
+    return service.reload("admin reload")
+
+
+@router.get("/v1/admin/refresh", response_model=S.RefreshOut | None, tags=["admin"],
+            responses={**ERRORS})
+def refresh(service: Service,
+            _: Annotated[Principal, Depends(require(Action.ADMINISTER, "refresh"))]):
+    """Progress of the latest re-forecast job."""
+    return service.refresh_status()
+
+
+@router.get("/v1/access-log", response_model=list[S.AccessOut], tags=["audit"],
+            responses={**ERRORS})
+def access_log(service: Service,
+               _: Annotated[Principal, Depends(require(Action.AUDIT, "read_access_log"))],
+               subject_id: Annotated[int | None, Query(ge=0, le=2**53 - 1)] = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list:
+    """Who read or wrote which twin, when, through which key (names, never secrets)."""
+    return service.access_log(subject_id, limit)
+
+
+@router.get("/v1/audit/forecasts/{forecast_id}", tags=["audit"],
+            responses={**ERRORS, **NOT_FOUND})
+def audit(forecast_id: Annotated[str, Path(min_length=1, max_length=64)], service: Service,
+          _: Annotated[Principal, Depends(require(Action.AUDIT, "audit_forecast"))]) -> dict:
+    """The chain behind one forecast — model version, run, data, digests, code — with
+    every link verified, including reproducing the forecast bit for bit."""
+    return service.audit(forecast_id)

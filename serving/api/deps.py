@@ -1,0 +1,73 @@
+"""Injected dependencies: the service, and one :class:`Principal` per request.
+
+Every route but health and readiness needs ``Authorization: Bearer <key>``; the key's
+role is checked against the action (``serving.states.ALLOWED``) and what the request did
+is noted for the access log.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serving.core import TwinService
+from serving.errors import Forbidden, NotReady, Unauthorized
+from serving.states import Action, may
+from serving.writes import AccessInfo, Caller
+
+bearer = HTTPBearer(auto_error=False, description="a twincast API key (tc_…)")
+Principal = Caller  # who is asking: key name, key id, role
+
+
+async def get_service(request: Request) -> TwinService:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("the service is starting")
+    return service
+
+
+Service = Annotated[TwinService, Depends(get_service)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def note_access(request: Request, action: str, subject_id: int | None = None) -> None:
+    request.state.access = {"action": action, "caller": None, "subject_id": subject_id,
+                            "info": None}
+
+
+def authenticate(service: TwinService, credentials: HTTPAuthorizationCredentials | None
+                 ) -> Principal:
+    if credentials is None or not credentials.credentials.strip():
+        raise Unauthorized("missing 'Authorization: Bearer <key>' header")
+    key = service.store.keys.authenticate(credentials.credentials.strip())
+    if key is None:
+        raise Unauthorized("unknown or revoked API key")
+    return Principal(key.name, key.id, key.role)
+
+
+def require(action: Action, name: str, *, twin: bool = False):
+    """A dependency: authenticate, check the role may do ``action``, note the access
+    (``name`` in the access log; the path's twin when ``twin``)."""
+
+    async def dependency(request: Request, service: Service,
+                         credentials: Credentials) -> Principal:
+        subject = str(request.path_params.get("subject_id", ""))
+        note_access(request, name, int(subject) if twin and subject.isdigit()
+                    and int(subject) < 2**63 else None)
+        principal = authenticate(service, credentials)
+        request.state.access["caller"] = principal
+        if not may(principal.role, action):
+            raise Forbidden(f"role '{principal.role}' may not {action.value}")
+        return principal
+
+    return dependency
+
+
+def access_of(request: Request) -> AccessInfo:
+    """What the write path logs in its own transaction (the route's action); the
+    middleware then logs the request only if the write did not."""
+    info = AccessInfo(request.method, request.url.path, request.state.access["action"])
+    request.state.access["info"] = info
+    return info

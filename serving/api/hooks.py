@@ -1,0 +1,126 @@
+"""FHIR bundles and CDS Hooks: adapters over the one write path."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+
+from serving import cds
+from serving.api import schemas as S
+from serving.api.deps import Credentials, Principal, Service, access_of, note_access, require
+from serving.api.responses import ERRORS, NOT_FOUND, TOO_LARGE, json_response
+from serving.core import TwinService
+from serving.errors import BadInput, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from serving.fhir import ingest_bundle, parse_json
+from serving.states import Action, may
+from serving.store.keys import KEY_PREFIX
+from serving.writes import Caller
+
+router = APIRouter()
+MAX_BUNDLE_BYTES = 20_000_000
+FHIR_BODY = {"requestBody": {"required": True, "content": {
+    "application/fhir+json": {"schema": {"type": "object", "description": "a FHIR R4 Bundle"}},
+    "application/json": {"schema": {"type": "object", "description": "a FHIR R4 Bundle"}}}}}
+CDS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["hook", "hookInstance", "context"],
+    "description": "a CDS Hooks 2.0 patient-view request"}}}}}
+
+
+async def _body(request: Request, limit: int = MAX_BUNDLE_BYTES) -> Any:
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit // 1_000_000} MB")
+    return parse_json(raw)
+
+
+@router.post("/v1/fhir", tags=["fhir"], response_model=S.FhirIngestOut,
+             responses={**ERRORS, **TOO_LARGE}, openapi_extra=FHIR_BODY)
+async def fhir_bundle(request: Request, service: Service,
+                      caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS,
+                                                                   "fhir_bundle"))]):
+    """A FHIR R4 Bundle (transaction, batch or collection) of Patient, Observation,
+    Condition and MedicationStatement/MedicationRequest: mapped to events, stored and
+    forecast in one transaction.  Unmapped resources and codes are counted."""
+    bundle = await _body(request)
+    out = await anyio.to_thread.run_sync(ingest_bundle, service, bundle, caller,
+                                         access_of(request))
+    return json_response(out)
+
+
+class CdsAuth:
+    """CDS Hooks auth: a JWT from a registered CDS client, or a twincast key."""
+
+    def __init__(self, action: str):
+        self.action = action
+
+    async def __call__(self, request: Request, service: Service, credentials: Credentials
+                       ) -> tuple[Caller, str]:
+        note_access(request, self.action)
+        token = credentials.credentials.strip() if credentials else ""
+        if not token:
+            raise Unauthorized("missing 'Authorization: Bearer <JWT or key>' header")
+        if token.startswith(KEY_PREFIX):
+            key = service.store.keys.authenticate(token)
+            if key is None:
+                raise Unauthorized("unknown or revoked API key")
+            caller = Caller(key.name, key.id, key.role)
+            request.state.access["caller"] = caller
+            if not may(key.role, Action.WRITE_TWINS):
+                raise Forbidden(f"role '{key.role}' may not call CDS services")
+            return caller, key.name  # the same sender as on /v1/fhir
+        url = str(request.url).split("?")[0]
+        audiences = [url, url.rsplit("/feedback", 1)[0], str(request.base_url) + "cds-services"]
+        client = cds.verify_jwt(token, service.config.cds_clients, audiences)
+        caller = Caller(client.name, None, "clinical")  # CDS clients act as clinical
+        request.state.access["caller"] = caller
+        return caller, client.sender
+
+
+CdsCaller = tuple[Caller, str]  # the caller, and the sender that scopes its patient ids
+
+
+def _ours(service: TwinService, service_id: str) -> None:
+    if service_id != cds.service_id(service):
+        raise NotFound(f"no CDS service {service_id!r}")
+
+
+@router.get("/cds-services", tags=["cds-hooks"], responses={**ERRORS})
+def cds_discovery(service: Service, _: Annotated[CdsCaller, Depends(CdsAuth("cds_discovery"))]
+                  ) -> dict:
+    """CDS Hooks discovery: the patient-view service and its prefetch templates."""
+    return cds.discovery(service)
+
+
+@router.post("/cds-services/{service_id}", tags=["cds-hooks"], openapi_extra=CDS_BODY,
+             responses={**ERRORS, **NOT_FOUND, **TOO_LARGE,
+                        412: {"model": S.ErrorOut, "description": "prefetch needed"}})
+async def cds_call(request: Request, service_id: str, service: Service,
+                   auth: Annotated[CdsCaller, Depends(CdsAuth("cds_call"))]) -> dict:
+    """A patient-view hook call: update the twin from prefetch, forecast, answer cards
+    (the twin's events and the patient-id link in one transaction)."""
+    _ours(service, service_id)
+    body = await _body(request)
+    if not isinstance(body, dict) or body.get("hook") != cds.HOOK or not isinstance(
+            body.get("hookInstance"), str) or not isinstance(body.get("context"), dict) \
+            or not body["context"].get("patientId"):
+        raise BadInput("a patient-view request needs hook, hookInstance and "
+                       "context.patientId", ["body"])
+    caller, sender = auth
+    out = await anyio.to_thread.run_sync(cds.call_service, service, body, caller, sender,
+                                         access_of(request))
+    request.state.access["subject_id"] = out["twincast"]["subject_id"]
+    return out
+
+
+@router.post("/cds-services/{service_id}/feedback", tags=["cds-hooks"],
+             responses={**ERRORS, **NOT_FOUND})
+async def cds_feedback(request: Request, service_id: str, service: Service,
+                       auth: Annotated[CdsCaller, Depends(CdsAuth("cds_feedback"))]) -> dict:
+    """Card feedback (accepted or overridden), kept for auditors."""
+    _ours(service, service_id)
+    body = await _body(request, 1_000_000)
+    return {"stored": await anyio.to_thread.run_sync(cds.store_feedback, service, service_id,
+                                                     body, auth[0].name)}
+

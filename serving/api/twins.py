@@ -1,0 +1,132 @@
+"""Twin routes: ingest (one twin or many), read, forecasts, the stateless forecast.
+
+Each route parses, authorises, calls the service once and maps errors; answers are built
+by ``serving.views`` (the shapes in ``schemas``) and sent as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from serving.api import schemas as S
+from serving.api.deps import Principal, Service, access_of, require
+from serving.api.responses import ERRORS, NOT_FOUND, TOO_LARGE, json_response
+from serving.errors import PayloadTooLarge
+from serving.fhir import risk_assessment
+from serving.states import Action
+from serving.store.ids import ASSIGNED_MAX, CLIENT_ID_MAX
+from serving.writes import TwinInput
+
+router = APIRouter(tags=["twins"])
+WriteId = Annotated[int, Path(ge=0, le=CLIENT_ID_MAX, description=(
+    "the twin's subject_id, chosen by the client (0 to 2**52 - 1)"))]
+ReadId = Annotated[int, Path(ge=0, le=ASSIGNED_MAX, description="the twin's subject_id")]
+MAX_BULK_BYTES = 64 * 1024 * 1024
+
+
+@router.post("/v1/twins/{subject_id}/events", response_model=S.IngestOut,
+             responses={**ERRORS})
+def ingest(request: Request, subject_id: WriteId, body: S.EventsIn, service: Service,
+           caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS, "ingest_events",
+                                                        twin=True))]) -> Response:
+    """Store new events for a twin (re-sent events are ignored) and return its new
+    forecast, computed in the same transaction."""
+    inp = TwinInput(subject_id, events=[e.to_row() for e in body.events],
+                    as_of=S.naive_utc(body.as_of))
+    out = service.writer.write([inp], caller, access_of(request))[0]
+    return json_response({"added": out.added, "duplicates": out.duplicates,
+                          "forecast": out.forecast})
+
+
+@router.post("/v1/twins:bulk", response_model=S.BulkOut, responses={**ERRORS, **TOO_LARGE},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/BulkIn"}}}}})
+async def bulk(request: Request, service: Service,
+               caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS,
+                                                            "bulk_events"))]) -> Response:
+    """Many twins' events in one request (at most ``max_bulk_twins`` twins and
+    ``max_bulk_events`` events; 413 beyond): all stored and forecast in one transaction,
+    or nothing.  Answers each twin's new forecast in brief."""
+    raw = await request.body()
+    if len(raw) > MAX_BULK_BYTES:
+        raise PayloadTooLarge(f"the body is larger than {MAX_BULK_BYTES // 2**20} MiB")
+    try:
+        body = S.BulkIn.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in
+                                      exc.errors(include_input=False)]) from None
+    n_events = sum(len(t.events) for t in body.twins)
+    cfg = service.config
+    if len(body.twins) > cfg.max_bulk_twins or n_events > cfg.max_bulk_events:
+        raise PayloadTooLarge(f"{len(body.twins)} twins and {n_events} events: at most "
+                              f"{cfg.max_bulk_twins} twins and {cfg.max_bulk_events} events "
+                              "per request")
+    inputs = [TwinInput(t.subject_id, events=[e.to_row() for e in t.events],
+                        as_of=S.naive_utc(t.as_of)) for t in body.twins]
+    outs = await anyio.to_thread.run_sync(service.writer.write, inputs, caller,
+                                          access_of(request))
+    return json_response({
+        "twins": [{"subject_id": o.subject_id, "added": o.added, "duplicates": o.duplicates,
+                   "created": o.created, "forecast_id": o.forecast["forecast_id"],
+                   "status": o.forecast["status"], "reason": o.forecast["reason"],
+                   "as_of": o.forecast["as_of"], "risks": o.forecast["risks"]}
+                  for o in outs],
+        "events_added": sum(o.added for o in outs),
+        "model": outs[0].forecast["model"]})  # one transaction: one model for all
+
+
+@router.get("/v1/twins/{subject_id}", response_model=S.TwinOut,
+            responses={**ERRORS, **NOT_FOUND})
+def get_twin(subject_id: ReadId, service: Service,
+             _: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_twin",
+                                                     twin=True))]) -> Response:
+    """The twin's latest value per code and its current forecast."""
+    return Response(service.twin_view(subject_id), media_type="application/json")
+
+
+@router.get("/v1/twins/{subject_id}/forecast", tags=["fhir"],
+            responses={**ERRORS, **NOT_FOUND, 200: {
+                "model": S.ForecastOut,
+                "description": "the current forecast: twincast JSON, or a FHIR R4 "
+                               "RiskAssessment with ?format=fhir or "
+                               "Accept: application/fhir+json",
+                "content": {"application/fhir+json": {}}}})
+def current_forecast(request: Request, subject_id: ReadId, service: Service,
+                     _: Annotated[Principal, Depends(require(Action.READ_TWINS,
+                                                             "read_forecast", twin=True))],
+                     format: Annotated[str | None, Query(pattern="^(json|fhir)$")] = None):
+    """The twin's current forecast (as FHIR when asked)."""
+    fhir = format == "fhir" or (format is None and "application/fhir+json" in
+                                request.headers.get("accept", ""))
+    if fhir:
+        return JSONResponse(risk_assessment(service, subject_id),
+                            media_type="application/fhir+json")
+    return json_response(service.current_forecast(subject_id))
+
+
+@router.get("/v1/twins/{subject_id}/forecasts", response_model=S.ForecastPage,
+            responses={**ERRORS, **NOT_FOUND})
+def list_forecasts(subject_id: ReadId, service: Service,
+                   _: Annotated[Principal, Depends(require(Action.READ_TWINS,
+                                                           "read_forecasts", twin=True))],
+                   limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                   offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
+    """The twin's forecast history, newest first."""
+    return json_response(service.forecasts(subject_id, limit, offset))
+
+
+@router.post("/v1/forecast", response_model=S.ForecastOut, tags=["forecasts"],
+             responses={**ERRORS})
+def stateless(body: S.StatelessIn, service: Service,
+              _: Annotated[Principal, Depends(require(Action.FORECAST,
+                                                      "stateless_forecast"))]) -> Response:
+    """A forecast from a supplied history, computed as a stored one is; nothing is
+    stored."""
+    return json_response(service.writer.stateless(
+        body.subject_id, [e.to_row() for e in body.events], S.naive_utc(body.as_of)))

@@ -1,0 +1,54 @@
+"""Pieces of the BentoML service that are serving's own: the guard on BentoML's own
+routes and what each worker does at start.  The module-level service class lives in the
+composition package (``twincast.service``), which fills in the configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from serving.config import ServingConfig
+
+GUARDED_BENTO_PATHS = ("/metrics", "/docs", "/docs.json", "/schema.json")
+UNAUTHORIZED = (b'{"error":"unauthorized","message":"an API key is needed for this '
+                b'route","fields":[]}')
+
+
+class BentoGuard:
+    """Bearer keys for BentoML's own /metrics and /docs unless configured open."""
+
+    def __init__(self, app, *, api: Any, open_metrics: bool = False, **_: object):
+        self.app = app
+        self.api = api
+        self.open = open_metrics
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and not self.open
+                and scope["path"] in GUARDED_BENTO_PATHS):
+            service = getattr(self.api.state, "service", None)
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").decode(
+                errors="replace").partition(" ")
+            key = None
+            if service is not None and scheme.lower() == "bearer" and token.strip():
+                key = await anyio.to_thread.run_sync(service.store.keys.authenticate,
+                                                     token.strip())
+            if key is None:
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": UNAUTHORIZED})
+                return
+        await self.app(scope, receive, send)
+
+
+def start_worker(api: Any, config: ServingConfig):
+    """In each worker process: the twin service, then the GC tuning."""
+    from serving.bootstrap import build_service
+    from serving.runtime import tune_gc
+
+    service = build_service(config)
+    api.state.service = service
+    tune_gc()
+    return service

@@ -1,0 +1,416 @@
+"""Twins, their events, forecasts and views: plain functions of a session, batch-first.
+
+Patient data stays in the database: nothing here logs values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    String,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from features.events import NAT_US, EventArrays
+from serving.store.models import Event, Forecast, Twin
+
+KEY_CHUNK = 20_000  # bound parameters per query
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # MEDS stores values as float32
+
+
+def storable(value: float | None) -> bool:
+    """Whether a numeric value can be stored: null, or finite within float32.
+
+    >>> storable(None), storable(1e30), storable(1e300), storable(float("nan"))
+    (True, True, False, False)
+    """
+    return value is None or -FLOAT32_MAX <= value <= FLOAT32_MAX
+
+
+def utcnow() -> datetime:
+    """Naive UTC, as stored."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def idempotency_key(subject_id: int, time: datetime | None, code: str, value: float | None,
+                    text: str | None, client_id: str | None) -> str:
+    """The client's event id, else a hash of subject, time, code and value."""
+    if client_id:
+        return "id:" + client_id[:120]
+    raw = json.dumps([subject_id, time.isoformat() if time else None, code,
+                      None if value is None else repr(float(value)), text])
+    return "h:" + hashlib.sha256(raw.encode()).hexdigest()[:64]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One event as the write path takes it: times naive UTC, values already checked."""
+
+    time: datetime | None
+    code: str
+    numeric_value: float | None
+    text_value: str | None
+    client_id: str | None = None
+    source: str | None = None
+
+
+@dataclass(slots=True)
+class TwinRow:
+    """A locked twin's row as the write path needs it."""
+
+    subject_id: int
+    created_at: datetime
+    last_event_time: datetime | None
+    event_count: int
+    model_name: str | None
+    model_version: str | None
+    view: str | None
+    created: bool = False
+
+
+FORECAST_DIGEST_FIELDS = (
+    "forecast_id", "subject_id", "as_of", "watermark", "status", "reason", "risks",
+    "contributions", "model_name", "model_version", "run_id", "feature_spec_digest",
+    "task_digest", "feature_digest", "code_version", "requested_by", "api_key_id",
+    "created_at")
+
+
+def forecast_digest(values: dict[str, Any]) -> str:
+    """SHA-256 over a forecast row's content (tamper evidence)."""
+    def norm(v):
+        return v.isoformat() if isinstance(v, datetime) else v
+    payload = {k: norm(values.get(k)) for k in FORECAST_DIGEST_FIELDS}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
+                                     default=str).encode()).hexdigest()
+
+
+class Twins:
+    """The twin tables' reads and writes for one dialect."""
+
+    def __init__(self, sqlite: bool):
+        self.sqlite = sqlite
+        self._insert = sqlite_insert if sqlite else pg_insert
+
+    # ------------------------------------------------------------------ twins
+    def lock(self, s: Session, subject_ids: Sequence[int], *, create: bool,
+             now: datetime | None = None) -> dict[int, TwinRow]:
+        """The twins' rows, locked for this transaction in ascending id order (created
+        when asked; ids that do not exist are absent from the answer otherwise)."""
+        ids = sorted(set(subject_ids))
+        if not ids:
+            return {}
+        conn = s.connection()
+        if len(ids) > 1 and create:
+            # find the missing ones without locking, so every lock below is taken in one
+            # ascending pass
+            t = Twin.__table__.c
+            have = set(conn.execute(select(t.subject_id).where(t.subject_id.in_(ids)))
+                       .scalars())
+            created = self._create(conn, [i for i in ids if i not in have], now)
+            return {r[0]: TwinRow(*r, created=r[0] in created)
+                    for r in conn.execute(self._locking(ids))}
+        found = {r[0]: TwinRow(*r) for r in conn.execute(self._locking(ids))}
+        missing = [i for i in ids if i not in found]
+        if create and missing:  # one twin: nothing held yet, so the order holds
+            created = self._create(conn, missing, now)
+            for r in conn.execute(self._locking(missing)):
+                found[r[0]] = TwinRow(*r, created=r[0] in created)
+        return found
+
+    def _create(self, conn, ids: list[int], now: datetime | None) -> set[int]:
+        if not ids:
+            return set()
+        now = now or utcnow()
+        ins = self._insert(Twin.__table__).on_conflict_do_nothing(
+            index_elements=["subject_id"]).returning(Twin.__table__.c.subject_id)
+        return set(conn.execute(ins, [
+            {"subject_id": i, "created_at": now, "updated_at": now, "event_count": 0}
+            for i in ids]).scalars())
+
+    def peek(self, s: Session, subject_ids: Sequence[int]) -> dict[int, TwinRow]:
+        """The twins' rows as they are now, without a lock (absent when missing)."""
+        t = Twin.__table__.c
+        q = (select(t.subject_id, t.created_at, t.last_event_time, t.event_count,
+                    t.model_name, t.model_version, t.view)
+             .where(t.subject_id.in_(sorted(set(subject_ids)))))
+        return {r[0]: TwinRow(*r) for r in s.connection().execute(q)}
+
+    def _locking(self, ids: list[int]):
+        t = Twin.__table__.c
+        q = (select(t.subject_id, t.created_at, t.last_event_time, t.event_count,
+                    t.model_name, t.model_version, t.view)
+             .where(t.subject_id.in_(ids)).order_by(t.subject_id))
+        if not self.sqlite:
+            q = q.with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK checks still pass
+        return q
+
+    def insert_new(self, s: Session, subject_id: int) -> None:
+        """A brand-new twin row (its id comes from the id source: no conflict possible)."""
+        now = utcnow()
+        s.execute(insert(Twin).values(subject_id=subject_id, created_at=now, updated_at=now,
+                                      event_count=0))
+
+    def drop_new(self, s: Session, subject_id: int) -> None:
+        """Remove a twin row this transaction created and nothing refers to."""
+        s.execute(delete(Twin).where(Twin.subject_id == subject_id))
+
+    def view(self, s: Session, subject_id: int) -> tuple[bool, str | None]:
+        """(exists, kept view JSON) — one primary-key read."""
+        row = s.execute(select(Twin.view).where(Twin.subject_id == subject_id)).first()
+        return (row is not None, row[0] if row is not None else None)
+
+    def exists(self, s: Session, subject_id: int) -> bool:
+        return s.execute(select(Twin.subject_id).where(Twin.subject_id == subject_id)
+                         ).first() is not None
+
+    def stale(self, s: Session, name: str, version: str, after: int, limit: int) -> list[int]:
+        """Twins (ascending, above ``after``) whose forecast is not ``name`` ``version``."""
+        q = (select(Twin.subject_id)
+             .where(Twin.subject_id > after, self._not_version(name, version))
+             .order_by(Twin.subject_id).limit(limit))
+        return list(s.execute(q).scalars())
+
+    def any_stale(self, s: Session, version: str) -> bool:
+        """Whether some twin's forecast is not ``version`` — index-only look-ups, cheap
+        enough to ask on every poll (a store serves one task, so the version decides)."""
+        t = Twin.__table__.c
+        for cond in (t.model_version.is_(None), t.model_version < version,
+                     t.model_version > version):
+            if s.execute(select(t.model_version).where(cond).limit(1)).first() is not None:
+                return True
+        return False
+
+    def count_stale(self, s: Session, name: str, version: str) -> int:
+        return int(s.execute(select(func.count()).select_from(Twin)
+                             .where(self._not_version(name, version))).scalar_one())
+
+    @staticmethod
+    def _not_version(name: str, version: str):
+        return or_(Twin.model_version.is_(None), Twin.model_version != version,
+                   Twin.model_name.is_(None), Twin.model_name != name)
+
+    # ------------------------------------------------------------------ events
+    def append_events(self, s: Session, events: dict[int, Sequence[EventRow]], *,
+                      source: str | None, now: datetime) -> dict[int, tuple[int, int]]:
+        """Insert the events not seen before (by idempotency key), every twin at once;
+        returns (added, duplicates) per twin.  Twin counters are the caller's to update."""
+        rows, sent = event_rows(events, source=source, now=now)
+        added = self.insert_events(s, rows, sent)
+        return {sid: (added[sid], sent[sid] - added[sid]) for sid in sent}
+
+    def insert_events(self, s: Session, rows: list[dict[str, Any]], twins: Iterable[int]
+                      ) -> dict[int, int]:
+        """Insert event rows unless their idempotency key exists; how many per twin."""
+        added = dict.fromkeys(twins, 0)
+        if rows:
+            table = Event.__table__
+            ins = self._insert(table).on_conflict_do_nothing(
+                index_elements=["subject_id", "idempotency_key"]).returning(table.c.subject_id)
+            for sid in s.connection().execute(ins, rows).scalars():
+                added[sid] += 1
+        return added
+
+    def existing_keys(self, s: Session, rows: list[dict[str, Any]]) -> set[tuple[int, str]]:
+        """Which of the rows' (twin, idempotency key) pairs are stored already."""
+        e = Event.__table__.c
+        keys: dict[int, list[str]] = {}
+        for r in rows:
+            keys.setdefault(r["subject_id"], []).append(r["idempotency_key"])
+        found: set[tuple[int, str]] = set()
+        # "(twin = ? AND key IN (…)) OR …": one index search per twin (a plain
+        # "twin IN (…) AND key IN (…)" probes every twin with every key); in chunks
+        # below SQLite's limit on bound parameters
+        terms, size = [], 0
+        for sid, ks in sorted(keys.items()):
+            terms.append(and_(e.subject_id == sid, e.idempotency_key.in_(ks)))
+            size += 1 + len(ks)
+            if size >= KEY_CHUNK:
+                found.update(self._found(s, terms))
+                terms, size = [], 0
+        if terms:
+            found.update(self._found(s, terms))
+        return found
+
+    @staticmethod
+    def _found(s: Session, terms: list) -> set[tuple[int, str]]:
+        e = Event.__table__.c
+        q = select(e.subject_id, e.idempotency_key).where(or_(*terms))
+        return {(r[0], r[1]) for r in s.connection().execute(q)}
+
+    def histories(self, s: Session, subject_ids: Iterable[int],
+                  recorded_upto: datetime | None = None) -> History:
+        """Every event of the twins (optionally those received by a time), read once."""
+        return History.from_rows(self.history_rows(s, subject_ids, recorded_upto))
+
+    def history_rows(self, s: Session, subject_ids: Iterable[int],
+                     recorded_upto: datetime | None = None) -> list[tuple]:
+        """(subject_id, time, code, value, text, id, recorded_at) of the twins' events."""
+        ids = sorted(set(subject_ids))
+        if not ids:
+            return []
+        e = Event.__table__.c
+        # times as text: numpy parses a column of strings ~30x faster than it converts
+        # datetime objects (naive UTC either way)
+        q = (select(e.subject_id, cast(e.time, String), e.code, e.numeric_value, e.text_value,
+                    e.id, cast(e.recorded_at, String)).where(e.subject_id.in_(ids)))
+        if recorded_upto is not None:
+            q = q.where(e.recorded_at <= recorded_upto)
+        return s.connection().execute(q).fetchall()
+
+    # ------------------------------------------------------------------ forecasts
+    def add_forecasts(self, s: Session, rows: list[dict[str, Any]]) -> None:
+        """Append forecast rows (each gets ``created_at`` and its content digest)."""
+        now = utcnow()
+        for r in rows:
+            r.setdefault("created_at", now)
+            r["row_digest"] = forecast_digest(r)
+        if rows:
+            s.connection().execute(insert(Forecast.__table__), rows)
+
+    def write_views(self, s: Session, updates: list[dict[str, Any]]) -> None:
+        """Rewrite twins' counters, kept views and forecast versions, in one statement."""
+        if not updates:
+            return
+        stmt = (update(Twin.__table__).where(Twin.__table__.c.subject_id == bindparam("sid"))
+                .values(view=bindparam("view"), model_name=bindparam("mname"),
+                        model_version=bindparam("mversion"),
+                        event_count=bindparam("n_events"),
+                        last_event_time=bindparam("last_time"),
+                        updated_at=bindparam("now")))
+        s.connection().execute(stmt, updates)
+
+    def sources_before(self, s: Session, subject_id: int, prefix: str, until: datetime,
+                       limit: int = 20) -> list[str]:
+        """The newest events' sources starting with ``prefix`` at or before ``until``."""
+        return list(s.execute(select(Event.source).where(
+            Event.subject_id == subject_id, Event.source.like(prefix + "%"),
+            Event.time <= until).order_by(Event.time.desc()).limit(limit)).scalars())
+
+    def forecasts(self, s: Session, subject_id: int, limit: int, offset: int
+                  ) -> tuple[list[Forecast], int]:
+        total = s.execute(select(func.count()).select_from(Forecast)
+                          .where(Forecast.subject_id == subject_id)).scalar_one()
+        rows = s.execute(select(Forecast).where(Forecast.subject_id == subject_id)
+                         .order_by(Forecast.seq.desc()).limit(limit).offset(offset)).scalars()
+        return list(rows), int(total)
+
+    def forecast_by_id(self, s: Session, forecast_id: str) -> Forecast | None:
+        return s.execute(select(Forecast).where(Forecast.forecast_id == forecast_id)
+                         ).scalar_one_or_none()
+
+
+def event_rows(events: dict[int, Sequence[EventRow]], *, source: str | None, now: datetime
+               ) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """Store rows of the events (each key once per twin) and how many each twin sent."""
+    rows, seen = [], set()
+    sent: dict[int, int] = {}
+    for sid, evs in events.items():
+        sent[sid] = len(evs)
+        for r in evs:
+            key = idempotency_key(sid, r.time, r.code, r.numeric_value, r.text_value,
+                                  r.client_id)
+            if (sid, key) in seen:
+                continue
+            seen.add((sid, key))
+            rows.append({"subject_id": sid, "time": r.time, "code": r.code,
+                         "numeric_value": r.numeric_value, "text_value": r.text_value,
+                         "recorded_at": now, "idempotency_key": key,
+                         "source": r.source or source})
+    return rows, sent
+
+
+@dataclass
+class History:
+    """Events of several twins as canonical arrays (the model's input) plus what a twin's
+    view needs: its latest value per code and the newest ``recorded_at`` (watermark)."""
+
+    arrays: EventArrays
+    latest: dict[int, list[dict[str, Any]]]
+    watermark: dict[int, datetime]
+    last_time: dict[int, datetime]
+    count: dict[int, int]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple]) -> History:
+        """From (subject_id, time, code, value, text, id, recorded_at) rows in any order
+        (times naive UTC, as datetimes or ISO strings)."""
+        n = len(rows)
+        if n == 0:
+            return cls(event_arrays(()), {}, {}, {}, {})
+        sid_l, t_l, code_l, value_l, text_l, id_l, rec_l = zip(*rows, strict=True)
+        sid = np.array(sid_l, dtype=np.int64)
+        t = np.array(t_l, dtype="datetime64[us]").view(np.int64)  # None → NaT (int64 min)
+        cats, code = np.unique(np.array(code_l, dtype=str), return_inverse=True)
+        value = np.array(value_l, dtype=np.float64).astype(np.float32)  # None → NaN
+        eid = np.array(id_l, dtype=np.int64)
+        rec = np.array(rec_l, dtype="datetime64[us]").view(np.int64)
+        arrays = _canonical(sid, t, code, cats, value)
+        # latest per (subject, code): by time (static facts first), then by arrival
+        order = np.lexsort((eid, t, code, sid))
+        s_o, c_o = sid[order], code[order]
+        last = np.r_[(s_o[1:] != s_o[:-1]) | (c_o[1:] != c_o[:-1]), True]
+        latest: dict[int, list[dict[str, Any]]] = {}
+        for i in order[last]:  # ascending subject, then code
+            latest.setdefault(int(sid[i]), []).append({
+                "code": str(cats[code[i]]),
+                "time": None if t[i] == NAT_US else datetime_of(t[i]),
+                "numeric_value": value_l[i],
+                "text_value": text_l[i] if isinstance(text_l[i], str) else None})
+        subjects = np.unique(sid)
+        grouped = np.argsort(sid, kind="stable")
+        starts = np.searchsorted(sid[grouped], subjects)
+        counts = np.diff(np.r_[starts, n])
+        wm = np.maximum.reduceat(rec[grouped], starts)
+        tl = np.maximum.reduceat(t[grouped], starts)
+        keys = [int(x) for x in subjects]
+        return cls(arrays, latest,
+                   {k: datetime_of(w) for k, w in zip(keys, wm, strict=True)},
+                   {k: datetime_of(x) for k, x in zip(keys, tl, strict=True) if x != NAT_US},
+                   dict(zip(keys, (int(c) for c in counts), strict=True)))
+
+
+def datetime_of(us: int) -> datetime:
+    """Microseconds since the epoch as a naive-UTC datetime."""
+    return np.datetime64(int(us), "us").astype(datetime)
+
+
+def event_arrays(rows: Sequence[tuple]) -> EventArrays:
+    """Events as the canonical arrays the feature code reads — the same values and order
+    as ``EventArrays.from_events(events_from_frame(...))`` gives the model package
+    (values rounded to float32, MEDS's type; sorted by subject, time with static facts
+    first, code, value), without a DataFrame.  Rows: (subject_id, time, code, value, …)."""
+    if len(rows) == 0:
+        return EventArrays(np.empty(0, np.int64), np.empty(0, np.int64),
+                           np.empty(0, np.int32), (), np.empty(0, np.float64))
+    sid_l, t_l, code_l, value_l = (list(c) for c in list(zip(*rows, strict=False))[:4])
+    cats, code = np.unique(np.array(code_l, dtype=str), return_inverse=True)
+    return _canonical(np.array(sid_l, dtype=np.int64),
+                      np.array(t_l, dtype="datetime64[us]").view(np.int64), code, cats,
+                      np.array(value_l, dtype=np.float64).astype(np.float32))
+
+
+def _canonical(sid: np.ndarray, t: np.ndarray, code: np.ndarray, cats: np.ndarray,
+               value: np.ndarray) -> EventArrays:
+    order = np.lexsort((value, code, t, sid))
+    return EventArrays(subject_id=sid[order], time_us=t[order],
+                       code=code[order].astype(np.int32),
+                       categories=tuple(str(c) for c in cats),
+                       value=value[order].astype(np.float64))

@@ -1,0 +1,381 @@
+"""The one write path: every way a twin changes goes through :class:`TwinWriter`.
+
+The events route, FHIR bundles, CDS hook calls, the bulk route and the refresh hand it a
+batch; in one transaction it resolves external identifiers (sorted, before any twin is
+locked), locks the batch's twins in ascending id order, checks that this worker serves
+the served version (reloading first when behind), appends events idempotently, reads
+each history once, featurises and forecasts the whole batch in one call, appends the
+forecast rows, rewrites the twins' views and writes the access-log rows.  A failure
+anywhere leaves nothing behind.  The stateless forecast uses the same computation and
+stores nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from serving.errors import BadInput, Unavailable
+from serving.forecasting import ForecastResult, forecast_batch, forecast_values
+from serving.model_source import LoadedModel
+from serving.served import ModelHolder
+from serving.store import Store
+from serving.store.access import access_row
+from serving.store.identity import Claim, Ident
+from serving.store.twins import (
+    EventRow,
+    History,
+    TwinRow,
+    event_arrays,
+    event_rows,
+    storable,
+    utcnow,
+)
+from serving.views import forecast_json, twin_json
+
+log = logging.getLogger("twincast.writes")
+REFRESH_CALLER = "system:refresh"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: a key's name and id (None for the system and CDS clients) and role."""
+
+    name: str
+    key_id: int | None = None
+    role: str = "system"
+
+
+@dataclass
+class AccessInfo:
+    """The request a write logs (``written`` once its rows are in the transaction)."""
+
+    method: str
+    path: str
+    action: str
+    written: bool = False
+
+
+@dataclass
+class TwinInput:
+    """One twin's part of a write: a known id (native routes) or identifiers to resolve
+    (FHIR, CDS), the events (naive UTC) and an optional as-of time."""
+
+    subject_id: int | None = None
+    identifiers: tuple[Ident, ...] = ()
+    events: Sequence[EventRow] = ()
+    as_of: datetime | None = None
+    label: str = ""
+
+
+@dataclass
+class TwinOutcome:
+    subject_id: int
+    label: str
+    added: int
+    duplicates: int
+    created: bool
+    forecast: dict[str, Any]
+    view: str
+
+
+class Activity:
+    """When clinical writes last ran in this process (the refresh yields to them)."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.last = 0.0
+        self._lock = threading.Lock()
+
+    def busy(self, within: float) -> bool:
+        return self.inflight > 0 or time.monotonic() - self.last < within
+
+    def __enter__(self) -> Activity:
+        with self._lock:
+            self.inflight += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.inflight -= 1
+            self.last = time.monotonic()
+
+
+NEW_ID = 2**62  # ids of events not stored yet: after every stored one, in arrival order
+
+
+class StalePlan(Exception):
+    """A twin changed between the read and the write: compute under the locks instead."""
+
+
+@dataclass
+class _Plan:
+    ids: list[int]
+    now: datetime
+    existed: dict[int, bool]
+    counts: dict[int, int]  # events stored when read (the commit checks them)
+    fresh: list[dict[str, Any]]  # event rows to insert
+    added: dict[int, int]
+    sent: dict[int, int]
+    forecasts: list[dict[str, Any]]
+    views: list[dict[str, Any]]
+    out: dict[int, tuple[dict[str, Any], str]]
+
+
+class ModelBehind(Exception):
+    """This worker's model is not the served version: reload, then run again."""
+
+    def __init__(self, version: str):
+        super().__init__(version)
+        self.version = version
+
+
+class TwinWriter:
+    def __init__(self, store: Store, models: ModelHolder, *,
+                 failpoints: frozenset[str] = frozenset()):
+        self.store = store
+        self.models = models
+        self.failpoints = failpoints
+        self.activity = Activity()
+
+    # ------------------------------------------------------------------ writes
+    def write(self, inputs: list[TwinInput], caller: Caller, access: AccessInfo | None,
+              *, source: str | None = None) -> list[TwinOutcome]:
+        """Apply a batch in one transaction; outcomes in input order.
+
+        Twins named by id are forecast before the write lock is taken, from what the
+        store holds plus the new events; the write transaction then checks under the
+        twins' locks that nothing changed meanwhile (events are append-only: the same
+        count is the same history) and stores it all.  If something did change — or the
+        batch names patients by identifier — everything is computed under the locks."""
+        check_events(inputs)
+        known = [inp.subject_id for inp in inputs if inp.subject_id is not None]
+        if len(set(known)) != len(known):
+            raise BadInput("a twin appears twice in one request: send its events together",
+                           ["body"])
+        with self.activity:
+            for _ in range(3):
+                model = self.models.current()
+                try:
+                    if len(known) == len(inputs):
+                        plan = self._plan(model, inputs, caller, source)
+                        try:
+                            return self.store.db.transact(
+                                lambda s, m=model, p=plan: self._commit(s, m, p, caller,
+                                                                        access))
+                        except StalePlan:
+                            pass  # a concurrent write to one of the twins: under the locks
+                    return self.store.db.transact(
+                        lambda s, m=model: self._write(s, m, inputs, caller, access, source))
+                except ModelBehind as behind:
+                    self.models.sync_to(behind.version)
+        raise Unavailable("the served model changed repeatedly during this request")
+
+    def _plan(self, model: LoadedModel, inputs: list[TwinInput], caller: Caller,
+              source: str | None) -> _Plan:
+        """Everything the write will store, computed from a read of the store."""
+        ids = [inp.subject_id for inp in inputs]
+        now = utcnow()
+        rows, sent = event_rows({sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
+                                source=source or caller.name, now=now)
+        with self.store.read() as s:  # one snapshot on SQLite; counts are checked anyway
+            twins = self.store.twins.peek(s, ids)
+            existing = self.store.twins.existing_keys(s, rows)
+            fresh = [r for r in rows if (r["subject_id"], r["idempotency_key"]) not in existing]
+            added = dict.fromkeys(ids, 0)
+            for r in fresh:
+                added[r["subject_id"]] += 1
+            redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
+                    if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
+                                                          model)]
+            stored = self.store.twins.history_rows(s, [sid for sid, _ in redo])
+        counts = {sid: t.event_count for sid, t in twins.items()}
+        for sid, _ in redo:
+            counts[sid] = 0
+        for r in stored:
+            counts[r[0]] += 1
+        new = [(r["subject_id"], r["time"], r["code"], r["numeric_value"], r["text_value"],
+                NEW_ID + k, now) for k, r in enumerate(fresh)
+               if r["subject_id"] in {sid for sid, _ in redo}]
+        history = History.from_rows([*stored, *new])
+        results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
+                                 [inp.as_of for _, inp in redo])
+        created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
+        forecasts, views, out = self._rows(model, created_at, history, results, caller, now)
+        return _Plan(ids, now, {sid: sid in twins for sid in ids}, counts, fresh, added,
+                     sent, forecasts, views, out)
+
+    def _commit(self, s: Session, model: LoadedModel, plan: _Plan, caller: Caller,
+                access: AccessInfo | None) -> list[TwinOutcome]:
+        twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now)
+        for sid in plan.ids:
+            t = twins[sid]
+            if t.created == plan.existed[sid] or t.event_count != plan.counts[sid]:
+                raise StalePlan
+        self._check_served(s, model)
+        added = self.store.twins.insert_events(s, plan.fresh, plan.ids)
+        if added != plan.added:
+            raise StalePlan
+        self._failpoint("after_events")
+        self.store.twins.add_forecasts(s, plan.forecasts)
+        self.store.twins.write_views(s, plan.views)
+        self._log(s, plan.ids, caller, access)
+        self._failpoint("before_commit")
+        return [_outcome(sid, "", (added[sid], plan.sent[sid] - added[sid]), twins[sid],
+                         twins[sid].created, plan.out) for sid in plan.ids]
+
+    def _log(self, s: Session, ids: list[int], caller: Caller, access: AccessInfo | None
+             ) -> None:
+        if access is not None:
+            self.store.access.add(s, [access_row(
+                key_id=caller.key_id, key_name=caller.name, role=caller.role,
+                method=access.method, path=access.path, action=access.action,
+                subject_id=sid, status_code=200) for sid in ids])
+            access.written = True
+
+    def _write(self, s: Session, model: LoadedModel, inputs: list[TwinInput], caller: Caller,
+               access: AccessInfo | None, source: str | None) -> list[TwinOutcome]:
+        claims = {i: Claim(tuple(sorted(inp.identifiers)), f"patient {i + 1} of the request")
+                  for i, inp in enumerate(inputs) if inp.subject_id is None}
+        self.store.identities.resolve(s, list(claims.values()))
+        self._failpoint("after_identifiers")
+        ids = [inp.subject_id if inp.subject_id is not None else claims[i].subject_id
+               for i, inp in enumerate(inputs)]
+        if len(set(ids)) != len(ids):
+            raise BadInput("a twin appears twice in one request: send its events together",
+                           ["body"])
+        twins = self.store.twins.lock(s, ids, create=True)
+        self._check_served(s, model)
+        now = utcnow()
+        counts = self.store.twins.append_events(
+            s, {sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
+            source=source or caller.name, now=now)
+        self._failpoint("after_events")
+        # a re-sent batch changes nothing: the current forecast stands
+        redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
+                if not _unchanged(twins[sid], counts[sid][0], inp.as_of, model)]
+        fresh = self._forecast_and_persist(
+            s, model, twins, [sid for sid, _ in redo], [inp.as_of for _, inp in redo],
+            caller, now)
+        self._log(s, ids, caller, access)
+        self._failpoint("before_commit")
+        return [_outcome(sid, inp.label, counts[sid], twins[sid],
+                         twins[sid].created or (i in claims and claims[i].created), fresh)
+                for i, (sid, inp) in enumerate(zip(ids, inputs, strict=True))]
+
+    def _check_served(self, s: Session, model: LoadedModel) -> None:
+        # FOR SHARE on PostgreSQL: a version change (FOR UPDATE) waits for this write
+        served = self.store.jobs.served_version(s, model.name, lock=True)
+        if served is not None and served != model.version:
+            raise ModelBehind(served)
+
+    def _forecast_and_persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
+                              ids: list[int], as_of: list[datetime | None], caller: Caller,
+                              now: datetime) -> dict[int, tuple[dict[str, Any], str]]:
+        if not ids:
+            return {}
+        history = self.store.twins.histories(s, ids)
+        results = forecast_batch(model, history.arrays, ids, as_of)
+        return self._persist(s, model, twins, history, results, caller, now)
+
+    def _persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
+                 history: History, results: list[ForecastResult], caller: Caller,
+                 now: datetime) -> dict[int, tuple[dict[str, Any], str]]:
+        forecasts, views, out = self._rows(
+            model, {sid: t.created_at for sid, t in twins.items()}, history, results,
+            caller, now)
+        self.store.twins.add_forecasts(s, forecasts)
+        self.store.twins.write_views(s, views)
+        return out
+
+    def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,
+              results: list[ForecastResult], caller: Caller, now: datetime):
+        """Forecast rows, view updates and (forecast, view) per twin, to be stored."""
+        rows, updates, out = [], [], {}
+        for r in results:
+            sid = r.subject_id
+            values = forecast_values(model, r, history.watermark.get(sid), caller.name,
+                                     caller.key_id)
+            values["created_at"] = now
+            rows.append(values)
+            fc = forecast_json(values)
+            last = history.last_time.get(sid)
+            n = history.count.get(sid, 0)
+            view = twin_json(sid, created_at[sid], last, n, history.latest.get(sid, []), fc)
+            updates.append({"sid": sid, "view": view, "mname": model.name,
+                            "mversion": model.version, "n_events": n, "last_time": last,
+                            "now": now})
+            out[sid] = (fc, view)
+        return rows, updates, out
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(self, ids: list[int], model: LoadedModel) -> int:
+        """Re-forecast twins with ``model``: histories read and forecasts computed outside
+        any lock, then written in one short transaction for the twins that did not
+        change meanwhile (the others stay stale for the next pass).  Returns how many
+        were written; 0 when ``model`` is no longer the served version."""
+        with self.store.read() as s:
+            history = self.store.twins.histories(s, ids)
+        seen = {sid: history.count.get(sid, 0) for sid in ids}
+        results = forecast_batch(model, history.arrays, ids, [None] * len(ids))
+
+        def work(s: Session) -> int:
+            twins = self.store.twins.lock(s, ids, create=False)
+            if self.store.jobs.served_version(s, model.name, lock=True) != model.version:
+                return 0
+            keep = [r for r in results if r.subject_id in twins
+                    and twins[r.subject_id].event_count == seen[r.subject_id]]
+            self._persist(s, model, twins, history, keep, Caller(REFRESH_CALLER), utcnow())
+            return len(keep)
+        return self.store.db.transact(work, urgent=False)
+
+    # ------------------------------------------------------------------ stateless
+    def stateless(self, subject_id: int, events: Sequence[EventRow], as_of: datetime | None
+                  ) -> dict[str, Any]:
+        """A forecast from a supplied history, computed as a stored one is; stores nothing."""
+        check_events([TwinInput(subject_id, events=events)])
+        model = self.models.current_served()
+        arrays = event_arrays([(subject_id, e.time, e.code, e.numeric_value, e.text_value,
+                                i, None) for i, e in enumerate(events)])
+        result = forecast_batch(model, arrays, [subject_id], [as_of])[0]
+        return forecast_json(forecast_values(model, result, None, "stateless", None),
+                             stored=False)
+
+    def _failpoint(self, name: str) -> None:
+        if name in self.failpoints:
+            raise RuntimeError(f"failpoint {name}")
+
+
+def _outcome(sid: int, label: str, counts: tuple[int, int], twin: TwinRow, created: bool,
+             fresh: dict[int, tuple[dict[str, Any], str]]) -> TwinOutcome:
+    """A twin's answer: its new forecast, or (nothing changed) the one that stands."""
+    if sid in fresh:
+        fc, view = fresh[sid]
+    else:
+        view = twin.view
+        fc = json.loads(view)["forecast"]
+    return TwinOutcome(sid, label, counts[0], counts[1], created, fc, view)
+
+
+def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedModel) -> bool:
+    return (added == 0 and as_of is None and twin.view is not None and not twin.created
+            and twin.model_version == model.version and twin.model_name == model.name)
+
+
+def check_events(inputs: Sequence[TwinInput]) -> None:
+    """Values a MEDS table can hold (finite, within float32): the route schemas check
+    the same, this guards every other adapter."""
+    for i, inp in enumerate(inputs):
+        for j, e in enumerate(inp.events):
+            if not storable(e.numeric_value):
+                raise BadInput("numeric value is not finite or outside the float32 range",
+                               ["body", *(["twins", i] if len(inputs) > 1 else []), "events",
+                                j, "numeric_value"])

@@ -1,0 +1,159 @@
+"""The write path in process, against real databases: a failure at any step leaves
+nothing behind (identifiers, twins, events, forecasts, access rows), and a PostgreSQL
+deadlock is retried rather than answered."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select, text
+
+from serving.bootstrap import build_service
+from serving.config import ServingConfig
+from serving.errors import Conflict
+from serving.store.models import AccessLog, Event, Forecast, Identifier, Twin
+from serving.writes import AccessInfo, Caller, TwinInput
+from tests.serving.conftest import event_rows
+from tests.serving.test_service import history
+
+TABLES = (Twin, Identifier, Event, Forecast, AccessLog)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'twins.db'}"
+    else:
+        yield request.getfixturevalue("pg_database")
+
+
+def service(db_url: str, tracker, failpoints: frozenset[str] = frozenset()):
+    """The service without its background threads: the champion served, no refresh."""
+    svc = build_service(ServingConfig(
+        database_url=db_url, tracking_uri=tracker.tracking_uri,
+        artifact_root=tracker.artifact_root, task="eskd", model_poll_seconds=0,
+        failpoints=failpoints), start=False)
+    svc.models.follow_champion("test")
+    return svc
+
+
+def counts(store) -> dict[str, int]:
+    with store.read() as s:
+        return {t.__tablename__: s.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in TABLES}
+
+
+@pytest.mark.parametrize("failpoint", ["after_identifiers", "after_events", "before_commit"])
+def test_a_failure_at_any_step_leaves_nothing(database, tracker, trained, small_cohort,
+                                              failpoint):
+    """A batch with a new patient (computed under the locks)."""
+    events = event_rows(history(small_cohort, trained, 0))
+    ident = (("urn:test:mrn", uuid.uuid4().hex),)
+    batch = [TwinInput(identifiers=ident, events=events, label="new patient"),
+             TwinInput(4_000_001, events=events[:5])]
+    access = AccessInfo("POST", "/v1/fhir", "fhir_bundle")
+    broken = service(database, tracker, frozenset({failpoint}))
+    before = counts(broken.store)
+    with pytest.raises(RuntimeError, match=failpoint):
+        broken.writer.write(batch, Caller("ward"), access)
+    assert counts(broken.store) == before
+    broken.store.dispose()
+    fine = service(database, tracker)
+    out = fine.writer.write(batch, Caller("ward"), access)
+    after = counts(fine.store)
+    assert after["twins"] == before["twins"] + 2 and after["identifiers"] == 1
+    assert after["events"] == len(events) + 5 and after["forecasts"] == 2
+    assert after["access_log"] == before["access_log"] + 2
+    assert out[0].created and out[0].subject_id >= 2**52
+    # identifiers already linked to two different twins: a conflict that writes nothing
+    other = (("urn:test:mrn", uuid.uuid4().hex),)
+    second = fine.writer.write([TwinInput(identifiers=other, events=events[:2])],
+                               Caller("ward"), access)[0]
+    assert second.subject_id != out[0].subject_id
+    after = counts(fine.store)
+    fresh = ("urn:test:mrn", uuid.uuid4().hex)
+    clash = [TwinInput(identifiers=(ident[0], fresh, other[0]), events=events[:1])]
+    with pytest.raises(Conflict, match=str(second.subject_id)):
+        fine.writer.write(clash, Caller("ward"), access)
+    assert counts(fine.store) == after
+    fine.store.dispose()
+
+
+@pytest.mark.parametrize("failpoint", ["after_events", "before_commit"])
+def test_a_failure_after_forecasting_ahead_leaves_nothing(database, tracker, trained,
+                                                          small_cohort, failpoint):
+    """Twins named by id are forecast before the lock; a failure in the write still
+    leaves nothing, and the same batch then goes through."""
+    events = event_rows(history(small_cohort, trained, 1))
+    batch = [TwinInput(4_100_001, events=events), TwinInput(4_100_002, events=events[:3])]
+    broken = service(database, tracker, frozenset({failpoint}))
+    before = counts(broken.store)
+    with pytest.raises(RuntimeError, match=failpoint):
+        broken.writer.write(batch, Caller("ward"), AccessInfo("POST", "/v1/twins:bulk", "b"))
+    assert counts(broken.store) == before
+    broken.store.dispose()
+    fine = service(database, tracker)
+    out = fine.writer.write(batch, Caller("ward"), AccessInfo("POST", "/v1/twins:bulk", "b"))
+    assert [o.added for o in out] == [len(events), 3] and all(o.created for o in out)
+    again = fine.writer.write(batch, Caller("ward"), None)
+    assert [o.added for o in again] == [0, 0]
+    assert [o.forecast["forecast_id"] for o in again] == [o.forecast["forecast_id"] for o in out]
+    assert counts(fine.store)["forecasts"] == before["forecasts"] + 2
+    fine.store.dispose()
+
+
+def test_a_postgresql_deadlock_is_retried(pg_database, tracker, trained):
+    svc = service(pg_database, tracker)
+    db = svc.store.db
+    with db.write() as s:
+        s.execute(text("CREATE TABLE locks (id int primary key)"))
+        s.execute(text("INSERT INTO locks VALUES (1), (2)"))
+    attempts = {1: 0, 2: 0}
+    barrier = threading.Barrier(2, timeout=30)
+
+    def work(first: int, second: int):
+        def run(s):
+            attempts[first] += 1
+            s.execute(text("SELECT id FROM locks WHERE id = :i FOR UPDATE"), {"i": first})
+            if attempts[first] == 1:
+                barrier.wait()  # both hold their first row: the next lock deadlocks
+            s.execute(text("SELECT id FROM locks WHERE id = :i FOR UPDATE"), {"i": second})
+            time.sleep(0.05)
+            return first
+        return db.transact(run)
+
+    results = {}
+    threads = [threading.Thread(target=lambda a=a, b=b: results.setdefault(a, work(a, b)))
+               for a, b in ((1, 2), (2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {1: 1, 2: 2}  # both went through
+    assert sorted(attempts.values()) == [1, 2]  # PostgreSQL aborted one; it ran again
+    svc.store.dispose()
+
+
+def test_a_plan_overtaken_by_another_write_is_refused_and_redone(database, tracker, trained,
+                                                                 small_cohort):
+    from serving.writes import StalePlan
+
+    svc = service(database, tracker)
+    events = event_rows(history(small_cohort, trained, 2))
+    w, caller = svc.writer, Caller("ward")
+    w.write([TwinInput(4_200_001, events=events[:-2])], caller, None)
+    model = svc.models.current()
+    plan = w._plan(model, [TwinInput(4_200_001, events=events[-2:-1])], caller, None)
+    w.write([TwinInput(4_200_001, events=events[-1:])], caller, None)  # overtakes the plan
+    with pytest.raises(StalePlan):
+        svc.store.db.transact(lambda s: w._commit(s, model, plan, caller, None))
+    out = w.write([TwinInput(4_200_001, events=events[-2:-1])], caller, None)[0]
+    assert out.added == 1
+    full = w.stateless(4_200_001, events, None)  # the whole history, nothing stored
+    assert out.forecast["risks"] == full["risks"] and out.forecast["as_of"] == full["as_of"]
+    assert json.loads(out.view)["event_count"] == len(events)
+    svc.store.dispose()
