@@ -105,12 +105,15 @@ def explain(model: LoadedModel, x: np.ndarray) -> list[list[dict[str, Any]]]:
     """Top contributions for each feature row, with readable names and values."""
     spec = model.bundle.spec
     out = []
+    labels: dict[str, tuple[str | None, str]] = {}  # per feature name: (unit, label)
     for row in model.bundle.contributions(x, TOP_CONTRIBUTIONS):
         items = []
         for item in row:
             name = item["feature"]
-            unit = spec.unit_of(name.split("__")[0])
-            label = describe_feature(name, unit)
+            if name not in labels:
+                unit = spec.unit_of(name.split("__")[0])
+                labels[name] = (unit, describe_feature(name, unit))
+            unit, label = labels[name]
             value = describe_value(name, item["value"], unit)
             items.append({**item, "label": label, "value_text": value,
                           "text": f"{label}: {value}, {item['contribution']:+.3f} log-odds "

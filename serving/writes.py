@@ -202,9 +202,11 @@ class TwinWriter:
             counts[sid] = 0
         for r in stored:
             counts[r[0]] += 1
-        new = [(r["subject_id"], r["time"], r["code"], r["numeric_value"], r["text_value"],
-                NEW_ID + k, now) for k, r in enumerate(fresh)
-               if r["subject_id"] in {sid for sid, _ in redo}]
+        again = {sid for sid, _ in redo}
+        stamp = now.isoformat()  # times as text, as the store's rows come (parsed faster)
+        new = [(r["subject_id"], r["time"] and r["time"].isoformat(), r["code"],
+                r["numeric_value"], r["text_value"], NEW_ID + k, stamp)
+               for k, r in enumerate(fresh) if r["subject_id"] in again]
         history = History.from_rows([*stored, *new])
         results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
                                  [inp.as_of for _, inp in redo])
@@ -221,9 +223,10 @@ class TwinWriter:
             if t.created == plan.existed[sid] or t.event_count != plan.counts[sid]:
                 raise StalePlan
         self._check_served(s, model)
-        added = self.store.twins.insert_events(s, plan.fresh, plan.ids)
-        if added != plan.added:
+        # the counts are unchanged under the locks, so the plan's new events are new
+        if self.store.twins.insert_new_events(s, plan.fresh) != len(plan.fresh):
             raise StalePlan
+        added = plan.added
         self._failpoint("after_events")
         self.store.twins.add_forecasts(s, plan.forecasts)
         self.store.twins.write_views(s, plan.views)

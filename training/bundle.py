@@ -82,7 +82,11 @@ class ModelBundle:
 
     @staticmethod
     def loads(data: bytes) -> ModelBundle:
-        return pickle.loads(data)
+        bundle = pickle.loads(data)
+        for m in bundle.models:  # explanation tables: built at load, not on a request
+            if hasattr(m, "explainer"):
+                m.explainer()
+        return bundle
 
     def digest(self) -> str:
         return hashlib.sha256(self.dumps()).hexdigest()

@@ -18,6 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from training.treeshap import TreeShap
+
 LGB_THREADS = 2  # fixed, so training reproduces on any machine
 
 
@@ -62,8 +64,22 @@ class LightGBMHorizon:
         return self.booster_.predict(x, num_threads=1)
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
-        """Per-feature contributions on the raw (log-odds) scale, bias dropped."""
+        """Per-feature contributions on the raw (log-odds) scale, bias dropped: LightGBM's
+        TreeSHAP values, from precomputed tables (:mod:`training.treeshap`, ~9x faster)
+        when they fit, else from the booster itself."""
+        shap = self.explainer()
+        if shap is not None:
+            return shap.contributions(x)
         return self.booster_.predict(x, pred_contrib=True, num_threads=1)[:, :-1]
+
+    def explainer(self) -> TreeShap | None:
+        """The tables, built once per loaded model (not pickled)."""
+        if "_shap" not in self.__dict__:
+            self.__dict__["_shap"] = TreeShap.from_booster(self.booster_)
+        return self.__dict__["_shap"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_shap"}
 
     def fitted_params(self) -> dict[str, Any]:
         return {**self.params, "best_iteration": self.best_iteration_}

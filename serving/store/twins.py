@@ -10,14 +10,14 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _json_str
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import (
-    String,
-    and_,
     bindparam,
-    cast,
     delete,
     func,
     insert,
@@ -29,10 +29,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from features.events import NAT_US, EventArrays
+from features.events import EventArrays
 from serving.store.models import Event, Forecast, Twin
 
 KEY_CHUNK = 20_000  # bound parameters per query
+EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "recorded_at",
+                 "idempotency_key", "source")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # MEDS stores values as float32
 
 
@@ -55,9 +57,12 @@ def idempotency_key(subject_id: int, time: datetime | None, code: str, value: fl
     """The client's event id, else a hash of subject, time, code and value."""
     if client_id:
         return "id:" + client_id[:120]
-    raw = json.dumps([subject_id, time.isoformat() if time else None, code,
-                      None if value is None else repr(float(value)), text])
-    return "h:" + hashlib.sha256(raw.encode()).hexdigest()[:64]
+    # exactly json.dumps([subject_id, time ISO, code, repr(value), text]) — the format
+    # stored keys were made with — at a third of its cost (the bulk route's hot loop)
+    raw = (f"[{int(subject_id)}, {_json_str(time.isoformat()) if time else 'null'}, "
+           f"{_json_str(code)}, {'null' if value is None else _json_str(repr(float(value)))}"
+           f", {'null' if text is None else _json_str(text)}]")
+    return "h:" + hashlib.sha256(raw.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,9 +233,23 @@ class Twins:
                 added[sid] += 1
         return added
 
+    def insert_new_events(self, s: Session, rows: list[dict[str, Any]]) -> int:
+        """Insert event rows the caller found new under its twins' locks (duplicates are
+        still skipped); how many went in.  Plain driver executemany: the bulk route's
+        20,000 rows spend their time in the database, not in statement building."""
+        if not rows:
+            return 0
+        sql = self._sql(f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(EVENT_COLUMNS))}) "
+                        "ON CONFLICT (subject_id, idempotency_key) DO NOTHING")
+        dt = self._param_time
+        params = [(r["subject_id"], dt(r["time"]), r["code"], r["numeric_value"],
+                   r["text_value"], dt(r["recorded_at"]), r["idempotency_key"], r["source"])
+                  for r in rows]
+        return s.connection().exec_driver_sql(sql, params).rowcount
+
     def existing_keys(self, s: Session, rows: list[dict[str, Any]]) -> set[tuple[int, str]]:
         """Which of the rows' (twin, idempotency key) pairs are stored already."""
-        e = Event.__table__.c
         keys: dict[int, list[str]] = {}
         for r in rows:
             keys.setdefault(r["subject_id"], []).append(r["idempotency_key"])
@@ -238,22 +257,32 @@ class Twins:
         # "(twin = ? AND key IN (…)) OR …": one index search per twin (a plain
         # "twin IN (…) AND key IN (…)" probes every twin with every key); in chunks
         # below SQLite's limit on bound parameters
-        terms, size = [], 0
+        terms: list[str] = []
+        params: list[Any] = []
         for sid, ks in sorted(keys.items()):
-            terms.append(and_(e.subject_id == sid, e.idempotency_key.in_(ks)))
-            size += 1 + len(ks)
-            if size >= KEY_CHUNK:
-                found.update(self._found(s, terms))
-                terms, size = [], 0
+            terms.append(f"(subject_id = ? AND idempotency_key IN ({', '.join('?' * len(ks))}))")
+            params += [sid, *ks]
+            if len(params) >= KEY_CHUNK:
+                found.update(self._found(s, terms, params))
+                terms, params = [], []
         if terms:
-            found.update(self._found(s, terms))
+            found.update(self._found(s, terms, params))
         return found
 
-    @staticmethod
-    def _found(s: Session, terms: list) -> set[tuple[int, str]]:
-        e = Event.__table__.c
-        q = select(e.subject_id, e.idempotency_key).where(or_(*terms))
-        return {(r[0], r[1]) for r in s.connection().execute(q)}
+    def _found(self, s: Session, terms: list[str], params: list[Any]) -> set[tuple[int, str]]:
+        sql = self._sql("SELECT subject_id, idempotency_key FROM events WHERE "
+                        + " OR ".join(terms))
+        return {(r[0], r[1]) for r in s.connection().exec_driver_sql(sql, tuple(params))}
+
+    def _sql(self, sql: str) -> str:
+        """Driver SQL written with ``?`` placeholders, in this driver's style."""
+        return sql if self.sqlite else sql.replace("?", "%s")
+
+    def _param_time(self, t: datetime | None) -> datetime | str | None:
+        """A naive-UTC time as a driver parameter: SQLite stores SQLAlchemy's text form."""
+        if t is None or not self.sqlite:
+            return t
+        return t.isoformat(" ", "microseconds")
 
     def histories(self, s: Session, subject_ids: Iterable[int],
                   recorded_upto: datetime | None = None) -> History:
@@ -266,14 +295,21 @@ class Twins:
         ids = sorted(set(subject_ids))
         if not ids:
             return []
-        e = Event.__table__.c
         # times as text: numpy parses a column of strings ~30x faster than it converts
-        # datetime objects (naive UTC either way)
-        q = (select(e.subject_id, cast(e.time, String), e.code, e.numeric_value, e.text_value,
-                    e.id, cast(e.recorded_at, String)).where(e.subject_id.in_(ids)))
+        # datetime objects (naive UTC either way); driver SQL, as rows come in thousands
+        text = "" if self.sqlite else "::text"
+        sql = (f"SELECT subject_id, time{text}, code, numeric_value, text_value, id, "
+               f"recorded_at{text} FROM events WHERE subject_id IN "
+               f"({', '.join('?' * len(ids))})")
+        params: list[Any] = list(ids)
         if recorded_upto is not None:
-            q = q.where(e.recorded_at <= recorded_upto)
-        return s.connection().execute(q).fetchall()
+            sql += " AND recorded_at <= ?"
+            params.append(self._param_time(recorded_upto))
+        result = s.connection().exec_driver_sql(self._sql(sql), tuple(params))
+        try:  # plain driver tuples: ~2x faster than Row objects for 10^5 rows
+            return result.cursor.fetchall()
+        finally:
+            result.close()
 
     # ------------------------------------------------------------------ forecasts
     def add_forecasts(self, s: Session, rows: list[dict[str, Any]]) -> None:
@@ -355,10 +391,12 @@ class History:
         n = len(rows)
         if n == 0:
             return cls(event_arrays(()), {}, {}, {}, {})
-        sid_l, t_l, code_l, value_l, text_l, id_l, rec_l = zip(*rows, strict=True)
+        # column by column (zip(*rows) of 10^5 tuples costs 5x more)
+        sid_l, t_l, code_l, value_l, text_l, id_l, rec_l = (
+            list(map(itemgetter(k), rows)) for k in range(7))
         sid = np.array(sid_l, dtype=np.int64)
         t = np.array(t_l, dtype="datetime64[us]").view(np.int64)  # None → NaT (int64 min)
-        cats, code = np.unique(np.array(code_l, dtype=str), return_inverse=True)
+        code, cats = _codes(code_l)
         value = np.array(value_l, dtype=np.float64).astype(np.float32)  # None → NaN
         eid = np.array(id_l, dtype=np.int64)
         rec = np.array(rec_l, dtype="datetime64[us]").view(np.int64)
@@ -368,28 +406,36 @@ class History:
         s_o, c_o = sid[order], code[order]
         last = np.r_[(s_o[1:] != s_o[:-1]) | (c_o[1:] != c_o[:-1]), True]
         latest: dict[int, list[dict[str, Any]]] = {}
-        for i in order[last]:  # ascending subject, then code
-            latest.setdefault(int(sid[i]), []).append({
-                "code": str(cats[code[i]]),
-                "time": None if t[i] == NAT_US else datetime_of(t[i]),
-                "numeric_value": value_l[i],
-                "text_value": text_l[i] if isinstance(text_l[i], str) else None})
+        pick = order[last]  # ascending subject, then code
+        for i, s_i, c_i, t_i in zip(pick.tolist(), sid[pick].tolist(),
+                                    cats[code[pick]].tolist(), datetimes_of(t[pick]),
+                                    strict=True):
+            text = text_l[i]
+            latest.setdefault(s_i, []).append({
+                "code": c_i, "time": t_i, "numeric_value": value_l[i],
+                "text_value": text if isinstance(text, str) else None})
         subjects = np.unique(sid)
         grouped = np.argsort(sid, kind="stable")
         starts = np.searchsorted(sid[grouped], subjects)
         counts = np.diff(np.r_[starts, n])
         wm = np.maximum.reduceat(rec[grouped], starts)
         tl = np.maximum.reduceat(t[grouped], starts)
-        keys = [int(x) for x in subjects]
+        keys = subjects.tolist()
         return cls(arrays, latest,
-                   {k: datetime_of(w) for k, w in zip(keys, wm, strict=True)},
-                   {k: datetime_of(x) for k, x in zip(keys, tl, strict=True) if x != NAT_US},
-                   dict(zip(keys, (int(c) for c in counts), strict=True)))
+                   dict(zip(keys, datetimes_of(wm), strict=True)),
+                   {k: x for k, x in zip(keys, datetimes_of(tl), strict=True)
+                    if x is not None},
+                   dict(zip(keys, counts.tolist(), strict=True)))
 
 
 def datetime_of(us: int) -> datetime:
     """Microseconds since the epoch as a naive-UTC datetime."""
     return np.datetime64(int(us), "us").astype(datetime)
+
+
+def datetimes_of(us: np.ndarray) -> list[datetime | None]:
+    """Microseconds since the epoch as naive-UTC datetimes (NaT: None), vectorised."""
+    return us.astype(np.int64).astype("datetime64[us]").astype(object).tolist()
 
 
 def event_arrays(rows: Sequence[tuple]) -> EventArrays:
@@ -400,11 +446,18 @@ def event_arrays(rows: Sequence[tuple]) -> EventArrays:
     if len(rows) == 0:
         return EventArrays(np.empty(0, np.int64), np.empty(0, np.int64),
                            np.empty(0, np.int32), (), np.empty(0, np.float64))
-    sid_l, t_l, code_l, value_l = (list(c) for c in list(zip(*rows, strict=False))[:4])
-    cats, code = np.unique(np.array(code_l, dtype=str), return_inverse=True)
+    sid_l, t_l, code_l, value_l = (list(map(itemgetter(k), rows)) for k in range(4))
+    code, cats = _codes(code_l)
     return _canonical(np.array(sid_l, dtype=np.int64),
                       np.array(t_l, dtype="datetime64[us]").view(np.int64), code, cats,
                       np.array(value_l, dtype=np.float64).astype(np.float32))
+
+
+def _codes(codes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each code in the sorted distinct codes, those codes): np.unique's
+    answer, by hashing rather than sorting strings."""
+    index, cats = pd.factorize(np.array(codes, dtype=object), sort=True)
+    return index, np.asarray(cats, dtype=str)
 
 
 def _canonical(sid: np.ndarray, t: np.ndarray, code: np.ndarray, cats: np.ndarray,

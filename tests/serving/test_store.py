@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving.store.twins import History, forecast_digest, idempotency_key
 
@@ -19,6 +24,18 @@ def test_latest_value_is_by_time_then_arrival_not_by_arrival_alone():
     assert one == {"GENDER//F": None, "LAB//A": 40.0, "LAB//B": 1.0}
     assert [v["numeric_value"] for v in got[2]] == [7.0]
     assert History.from_rows([]).latest == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(sid=st.integers(0, 2**53), t=st.none() | st.datetimes(),
+       code=st.text(max_size=30), value=st.none() | st.floats(allow_nan=False, width=32),
+       text=st.none() | st.text(max_size=30))
+def test_idempotency_keys_keep_the_stored_format(sid, t, code, value, text):
+    """Keys stored before must match re-sent events: the hash of this exact JSON."""
+    raw = json.dumps([sid, t.isoformat() if t else None, code,
+                      None if value is None else repr(float(value)), text])
+    assert idempotency_key(sid, t, code, value, text, None) == \
+        "h:" + hashlib.sha256(raw.encode()).hexdigest()
 
 
 def test_idempotency_keys_and_forecast_digests_see_every_field():
