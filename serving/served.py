@@ -14,6 +14,7 @@ import threading
 from serving.errors import NotReady
 from serving.model_source import LoadedModel, ModelSource
 from serving.store import Store
+from serving.store.jobs import AliasMoved
 
 log = logging.getLogger("twincast.service")
 
@@ -65,16 +66,25 @@ class ModelHolder:
 
     def follow_champion(self, reason: str) -> tuple[bool, int | None]:
         """Load the alias's version when it is not the one served; move the served row.
-        Returns (changed here, refresh job created)."""
-        version = self.source.champion_version()
-        if version is None:
-            raise NotReady(f"{self.name} has no champion yet: train and promote a model first")
-        with self._lock:
-            before = self.model.version if self.model else None
-            model = self._load(version)
-            job = self.store.jobs.adopt(model.name, model.version, model.run_id, self.worker,
-                                        reason)
-            self.model = model
-        if before != version:
-            log.info("serving %s version %s (%s)", self.name, version, reason)
-        return before != version, job
+        Returns (changed here, refresh job created).  The alias is read again under the
+        served row's lock, so a read that went stale while this worker waited for it
+        never moves the row back to an older move."""
+        for _ in range(3):
+            version = self.source.champion_version()
+            if version is None:
+                raise NotReady(f"{self.name} has no champion yet: train and promote a "
+                               "model first")
+            with self._lock:
+                before = self.model.version if self.model else None
+                model = self._load(version)
+                try:
+                    job = self.store.jobs.adopt(model.name, model.version, model.run_id,
+                                                self.worker, reason,
+                                                confirm=self.source.champion_version)
+                except AliasMoved:
+                    continue  # read the alias again
+                self.model = model
+            if before != version:
+                log.info("serving %s version %s (%s)", self.name, version, reason)
+            return before != version, job
+        raise NotReady(f"the champion alias of {self.name} keeps moving: try again shortly")

@@ -8,6 +8,7 @@ back-off — by one conditional ``UPDATE``, so exactly one runs it at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import and_, or_, select, update
@@ -22,6 +23,14 @@ from serving.store.twins import Twins, utcnow
 
 MAX_ATTEMPTS = 5
 RETRY_AFTER = timedelta(seconds=30)
+
+
+class AliasMoved(Exception):
+    """The champion alias moved between a worker's read of it and its adoption."""
+
+    def __init__(self, version: str | None):
+        super().__init__(version)
+        self.version = version
 
 
 class Jobs:
@@ -39,10 +48,14 @@ class Jobs:
             q = q.with_for_update(read=True)
         return s.execute(q).scalar_one_or_none()
 
-    def adopt(self, name: str, version: str, run_id: str, worker: str, reason: str
-              ) -> int | None:
+    def adopt(self, name: str, version: str, run_id: str, worker: str, reason: str,
+              confirm: Callable[[], str | None] | None = None) -> int | None:
         """Make ``version`` the served one; when that changes it, supersede the running
-        refresh and create a new one (returned).  Idempotent for the same version."""
+        refresh and create a new one (returned).  Idempotent for the same version.
+
+        ``confirm`` reads the alias again once the served row is locked: a worker whose
+        alias read went stale while it waited for the lock (another worker meanwhile
+        adopted a newer move) raises :class:`AliasMoved` instead of moving the row back."""
         def work(s: Session) -> int | None:
             now = utcnow()
             s.add(ModelLoad(time=now, model_name=name, model_version=version,
@@ -56,8 +69,11 @@ class Jobs:
                 q = select(ServedModel.model_version).where(ServedModel.model_name == name)
                 if not self.db.sqlite:
                     q = q.with_for_update()
-                if s.execute(q).scalar_one() == version:
+                current = s.execute(q).scalar_one()
+                if current == version:
                     return None
+                if confirm is not None and (seen := confirm()) != version:
+                    raise AliasMoved(seen)
                 s.execute(update(ServedModel).where(ServedModel.model_name == name)
                           .values(**values))
             s.execute(update(RefreshJob).where(

@@ -157,3 +157,37 @@ def test_a_plan_overtaken_by_another_write_is_refused_and_redone(database, track
     assert out.forecast["risks"] == full["risks"] and out.forecast["as_of"] == full["as_of"]
     assert json.loads(out.view)["event_count"] == len(events)
     svc.store.dispose()
+
+
+def test_a_stale_alias_read_never_moves_the_served_version_back(database, tracker, trained,
+                                                                tmp_path):
+    """Worker A read the alias (version 1), then waited for the served row's lock while
+    the champion moved and worker B adopted the move: A's adoption must not undo it."""
+    import shutil
+
+    from serving.store.jobs import AliasMoved
+    from training.registry import CHAMPION, model_name
+    from training.tracking import Tracker
+
+    src = tracker.tracking_uri.removeprefix("sqlite:///")
+    shutil.copy(src, tmp_path / "mlflow.db")  # promotions here touch no other test
+    copy = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tracker.artifact_root)
+    a, b = service(database, copy), service(database, copy)
+    name = model_name("eskd")
+    first = a.models.current()
+    champ = copy.registry.version_by_alias(name, CHAMPION)
+    mv = copy.registry.register(name, champ.source, champ.run_id, {"family": "copy"})
+    copy.registry.promote(name, str(mv.version), actor="test", kind="manual",
+                          reason="newer", task_name="eskd")
+    changed, job = b.models.follow_champion("alias moved")
+    assert changed and job is not None
+    with pytest.raises(AliasMoved):  # A's stale read, confirmed under the lock
+        a.store.jobs.adopt(name, first.version, first.run_id, "worker-a", "stale read",
+                           confirm=a.models.source.champion_version)
+    with a.store.read() as s:
+        assert a.store.jobs.served_version(s, name) == str(mv.version)
+    assert a.store.jobs.latest(name).model_version == str(mv.version)
+    changed, _ = a.models.follow_champion("alias moved")  # A then follows the real alias
+    assert changed and a.models.current().version == str(mv.version)
+    a.store.dispose()
+    b.store.dispose()
