@@ -252,6 +252,7 @@ def run_db(kind: str, home: Path, events, args) -> dict:
            "TWINCAST_DATABASE_URL": db_url, "TWINCAST_WORKERS": "1",
            "TWINCAST_MODEL_POLL_SECONDS": "2", "BENTOML_HOME": str(home / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true",
+           "TWINCAST_PUBLIC_URL": f"http://127.0.0.1:{PORT}",
            "TWINCAST_CDS_CLIENTS": json.dumps({CDS_ISSUER: {"public_key": cds_public,
                                                             "algorithms": ["RS384"]}})}
     auth = [f"Authorization: Bearer {key}", "content-type: application/json"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from serving.cds import Verifier
 from serving.config import ServingConfig
 from serving.core import TwinService
 from serving.errors import NotReady
@@ -28,6 +29,7 @@ def build_service(config: ServingConfig, *, start: bool = True) -> TwinService:
         raise NotReady("which task? set TWINCAST_TASK (or --task): the registry holds "
                        "no single twincast model")
     service = TwinService(config, store, ModelSource(tracker, task))
+    service.cds_verifier = Verifier(config.cds_clients, store.replay)
     if start:
         service.start()
     return service

@@ -5,8 +5,7 @@ observations).  A call updates the twin from the prefetched resources, forecasts
 answers with a card (summary, indicator by configured thresholds, source, markdown
 detail with the top contributions).  Without prefetch the twin already in the store is
 used, or the answer is 412 as the specification says.  Clients authenticate with a JWT
-signed by a registered CDS client (issuer, audience, expiry and signature checked against
-that client's public key) or with a twincast bearer key.
+signed by a registered CDS client (:class:`Verifier`) or with a twincast bearer key.
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ import jwt
 from serving.core import TwinService
 from serving.errors import BadInput, ServingError, Unauthorized
 from serving.fhir import bundle_inputs, convert
+from serving.jwtkeys import client_keys
 from serving.store.identity import MAX_VALUE, scoped_system
 from serving.store.models import CdsFeedback
 from serving.store.twins import utcnow
 from serving.writes import AccessInfo, Caller
 
 HOOK = "patient-view"
-JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 
 
 class PreconditionFailed(ServingError):
@@ -72,29 +71,60 @@ def discovery(service: TwinService) -> dict[str, Any]:
     }]}
 
 
-def verify_jwt(token: str, clients: dict[str, dict[str, Any]], audience) -> CdsClient:
-    """Check a CDS client's JWT: known issuer, signature by its key, audience, expiry."""
-    try:
-        unverified = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        raise Unauthorized("the bearer token is neither a twincast key nor a JWT") from None
-    iss = unverified.get("iss")
-    client = clients.get(iss) if isinstance(iss, str) else None
-    if client is None:
-        raise Unauthorized("the JWT's issuer is not a registered CDS client")
-    try:
-        claims = jwt.decode(token, client["public_key"],
-                            algorithms=list(client.get("algorithms", JWT_ALGORITHMS)),
-                            audience=audience, issuer=iss,
-                            options={"require": ["iss", "aud", "exp", "iat", "jti"]})
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("the JWT has expired") from None
-    except jwt.InvalidAudienceError:
-        raise Unauthorized("the JWT's audience is not this CDS service") from None
-    except jwt.PyJWTError as exc:
-        raise Unauthorized(f"the JWT does not verify ({type(exc).__name__})") from None
-    tenant = claims.get("tenant")
-    return CdsClient(iss, claims.get("sub"), tenant if isinstance(tenant, str) else None)
+MAX_TOKEN_LIFETIME = 300  # seconds from iat to exp (CDS Hooks 2.0: at most 5 minutes)
+LEEWAY = 60  # seconds of clock skew allowed on iat, exp and nbf
+
+
+class Verifier:
+    """CDS Hooks 2.0 JWT checks for the registered clients (keys parsed at start).
+
+    A token is accepted once: its issuer is a registered client, its signature verifies
+    with that client's key (by ``kid`` for a JWKS) and one of its algorithms, its
+    audience is the endpoint being called (built from the configured public URL), it
+    carries ``iss``, ``aud``, ``exp``, ``iat`` and ``jti``, lives at most five minutes,
+    is current within a minute's leeway, and its (issuer, jti) has not been seen."""
+
+    def __init__(self, clients: dict[str, Any], replay: Any):
+        self.keys = {iss: client_keys(cfg) for iss, cfg in clients.items()}
+        self.replay = replay
+
+    def verify(self, token: str, audience: str) -> CdsClient:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise Unauthorized("the bearer token is neither a twincast key nor a JWT") from None
+        iss = unverified.get("iss")
+        keys = self.keys.get(iss) if isinstance(iss, str) else None
+        if keys is None:
+            raise Unauthorized("the JWT's issuer is not a registered CDS client")
+        if header.get("alg") not in keys.algorithms:
+            raise Unauthorized("the JWT's algorithm is not one this client registered")
+        key = keys.key_for(header.get("kid"))
+        if key is None:
+            raise Unauthorized("the JWT's kid names none of this client's keys")
+        try:
+            claims = jwt.decode(token, key, algorithms=list(keys.algorithms),
+                                audience=audience, issuer=iss, leeway=LEEWAY,
+                                options={"require": ["iss", "aud", "exp", "iat", "jti"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("the JWT has expired") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("the JWT's audience is not this CDS service endpoint") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("the JWT is not valid yet (iat or nbf in the future)") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"the JWT does not verify ({type(exc).__name__})") from None
+        exp, iat, jti = claims["exp"], claims["iat"], claims["jti"]
+        if not isinstance(jti, str) or not jti or len(jti) > 255:
+            raise Unauthorized("the JWT's jti must be a string of 1 to 255 characters")
+        if exp - iat > MAX_TOKEN_LIFETIME:
+            raise Unauthorized(f"the JWT lives longer than {MAX_TOKEN_LIFETIME} seconds")
+        until = datetime.fromtimestamp(exp + LEEWAY, UTC).replace(tzinfo=None)
+        if not self.replay.take(iss, jti, until):
+            raise Unauthorized("the JWT was used before (replayed jti)")
+        tenant = claims.get("tenant")
+        return CdsClient(iss, claims.get("sub"), tenant if isinstance(tenant, str) else None)
 
 
 def _prefetch_bundle(prefetch: Any, patient_id: str) -> dict[str, Any] | None:

@@ -10,6 +10,36 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.jwtkeys import client_keys
+
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                   "ES256", "ES384", "ES512", "EdDSA"})
+
+
+class CdsClientConfig(BaseModel):
+    """A registered CDS Hooks client (keyed by its JWT issuer): its public key as PEM, or
+    a JWKS document whose keys carry ``kid``s (so the client can rotate keys; the service
+    never fetches keys from a URL named in a token), and the algorithms it signs with —
+    asymmetric only, as CDS Hooks 2.0 requires."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    public_key: str | None = Field(default=None, description="PEM public key")
+    jwks: dict[str, Any] | None = Field(default=None, description='{"keys": [JWK, …]}, '
+                                        "each with a kid")
+    algorithms: tuple[str, ...] = ("RS384", "ES384")
+
+    @model_validator(mode="after")
+    def _keys(self) -> CdsClientConfig:
+        bad = [a for a in self.algorithms if a not in ASYMMETRIC_ALGORITHMS]
+        if not self.algorithms or bad:
+            raise ValueError(f"algorithms must be asymmetric ({sorted(ASYMMETRIC_ALGORITHMS)}"
+                             f"), got {list(self.algorithms)}")
+        if (self.public_key is None) == (self.jwks is None):
+            raise ValueError("give exactly one of public_key (PEM) and jwks")
+        client_keys(self)  # parses every key now, at start
+        return self
+
 
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -29,7 +59,10 @@ class ServingConfig(BaseModel):
     max_bulk_events: int = Field(default=50_000, ge=1)
     open_docs: bool = False
     open_metrics: bool = False
-    cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
+                                   description="the service's public base URL (CDS Hooks "
+                                   "tokens must name its endpoints as their audience)")
+    cds_clients: dict[str, CdsClientConfig] = Field(default_factory=dict)
     cds_warning: float = Field(default=0.10, ge=0, le=1)
     cds_critical: float = Field(default=0.30, ge=0, le=1)
     failpoints: frozenset[str] = Field(default_factory=frozenset, description="fault "
@@ -39,4 +72,11 @@ class ServingConfig(BaseModel):
     def _thresholds(self) -> ServingConfig:
         if self.cds_warning > self.cds_critical:
             raise ValueError("cds_warning must not exceed cds_critical")
+        if self.cds_clients and not self.public_url:
+            raise ValueError("cds_clients need public_url: a CDS Hooks token's audience is "
+                             "the endpoint's public URL, never the request's Host header")
         return self
+
+    def endpoint(self, path: str) -> str:
+        """The public URL of ``path`` (a CDS Hooks token's expected audience)."""
+        return (self.public_url or "").rstrip("/") + path

@@ -40,6 +40,7 @@ class TwinService:
                                    failpoints=config.failpoints)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.cds_verifier: Any = None  # serving.cds.Verifier, set by the wiring
 
     @property
     def task_name(self) -> str:

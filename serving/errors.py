@@ -53,3 +53,7 @@ class Unavailable(ServingError):
 class PayloadTooLarge(ServingError):
     http_status = 413
     code = "payload_too_large"
+
+    def __init__(self, message: str, field: list | None = None):
+        super().__init__(message)
+        self.field = field or ["body"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from features.fhir import FhirError, FhirImport, FhirMapping, PatientRecord, bundle_to_events
 from serving.core import TwinService
-from serving.errors import BadInput
+from serving.errors import BadInput, PayloadTooLarge
 from serving.store.identity import MAX_SYSTEM, MAX_VALUE, Ident, scoped_system
 from serving.store.twins import EventRow
 from serving.writes import AccessInfo, Caller, TwinInput
@@ -23,14 +23,28 @@ FHIR_SOURCE = "fhir:"
 UCUM = "http://unitsofmeasure.org"
 
 
+MAX_BUNDLE_ENTRIES = 50_000
+MAX_BUNDLE_PATIENTS = 1_000
+
+
 def convert(bundle: Any, mapping: FhirMapping | None = None) -> FhirImport:
-    """The bundle's events per patient; a malformed bundle is a 422 naming the entry."""
+    """The bundle's events per patient; a malformed bundle is a 422 naming the entry, one
+    with more than ``MAX_BUNDLE_ENTRIES`` entries or ``MAX_BUNDLE_PATIENTS`` patients a
+    413."""
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    if isinstance(entries, list) and len(entries) > MAX_BUNDLE_ENTRIES:
+        raise PayloadTooLarge(f"{len(entries)} entries: at most {MAX_BUNDLE_ENTRIES} per "
+                              "bundle", ["body", "entry"])
     try:
-        return bundle_to_events(bundle, mapping)
+        result = bundle_to_events(bundle, mapping)
     except FhirError as exc:
         loc = ["body", *([f"entry[{exc.entry}]"] if exc.entry is not None else []),
                *([exc.element] if exc.element else [])]
         raise BadInput(str(exc), loc) from None
+    if len(result.patients) > MAX_BUNDLE_PATIENTS:
+        raise PayloadTooLarge(f"{len(result.patients)} patients: at most "
+                              f"{MAX_BUNDLE_PATIENTS} per bundle", ["body", "entry"])
+    return result
 
 
 def patient_identifiers(patient: PatientRecord, sender: str) -> tuple[Ident, ...]:

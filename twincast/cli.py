@@ -419,7 +419,7 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
     except NotFound as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
-    out.print(f"revoked {name}")
+    out.print(f"revoked {name}: every worker refuses it from now on")
 
 
 def serve_command(task: str | None, host: str, port: int, workers: int | None) -> list[str]:

@@ -33,8 +33,12 @@ class Settings(BaseSettings):
     model_poll_seconds: float = 30.0
     open_docs: bool = False
     open_metrics: bool = False
+    # the service's public base URL, e.g. https://twincast.example.org (CDS Hooks tokens
+    # name its endpoints as their audience)
+    public_url: str | None = None
     # CDS Hooks: registered clients as JSON {"<issuer>": {"public_key": "<PEM>",
-    # "algorithms": ["RS384", "ES384"]}}; cards turn warning/critical at these risks
+    # "algorithms": ["RS384"]}} or {"<issuer>": {"jwks": {"keys": [...]}}};
+    # cards turn warning/critical at these risks
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     cds_warning: float = 0.10
     cds_critical: float = 0.30

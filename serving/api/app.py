@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse
 from serving.api import admin, errors, hooks, twins
 from serving.api import schemas as S
 from serving.api.deps import require
+from serving.api.limits import BodyLimitMiddleware
 from serving.states import Action
 from serving.store.access import access_row
 
@@ -28,8 +30,13 @@ log = logging.getLogger("twincast.access")
 
 
 class AccessLogMiddleware:
-    """Pure ASGI: after a response, queue an access-log row for a request that touched a
-    twin or did something auditable — unless its write already logged it."""
+    """Pure ASGI: the access-log row of a request that touched a twin or did something
+    auditable, unless its write already logged it in its own transaction.
+
+    A successful answer is held until its row is committed (a worker killed after it
+    answered leaves the row behind); when the row cannot be written the client gets a
+    503 instead of the data.  Refusals (4xx) are queued and written in batches, so
+    unauthenticated traffic costs no write each."""
 
     def __init__(self, app):
         self.app = app
@@ -37,32 +44,62 @@ class AccessLogMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500}
+        refused = False
 
         async def _send(message):
+            nonlocal refused
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
+                row, service = self._row(scope, message["status"])
+                if row is not None and 200 <= message["status"] < 300:
+                    try:
+                        await anyio.to_thread.run_sync(service.store.access.write, row)
+                    except Exception as exc:
+                        log.error("writing an access-log row failed (%s): answered 503",
+                                  type(exc).__name__)
+                        refused = True
+                        await errors.error(
+                            503, "unavailable", "the access log could not be written: try "
+                            "again shortly", headers={"Retry-After": "1"})(scope, receive,
+                                                                           send)
+                        return
+                elif row is not None:
+                    service.store.access.queue(row)
+            if not refused:
+                await send(message)
 
         await self.app(scope, receive, _send)
+
+    @staticmethod
+    def _row(scope, status: int) -> tuple[dict[str, Any] | None, Any]:
         access = (scope.get("state") or {}).get("access")
         service = getattr(scope["app"].state, "service", None) if "app" in scope else None
         if not access or service is None:
-            return
+            return None, None
         info = access.get("info")
-        if info is not None and info.written and 200 <= status["code"] < 300:
-            return
+        if info is not None and info.written and 200 <= status < 300:
+            return None, None
         if access["subject_id"] is None and access["action"] not in LOGGED_ACTIONS:
-            return
+            return None, None
         caller = access.get("caller")
-        try:
-            service.store.access.queue(access_row(
-                key_id=getattr(caller, "key_id", None), key_name=getattr(caller, "name", None),
-                role=getattr(caller, "role", None), method=scope["method"],
-                path=scope["path"], action=access["action"], subject_id=access["subject_id"],
-                status_code=status["code"]))
-        except Exception:
-            log.exception("queueing an access-log row failed")
+        return access_row(
+            key_id=getattr(caller, "key_id", None), key_name=getattr(caller, "name", None),
+            role=getattr(caller, "role", None), method=scope["method"], path=scope["path"],
+            action=access["action"], subject_id=access["subject_id"], status_code=status
+        ), service
+
+
+READY_TIMEOUT_SECONDS = 2.0
+
+
+def _store_check(service) -> str:
+    from sqlalchemy import text
+
+    try:
+        with service.store.read() as s:
+            s.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:
+        return f"unreachable ({type(exc).__name__})"
 
 
 def create_app(*, open_docs: bool = False) -> FastAPI:
@@ -71,6 +108,7 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
                   description="Digital twins with live, traceable risk forecasts.")
     errors.install(app)
     app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(BodyLimitMiddleware)  # outermost: before anything reads the body
     for r in (twins.router, hooks.router, admin.router):
         app.include_router(r)
     docs_guard = [] if open_docs else [Depends(require(Action.READ_TWINS, "read_docs"))]
@@ -84,25 +122,23 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
         return get_swagger_ui_html(openapi_url="/v1/openapi.json", title="twincast API")
 
     @app.get("/v1/health", response_model=S.HealthOut, tags=["service"])
-    def health() -> dict:
-        """Liveness: the process answers (no key needed)."""
+    async def health() -> dict:
+        """Liveness: the process answers (no key needed; on the event loop, so it answers
+        whatever the database does)."""
         return {"status": "ok"}
 
     @app.get("/v1/ready", response_model=S.HealthOut, tags=["service"],
              responses={503: {"model": S.HealthOut}})
-    def ready(request: Request):
-        """Readiness: the store answers and a model is loaded (no key needed)."""
+    async def ready(request: Request):
+        """Readiness: the store answers (within 2 s) and a model is loaded; each
+        dependency's state is named (no key needed)."""
         service = getattr(request.app.state, "service", None)
         checks = {"store": "missing", "model": "missing"}
         if service is not None:
-            try:
-                from sqlalchemy import text
-
-                with service.store.read() as s:
-                    s.execute(text("SELECT 1"))
-                checks["store"] = "ok"
-            except Exception as exc:
-                checks["store"] = type(exc).__name__
+            checks["store"] = "timeout"
+            with anyio.move_on_after(READY_TIMEOUT_SECONDS):
+                checks["store"] = await anyio.to_thread.run_sync(_store_check, service,
+                                                                 abandon_on_cancel=True)
             model = service.models.model
             if model is not None:
                 checks["model"] = f"{model.name} version {model.version}"

@@ -51,8 +51,9 @@ def require(action: Action, name: str, *, twin: bool = False):
     """A dependency: authenticate, check the role may do ``action``, note the access
     (``name`` in the access log; the path's twin when ``twin``)."""
 
-    async def dependency(request: Request, service: Service,
-                         credentials: Credentials) -> Principal:
+    def dependency(request: Request, service: Service,
+                   credentials: Credentials) -> Principal:
+        # a plain function: FastAPI runs it in the thread pool, off the event loop
         subject = str(request.path_params.get("subject_id", ""))
         note_access(request, name, int(subject) if twin and subject.isdigit()
                     and int(subject) < 2**63 else None)

@@ -54,7 +54,16 @@ def install(app: FastAPI) -> None:
             return error(503, "unavailable", "the database is busy or unreachable: try "
                          "again shortly", headers={"Retry-After": "1"})
         log.error("database error %s on %s", type(exc.orig).__name__, request.url.path)
-        return error(500, "internal_error", "the request failed in the database")
+        return error(503, "unavailable", "the request failed in the database: try again "
+                     "shortly", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # a bug, not the client's mistake: JSON all the same, and the log names only the
+        # exception's type and the route (never its message, which may carry values)
+        log.error("unexpected %s on %s %s", type(exc).__name__, request.method,
+                  request.url.path)
+        return error(500, "internal_error", "the request failed inside the service")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -55,8 +55,8 @@ class CdsAuth:
     def __init__(self, action: str):
         self.action = action
 
-    async def __call__(self, request: Request, service: Service, credentials: Credentials
-                       ) -> tuple[Caller, str]:
+    def __call__(self, request: Request, service: Service, credentials: Credentials
+                 ) -> tuple[Caller, str]:  # in the thread pool: it reads the store
         note_access(request, self.action)
         token = credentials.credentials.strip() if credentials else ""
         if not token:
@@ -70,9 +70,10 @@ class CdsAuth:
             if not may(key.role, Action.WRITE_TWINS):
                 raise Forbidden(f"role '{key.role}' may not call CDS services")
             return caller, key.name  # the same sender as on /v1/fhir
-        url = str(request.url).split("?")[0]
-        audiences = [url, url.rsplit("/feedback", 1)[0], str(request.base_url) + "cds-services"]
-        client = cds.verify_jwt(token, service.config.cds_clients, audiences)
+        if service.cds_verifier is None or not service.config.cds_clients:
+            raise Unauthorized("no CDS clients are registered: use a twincast key")
+        # the endpoint being called, from the configured public URL (never the Host header)
+        client = service.cds_verifier.verify(token, service.config.endpoint(request.url.path))
         caller = Caller(client.name, None, "clinical")  # CDS clients act as clinical
         request.state.access["caller"] = caller
         return caller, client.sender

@@ -2,7 +2,8 @@
 
 ``open_store(url)`` migrates and returns a :class:`Store` whose parts are ``twins``
 (twins, events, forecasts, views), ``identities`` (external identifiers), ``keys``,
-``access`` (the access log) and ``jobs`` (served version and refresh jobs).
+``access`` (the access log), ``jobs`` (served version and refresh jobs) and ``replay``
+(CDS Hooks tokens seen).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from serving.store.db import Database, upgrade
 from serving.store.identity import Identities
 from serving.store.jobs import Jobs
 from serving.store.keys import Keys
+from serving.store.replay import Replay
 from serving.store.twins import Twins
 
 
@@ -23,6 +25,7 @@ class Store:
         self.keys = Keys(self.db)
         self.access = Access(self.db)
         self.jobs = Jobs(self.db, self.twins)
+        self.replay = Replay(self.db)
 
     @property
     def sqlite(self) -> bool:

@@ -1,8 +1,9 @@
 """The access log: who read or wrote which twin, when, through which key.
 
-Writes of twins add their rows in their own transaction; everything else is queued and
-written in batches by one background thread (flushed within ``FLUSH_SECONDS`` and before
-the log is read), so a read costs no extra database round trip.
+Writes of twins add their rows in their own transaction; a successful read commits its
+row before its answer is sent (:meth:`Access.write`); refusals are queued and written in
+batches by one background thread (flushed within ``FLUSH_SECONDS`` and before the log is
+read).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Access:
         """Append rows in the caller's transaction."""
         if rows:
             s.execute(insert(AccessLog), rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Commit one row now (a request's answer waits for it)."""
+        with self.db.write() as w:
+            w.execute(insert(AccessLog), [row])
 
     def queue(self, row: dict[str, Any]) -> None:
         """Append a row soon (batched), off the request's path."""

@@ -27,7 +27,10 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from serving.errors import Unavailable
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+WRITE_WAIT_SECONDS = 10.0  # a clinical write waits this long for SQLite's lock, then 503
 _immediate: contextvars.ContextVar[bool] = contextvars.ContextVar("immediate", default=False)
 
 
@@ -47,7 +50,8 @@ def make_engine(url: str) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # hide_parameters: a database error's text never carries patient values into logs
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+        engine = create_engine(url, connect_args={"timeout": WRITE_WAIT_SECONDS,
+                                                   "check_same_thread": False},
                                hide_parameters=True)
 
         @event.listens_for(engine, "connect")
@@ -57,7 +61,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={int(WRITE_WAIT_SECONDS * 1000)}")
             # no checkpoint inside a request's commit: the Checkpointer runs them
             cur.execute("PRAGMA wal_autocheckpoint=0")
             # a twin's history is a few hundred rows spread over the file: keep pages in
@@ -84,7 +88,9 @@ def is_sqlite(engine: Engine) -> bool:
 class WriterQueue:
     """One SQLite writer at a time within a process, urgent writers (clinical requests)
     first: SQLite's own busy handler retries with sleeps of up to 100 ms, which starves
-    unlucky writers, and a background refresh must yield to clinical traffic."""
+    unlucky writers, and a background refresh must yield to clinical traffic.  An urgent
+    writer waits at most ``WRITE_WAIT_SECONDS`` (then :class:`~serving.errors.Unavailable`,
+    a 503 with ``Retry-After``); background writers wait for their turn."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -93,12 +99,16 @@ class WriterQueue:
 
     @contextlib.contextmanager
     def hold(self, *, urgent: bool = True) -> Iterator[None]:
+        deadline = time.monotonic() + WRITE_WAIT_SECONDS
         with self._cond:
             if urgent:
                 self._urgent_waiting += 1
             try:
                 while self._held or (not urgent and self._urgent_waiting):
-                    self._cond.wait()
+                    left = deadline - time.monotonic()
+                    if urgent and left <= 0:
+                        raise Unavailable("the database is busy: try again shortly")
+                    self._cond.wait(left if urgent else None)
             finally:
                 if urgent:
                     self._urgent_waiting -= 1
@@ -273,8 +283,6 @@ class Database:
     def transact(self, work, *, urgent: bool = True, attempts: int = 4):
         """Run ``work(session)`` in one write transaction; a deadlock or a busy database
         runs it again (up to ``attempts`` times), then raises :class:`Unavailable`."""
-        from serving.errors import Unavailable
-
         for attempt in range(attempts):
             try:
                 with self.write(urgent=urgent) as s:

@@ -211,3 +211,13 @@ class CdsFeedback(Base):
     override_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     outcome_time: Mapped[datetime | None] = mapped_column(DateTime)
     client: Mapped[str | None] = mapped_column(String(255))
+
+
+class CdsToken(Base):
+    """A CDS Hooks JWT seen (issuer, ``jti``), kept until it expires: a replay is refused."""
+
+    __tablename__ = "cds_tokens"
+
+    issuer: Mapped[str] = mapped_column(String(512), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)

@@ -17,6 +17,24 @@ import pytest
 from tests.conftest import free_port, stop
 
 CDS_ISSUER = "https://ehr.example.org"
+JWKS_ISSUER = "https://rotating.example.org"  # registers a JWKS of two keys (kids a, b)
+
+
+def jwks_keys() -> tuple[dict[str, str], dict]:
+    """Two EC P-384 keys: the private PEMs by kid, and the public JWKS document."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    private, keys = {}, []
+    for kid in ("a", "b"):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private[kid] = key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode()
+        keys.append({**ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid,
+                     "use": "sig", "alg": "ES384"})
+    return private, {"keys": keys}
 
 
 def cds_keypair() -> tuple[str, str]:
@@ -46,10 +64,11 @@ def event_rows(frame) -> list:
 
 class Server:
     def __init__(self, url: str, home: Path, tracking_uri: str, db_url: str, keys: dict,
-                 cds_private_key: str = ""):
+                 cds_private_key: str = "", jwks_private: dict[str, str] | None = None):
         self.url, self.home, self.tracking_uri, self.db_url, self.keys = (
             url, home, tracking_uri, db_url, keys)
         self.cds_private_key = cds_private_key
+        self.jwks_private = jwks_private or {}
 
     def client(self, role: str | None = "clinical", headers: dict | None = None
                ) -> httpx.Client:
@@ -60,12 +79,13 @@ class Server:
 
 def _start(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"TWINCAST_PUBLIC_URL": url, **env}  # CDS tokens name this URL as audience
     log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "twincast.service:Twincast",
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -96,8 +116,10 @@ def start_server(kind: str, tmp_path_factory, mlflow_home: Path, *, db_url: str 
     db_url = db_url or f"sqlite:///{home / 'twins.db'}"
     private, public = cds_keypair()
     full = {k: v for k, v in os.environ.items() if not k.startswith(("TWINCAST_", "MLFLOW_T"))}
-    full["TWINCAST_CDS_CLIENTS"] = json.dumps({CDS_ISSUER: {"public_key": public,
-                                                            "algorithms": ["RS384"]}})
+    jwks_private, jwks = jwks_keys()
+    full["TWINCAST_CDS_CLIENTS"] = json.dumps({
+        CDS_ISSUER: {"public_key": public, "algorithms": ["RS384"]},
+        JWKS_ISSUER: {"jwks": jwks, "algorithms": ["ES384"]}})
     full.update({"TWINCAST_HOME": str(home), "TWINCAST_MLFLOW_URI": tracking,
                  "TWINCAST_DATABASE_URL": db_url, "TWINCAST_TASK": "eskd",
                  "TWINCAST_MODEL_POLL_SECONDS": "1", "BENTOML_HOME": str(home / "bentoml"),
@@ -110,7 +132,9 @@ def start_server(kind: str, tmp_path_factory, mlflow_home: Path, *, db_url: str 
     store.dispose()
     proc, url = _start(home, full)
     try:
-        yield Server(url, home, tracking, db_url, keys, private)
+        server = Server(url, home, tracking, db_url, keys, private, jwks_private)
+        server.proc = proc
+        yield server
     finally:
         stop(proc)
 

@@ -103,7 +103,8 @@ def test_without_prefetch_or_twin_the_answer_is_412(server):
 @pytest.mark.parametrize("bad", ["expired", "audience", "issuer", "signature"])
 def test_bad_jwts_are_refused(server, bad):
     url = server.url + f"/cds-services/{SERVICE}"
-    over = {"expired": {"exp": int(time.time()) - 10},
+    now = int(time.time())
+    over = {"expired": {"exp": now - 61, "iat": now - 120},  # past the 60 s leeway
             "audience": {"aud": "https://elsewhere.example/cds-services"},
             "issuer": {"iss": "https://unknown.example"},
             "signature": {"_key": cds_keypair()[0]}}[bad]
@@ -120,3 +121,107 @@ def test_a_twincast_key_works_too_and_bad_bodies_are_422(server):
         assert c.post("/cds-services/other", json=hook("p")).status_code == 404
     with server.client("auditor") as c:
         assert c.get("/cds-services").status_code == 403
+
+
+def post_with(server, path: str, tok: str, body=None, headers: dict | None = None):
+    return httpx.post(server.url + path, json=body if body is not None else hook("x"),
+                      headers={"Authorization": f"Bearer {tok}", **(headers or {})},
+                      timeout=60)
+
+
+def test_a_token_is_taken_once(server):
+    path = f"/cds-services/{SERVICE}"
+    tok = token(server, server.url + path)
+    assert post_with(server, path, tok, hook("replay-1")).status_code == 200
+    again = post_with(server, path, tok, hook("replay-1"))
+    assert again.status_code == 401 and "replayed" in again.json()["message"]
+
+
+@pytest.mark.parametrize("claims, status", [
+    ({"exp": 600}, 401),                 # lives ten minutes: longer than five
+    ({"exp": -90, "iat": -200}, 401),    # expired 90 s ago: past the leeway
+    ({"exp": -30, "iat": -100}, 200),    # expired 30 s ago: within the 60 s leeway
+    ({"iat": 30, "exp": 200}, 200),      # issued 30 s "in the future": clock skew
+    ({"iat": 120, "exp": 300}, 401),     # issued two minutes in the future
+    ({"nbf": 120}, 401),                 # not valid yet
+])
+def test_lifetime_and_leeway(server, claims, status):
+    now = int(time.time())
+    base = {"exp": 300, "iat": 0}
+    over = {k: now + v for k, v in {**base, **claims}.items()}
+    path = f"/cds-services/{SERVICE}"
+    r = post_with(server, path, token(server, server.url + path, **over), hook("lease-1"))
+    assert r.status_code == status, r.text
+
+
+def test_the_audience_is_the_endpoint_called_never_the_host_header(server):
+    path = f"/cds-services/{SERVICE}"
+    spoofed = "http://evil.example" + path
+    r = post_with(server, path, token(server, spoofed), hook("aud-1"),
+                  headers={"Host": "evil.example"})
+    assert r.status_code == 401 and "audience" in r.json()["message"]
+    # a token for the feedback endpoint does not open the hook call, nor the reverse
+    r = post_with(server, path, token(server, server.url + path + "/feedback"), hook("aud-2"))
+    assert r.status_code == 401
+    r = post_with(server, path + "/feedback", token(server, server.url + path),
+                  {"feedback": [{"card": "c", "outcome": "accepted"}]})
+    assert r.status_code == 401
+
+
+def test_a_jwks_client_signs_with_either_key_by_kid(server):
+    from tests.serving.conftest import JWKS_ISSUER
+
+    path = f"/cds-services/{SERVICE}"
+    now = int(time.time())
+
+    def tok(signer: str, kid: str | None, alg: str = "ES384") -> str:
+        claims = {"iss": JWKS_ISSUER, "aud": server.url + path, "exp": now + 300, "iat": now,
+                  "jti": str(uuid.uuid4())}
+        return jwt.encode(claims, server.jwks_private[signer], algorithm=alg,
+                          headers={} if kid is None else {"kid": kid})
+
+    assert post_with(server, path, tok("a", "a"), hook("jwks-1")).status_code == 200
+    assert post_with(server, path, tok("b", "b"), hook("jwks-1")).status_code == 200
+    for bad in (tok("a", "b"), tok("a", "c"), tok("a", None)):  # wrong, unknown, none
+        assert post_with(server, path, bad, hook("jwks-1")).status_code == 401
+    # a token naming a key URL is not followed: its kid must still be one registered
+    jku = jwt.encode({"iss": JWKS_ISSUER, "aud": server.url + path, "exp": now + 300,
+                      "iat": now, "jti": str(uuid.uuid4())}, cds_keypair()[0],
+                     algorithm="RS384", headers={"kid": "a", "jku": "http://127.0.0.1:9/k"})
+    assert post_with(server, path, jku, hook("jwks-1")).status_code == 401
+
+
+def test_the_prefetched_patient_must_be_the_context_patient(server):
+    body = hook("ctx-1")
+    body["prefetch"] = prefetch("someone-else")
+    path = f"/cds-services/{SERVICE}"
+    r = post_with(server, path, token(server, server.url + path), body)
+    assert r.status_code == 422 and r.json()["fields"][0]["loc"][-1] == "id"
+
+
+def test_client_registrations_are_checked_at_start():
+    from pydantic import ValidationError
+
+    from serving.config import ServingConfig
+    from tests.serving.conftest import jwks_keys
+
+    public = cds_keypair()[1]
+    base = {"database_url": "sqlite://", "tracking_uri": "sqlite://",
+            "public_url": "https://twincast.example.org"}
+    ok = ServingConfig(**base, cds_clients={"i": {"public_key": public,
+                                                  "algorithms": ["RS384"]}})
+    assert ok.endpoint("/cds-services/x") == "https://twincast.example.org/cds-services/x"
+    bad = [({"i": {"public_key": public, "algorithms": ["HS256"]}}, "asymmetric"),
+           ({"i": {"public_key": "not a key", "algorithms": ["RS384"]}}, "PEM"),
+           ({"i": {"public_key": cds_keypair()[0], "algorithms": ["RS384"]}}, "private"),
+           ({"i": {"jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]},
+                   "algorithms": ["ES384"]}}, "symmetric"),
+           ({"i": {"jwks": {"keys": [{k: v for k, v in jwks_keys()[1]["keys"][0].items()
+                                      if k != "kid"}]}, "algorithms": ["ES384"]}}, "kid"),
+           ({"i": {"algorithms": ["RS384"]}}, "exactly one")]
+    for clients, words in bad:
+        with pytest.raises(ValidationError, match=words):
+            ServingConfig(**base, cds_clients=clients)
+    with pytest.raises(ValidationError, match="public_url"):
+        ServingConfig(**{**base, "public_url": None}, cds_clients={
+            "i": {"public_key": public, "algorithms": ["RS384"]}})
