@@ -17,12 +17,13 @@ from mlflow.exceptions import MlflowException
 
 from features.digest import dataset_digest
 from features.events import open_meds
-from serving.errors import NotFound
+from serving.errors import ArtifactRefused, NotFound
 from serving.forecasting import forecast_batch
 from serving.model_source import ModelSource
 from serving.store import Store
 from serving.store.twins import forecast_digest
 from serving.views import iso
+from training.errors import RegistryError, RegistryUnreachable
 from training.registry import CHAMPION
 
 
@@ -64,10 +65,13 @@ def audit_forecast(store: Store, source: ModelSource, forecast_id: str, *,
     mv = None
     try:
         mv = reg.version(fc["model_name"], fc["model_version"])
-    except NotFound:
+    except RegistryError:
         pass
-    except Exception as exc:
-        del exc
+    except (RegistryUnreachable, MlflowException, OSError) as exc:
+        links.append(Link("registry reachable", False,
+                          f"the model registry is unreachable ({type(exc).__name__}): the "
+                          "model version, run and data links cannot be checked now"))
+        return _result(chain, links)
     if mv is None:
         links.append(Link("model version exists", False,
                           f"{fc['model_name']} version {fc['model_version']} is not in the "
@@ -142,6 +146,8 @@ def audit_forecast(store: Store, source: ModelSource, forecast_id: str, *,
 def _reproduce(store: Store, source: ModelSource, fc: dict[str, Any]) -> Link:
     try:
         model = source.load(fc["model_version"])
+    except ArtifactRefused as exc:
+        return Link("model artifact verified", False, str(exc))
     except Exception as exc:
         return Link("forecast reproduced", False, f"cannot load the model: {type(exc).__name__}")
     with store.read() as s:

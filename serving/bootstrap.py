@@ -20,7 +20,7 @@ def tracker_for(config: ServingConfig) -> Tracker:
 
 
 def build_service(config: ServingConfig, *, start: bool = True) -> TwinService:
-    go_offline()
+    go_offline(service=True)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     store = open_store(config.database_url)
     tracker = tracker_for(config)

@@ -22,6 +22,7 @@ from serving.store import Store
 from serving.store.db import worker_name
 from serving.views import forecast_json, iso
 from serving.writes import TwinWriter
+from training.errors import RegistryUnreachable
 
 log = logging.getLogger("twincast.service")
 
@@ -41,6 +42,7 @@ class TwinService:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.cds_verifier: Any = None  # serving.cds.Verifier, set by the wiring
+        self.registry_state = "ok"  # or "unreachable", as the last look at the alias found
 
     @property
     def task_name(self) -> str:
@@ -48,12 +50,16 @@ class TwinService:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Load the champion (if any), then watch in the background."""
+        """Load the champion (if any), then watch in the background.  A registry that
+        does not answer does not stop the start: readiness says so, forecasts answer 503
+        until a model is loaded, and the watcher keeps trying."""
         try:
             self.models.follow_champion("start")
+            self.tick()
         except NotReady as exc:
             log.warning("%s", exc)
-        self.tick()
+        except RegistryUnreachable:
+            self._registry_down()
         if self.config.model_poll_seconds > 0:
             self._watcher = threading.Thread(target=self._watch, name="champion-watch",
                                              daemon=True)
@@ -67,13 +73,25 @@ class TwinService:
         while not self._stop.wait(self.config.model_poll_seconds):
             try:
                 self.tick()
+            except RegistryUnreachable:
+                self._registry_down()
             except Exception:
                 log.exception("watching the champion failed")
+
+    def _registry_down(self) -> None:
+        if self.registry_state == "ok":
+            log.warning("the model registry is unreachable: serving %s meanwhile",
+                        f"version {self.models.model.version}" if self.models.model
+                        else "nothing (no model loaded yet)")
+        self.registry_state = "unreachable"
 
     def tick(self) -> None:
         """One round of watching: follow the alias, catch up with the served version,
         make sure stale twins have a job, claim a job nobody holds."""
         alias = self.source.champion_version()
+        if self.registry_state != "ok":
+            log.info("the model registry answers again")
+        self.registry_state = "ok"
         if alias is None:
             return
         served = self.models.served_version()

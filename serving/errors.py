@@ -57,3 +57,9 @@ class PayloadTooLarge(ServingError):
     def __init__(self, message: str, field: list | None = None):
         super().__init__(message)
         self.field = field or ["body"]
+
+
+class ArtifactRefused(NotReady):
+    """A model artifact whose SHA-256 is not the one recorded at registration."""
+
+    code = "artifact_refused"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -10,9 +11,9 @@ from typing import Any
 
 import mlflow
 
-from serving.errors import NotReady
+from serving.errors import ArtifactRefused, NotReady
 from training.bundle import ModelBundle
-from training.registry import CHAMPION, model_name
+from training.registry import BUNDLE_DIGEST_TAG, CHAMPION, model_name
 from training.tracking import Tracker
 
 
@@ -64,13 +65,33 @@ class ModelSource:
         if version is None:
             raise NotReady(f"{self.name} has no champion yet: train and promote a model first")
         mv = self.tracker.registry.version(self.name, version)
+        run = self.tracker.client.get_run(mv.run_id)
         with self.tracker.active():
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{self.name}/{version}/artifacts/bundle.pkl")
-        bundle = ModelBundle.loads(Path(path).read_bytes())
-        run = self.tracker.client.get_run(mv.run_id)
+        data = Path(path).read_bytes()
+        verify_bundle(data, self.name, str(version), mv.tags, run.data.tags)
+        bundle = ModelBundle.loads(data)  # unpickled only once its digest is checked
         return LoadedModel(bundle, self.name, str(version), mv.run_id,
                            datetime.now(UTC), dict(run.data.metrics), dict(mv.tags))
+
+
+def verify_bundle(data: bytes, name: str, version: str, version_tags: dict[str, str],
+                  run_tags: dict[str, str]) -> str:
+    """Check a bundle artifact's SHA-256 against the digest recorded in the tracking store
+    (the version's tag, else its run's) before it is unpickled; returns the digest.  A
+    swapped or corrupted artifact, or one with no recorded digest, is refused by name."""
+    expected = version_tags.get(BUNDLE_DIGEST_TAG) or run_tags.get(BUNDLE_DIGEST_TAG)
+    where = f"{name} version {version} (artifact bundle.pkl)"
+    if not expected:
+        raise ArtifactRefused(f"{where} has no recorded SHA-256: register it with twincast "
+                              "so its digest is recorded, or tag it by hand after checking")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ArtifactRefused(f"{where} does not match its recorded SHA-256 "
+                              f"({expected[:12]}…, found {actual[:12]}…): the artifact was "
+                              "changed after registration; refusing to load it")
+    return actual
 
 
 def only_task(tracker: Tracker) -> str | None:

@@ -15,5 +15,12 @@ class RegistryError(TrainingError):
     http_status = 404
 
 
+class RegistryUnreachable(TrainingError):
+    """The tracking server did not answer (down, or a network fault): nothing is known of
+    the model, so nothing may be reported as missing."""
+
+    http_status = 503
+
+
 class PackageError(TrainingError):
     """Input that does not fit the model package's documented schema."""

@@ -22,6 +22,7 @@ The package bundles the FeatureSpec, the task, the fitted models and calibrators
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from importlib.metadata import version
@@ -34,6 +35,7 @@ import pandas as pd
 from features.events import events_from_frame
 from training.bundle import ModelBundle
 from training.errors import PackageError
+from training.registry import BUNDLE_DIGEST_TAG
 
 PREDICT_CODE = "TWINCAST//PREDICT_AT"
 INPUT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value")
@@ -113,7 +115,12 @@ def log_package(bundle: ModelBundle, work_dir: Path, *, name: str = "model"):
 
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "bundle.pkl"
-    path.write_bytes(bundle.dumps())
+    data = bundle.dumps()
+    path.write_bytes(data)
+    # the artifact's digest goes into the tracking store (a run tag, copied to each version
+    # registered from it), not only beside the artifact: whoever can swap the artifact
+    # cannot also fix its recorded digest
+    mlflow.set_tag(BUNDLE_DIGEST_TAG, hashlib.sha256(data).hexdigest())
     example = synthetic_example(bundle)
     output = predict_frame(bundle, example, contributions=0)
     with warnings.catch_warnings():

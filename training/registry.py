@@ -19,7 +19,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from training.errors import RegistryError
+from training.errors import RegistryError, RegistryUnreachable
+
+BUNDLE_DIGEST_TAG = "twincast.bundle_sha256"  # SHA-256 of bundle.pkl, on runs and versions
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -69,15 +71,19 @@ class Registry:
 
     # -- lookups
     def version_by_alias(self, name: str, alias: str) -> ModelVersion | None:
+        """The version the alias names; None when the model or alias does not exist,
+        :class:`RegistryUnreachable` when the registry did not answer."""
         try:
             return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:
+        except MlflowException as exc:
+            _unless_missing(exc)
             return None
 
     def version(self, name: str, version: str | int) -> ModelVersion:
         try:
             return self.client.get_model_version(name, str(version))
-        except MlflowException:
+        except MlflowException as exc:
+            _unless_missing(exc)
             raise RegistryError(f"model {name} has no version {version}") from None
 
     def ensure_model(self, name: str, description: str = "") -> None:
@@ -89,7 +95,12 @@ class Registry:
     # -- moves
     def register(self, name: str, model_uri: str, run_id: str,
                  tags: dict[str, str]) -> ModelVersion:
+        """A new version (challenger) from a run's model; the run's recorded bundle
+        digest is copied onto the version, where the service checks it before loading."""
         self.ensure_model(name)
+        digest = self.client.get_run(run_id).data.tags.get(BUNDLE_DIGEST_TAG)
+        if digest and BUNDLE_DIGEST_TAG not in tags:
+            tags = {**tags, BUNDLE_DIGEST_TAG: digest}
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") \
             else None
         with self._active():
@@ -160,6 +171,17 @@ class Registry:
                                       else t["from_version"], t["to_version"], t["actor"],
                                       t["move"], t["reason"], t.get("model_run_id")))
         return sorted(out, key=lambda e: e.time)
+
+
+MISSING_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
+
+
+def _unless_missing(exc: MlflowException) -> None:
+    """Re-raise an MLflow error that is not "no such thing" as unreachable."""
+    if getattr(exc, "error_code", None) not in MISSING_CODES:
+        raise RegistryUnreachable(f"the model registry did not answer "
+                                  f"({getattr(exc, 'error_code', type(exc).__name__)})"
+                                  ) from None
 
 
 def current_user() -> str:

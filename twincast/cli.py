@@ -531,6 +531,7 @@ def audit_forecast_cmd(
     """The whole chain behind one served forecast, each link verified (exit 1 if broken)."""
     from serving.audit import audit_forecast
 
+    go_offline(service=True)  # a registry that is down is said so in seconds
     _quiet_mlflow()
     settings = Settings()
     store = _store()

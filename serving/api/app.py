@@ -135,6 +135,7 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
         service = getattr(request.app.state, "service", None)
         checks = {"store": "missing", "model": "missing"}
         if service is not None:
+            checks["registry"] = service.registry_state
             checks["store"] = "timeout"
             with anyio.move_on_after(READY_TIMEOUT_SECONDS):
                 checks["store"] = await anyio.to_thread.run_sync(_store_check, service,

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from features.errors import FeaturesError
 from serving.errors import ServingError, Unavailable
 from serving.store.db import is_retryable, is_unavailable
+from training.errors import RegistryUnreachable
 
 log = logging.getLogger("twincast.api")
 
@@ -43,6 +44,12 @@ def install(app: FastAPI) -> None:
         headers = ({"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable)
                    else None)
         return error(exc.http_status, exc.code, str(exc), fields, headers)
+
+    @app.exception_handler(RegistryUnreachable)
+    async def _registry(request: Request, exc: RegistryUnreachable):
+        return error(503, "registry_unreachable", "the model registry does not answer: the "
+                     "current model keeps serving; try again shortly",
+                     headers={"Retry-After": "5"})
 
     @app.exception_handler(FeaturesError)
     async def _features(request: Request, exc: FeaturesError):

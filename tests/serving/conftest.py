@@ -77,7 +77,8 @@ class Server:
                             timeout=60)
 
 
-def _start(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
+def _start(home: Path, env: dict, wait: str = "/v1/ready") -> tuple[subprocess.Popen, str]:
+    """``bentoml serve`` the twin service; returns once ``wait`` answers 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"TWINCAST_PUBLIC_URL": url, **env}  # CDS tokens name this URL as audience
@@ -89,7 +90,7 @@ def _start(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 120
     while True:
         try:
-            if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{wait}", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
