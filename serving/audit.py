@@ -22,6 +22,7 @@ from serving.forecasting import forecast_batch
 from serving.model_source import ModelSource
 from serving.store import Store
 from serving.store.twins import forecast_digest
+from serving.tamper import forecast_dict
 from serving.views import iso
 from training.errors import RegistryError, RegistryUnreachable
 from training.registry import CHAMPION
@@ -34,14 +35,6 @@ class Link:
     detail: str
 
 
-def _forecast_dict(row) -> dict[str, Any]:
-    return {c: getattr(row, c) for c in (
-        "forecast_id", "subject_id", "as_of", "watermark", "status", "reason", "risks",
-        "contributions", "model_name", "model_version", "run_id", "feature_spec_digest",
-        "task_digest", "feature_digest", "code_version", "requested_by", "api_key_id",
-        "created_at")}
-
-
 def audit_forecast(store: Store, source: ModelSource, forecast_id: str, *,
                    check_data: bool = True) -> dict[str, Any]:
     """The chain of one forecast with each link checked; ``ok`` only if all hold."""
@@ -49,7 +42,7 @@ def audit_forecast(store: Store, source: ModelSource, forecast_id: str, *,
         row = store.twins.forecast_by_id(s, forecast_id)
         if row is None:
             raise NotFound(f"no forecast {forecast_id}")
-        fc = _forecast_dict(row)
+        fc = forecast_dict(row)
         stored_digest = row.row_digest
     links: list[Link] = []
     chain: dict[str, Any] = {"forecast": {
@@ -163,24 +156,3 @@ def _reproduce(store: Store, source: ModelSource, fc: dict[str, Any]) -> Link:
 def _result(chain: dict, links: list[Link]) -> dict[str, Any]:
     return {"ok": all(link.ok for link in links), "links": [asdict(x) for x in links],
             "chain": chain}
-
-
-def verify_forecasts(store: Store, batch: int = 5000) -> tuple[int, list[str]]:
-    """Recompute every stored forecast's digest; returns (checked, mismatching ids)."""
-    from sqlalchemy import select
-
-    from serving.store.models import Forecast
-
-    checked, bad = 0, []
-    last = 0
-    while True:
-        with store.read() as s:
-            rows = list(s.execute(select(Forecast).where(Forecast.seq > last)
-                                  .order_by(Forecast.seq).limit(batch)).scalars())
-        if not rows:
-            return checked, bad
-        for r in rows:
-            if forecast_digest(_forecast_dict(r)) != r.row_digest:
-                bad.append(r.forecast_id)
-        checked += len(rows)
-        last = rows[-1].seq

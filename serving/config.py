@@ -55,6 +55,9 @@ class ServingConfig(BaseModel):
     refresh_chunk: int = Field(default=256, ge=1, le=10_000)
     refresh_lease_seconds: float = Field(default=30.0, gt=0, description="a refresh whose "
                                          "worker stops heart-beating this long is taken over")
+    anchor_seconds: float = Field(default=300.0, ge=0, description="how often one worker "
+                                  "anchors the forecast chains and access log in the "
+                                  "tracking store (0: never)")
     max_bulk_twins: int = Field(default=2_000, ge=1)
     max_bulk_events: int = Field(default=50_000, ge=1)
     open_docs: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from serving.config import ServingConfig
@@ -20,6 +21,7 @@ from serving.refresh import Refresher
 from serving.served import ModelHolder
 from serving.store import Store
 from serving.store.db import worker_name
+from serving.tamper import ANCHOR_LEASE, anchor
 from serving.views import forecast_json, iso
 from serving.writes import TwinWriter
 from training.errors import RegistryUnreachable
@@ -43,6 +45,7 @@ class TwinService:
         self._watcher: threading.Thread | None = None
         self.cds_verifier: Any = None  # serving.cds.Verifier, set by the wiring
         self.registry_state = "ok"  # or "unreachable", as the last look at the alias found
+        self._next_anchor = time.monotonic() + config.anchor_seconds
 
     @property
     def task_name(self) -> str:
@@ -77,6 +80,22 @@ class TwinService:
                 self._registry_down()
             except Exception:
                 log.exception("watching the champion failed")
+            self._maybe_anchor()
+
+    def _maybe_anchor(self) -> None:
+        """Every ``anchor_seconds``, one worker (the lease's holder) anchors the chains."""
+        every = self.config.anchor_seconds
+        if every <= 0 or time.monotonic() < self._next_anchor:
+            return
+        self._next_anchor = time.monotonic() + every
+        try:
+            if self.store.leases.take(ANCHOR_LEASE, self.worker, every * 0.9):
+                tags = anchor(self.store, self.source.tracker, by=self.worker)
+                log.info("anchored forecasts up to %s and the access log up to %s",
+                         tags["forecast_seq"], tags["access_upto"])
+        except Exception as exc:
+            log.warning("anchoring failed (%s): trying again in %.0f s",
+                        type(exc).__name__, every)
 
     def _registry_down(self) -> None:
         if self.registry_state == "ok":

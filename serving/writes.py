@@ -128,6 +128,7 @@ class _Plan:
     forecasts: list[dict[str, Any]]
     views: list[dict[str, Any]]
     out: dict[int, tuple[dict[str, Any], str]]
+    heads: dict[int, str | None]  # each twin's forecast chain head when read
 
 
 class ModelBehind(Exception):
@@ -213,23 +214,25 @@ class TwinWriter:
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
         forecasts, views, out = self._rows(model, created_at, history, results, caller, now)
         return _Plan(ids, now, {sid: sid in twins for sid in ids}, counts, fresh, added,
-                     sent, forecasts, views, out)
+                     sent, forecasts, views, out,
+                     {sid: twins[sid].forecast_head if sid in twins else None for sid in ids})
 
     def _commit(self, s: Session, model: LoadedModel, plan: _Plan, caller: Caller,
                 access: AccessInfo | None) -> list[TwinOutcome]:
         twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now)
         for sid in plan.ids:
             t = twins[sid]
-            if t.created == plan.existed[sid] or t.event_count != plan.counts[sid]:
-                raise StalePlan
+            if t.created == plan.existed[sid] or t.event_count != plan.counts[sid] \
+                    or t.forecast_head != plan.heads.get(sid):
+                raise StalePlan  # changed since the read (events, or another forecast)
         self._check_served(s, model)
         # the counts are unchanged under the locks, so the plan's new events are new
         if self.store.twins.insert_new_events(s, plan.fresh) != len(plan.fresh):
             raise StalePlan
         added = plan.added
         self._failpoint("after_events")
-        self.store.twins.add_forecasts(s, plan.forecasts)
-        self.store.twins.write_views(s, plan.views)
+        heads = self.store.twins.add_forecasts(s, plan.forecasts, plan.heads)
+        self.store.twins.write_views(s, plan.views, heads)
         self._log(s, plan.ids, caller, access)
         self._failpoint("before_commit")
         return [_outcome(sid, "", (added[sid], plan.sent[sid] - added[sid]), twins[sid],
@@ -295,8 +298,9 @@ class TwinWriter:
         forecasts, views, out = self._rows(
             model, {sid: t.created_at for sid, t in twins.items()}, history, results,
             caller, now)
-        self.store.twins.add_forecasts(s, forecasts)
-        self.store.twins.write_views(s, views)
+        heads = self.store.twins.add_forecasts(
+            s, forecasts, {sid: t.forecast_head for sid, t in twins.items()})
+        self.store.twins.write_views(s, views, heads)
         return out
 
     def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,

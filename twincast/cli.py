@@ -577,14 +577,61 @@ def audit_forecast_cmd(
 
 @audit_app.command("verify")
 def audit_verify() -> None:
-    """Check every stored forecast against its digest (exit 1 on any mismatch)."""
-    from serving.audit import verify_forecasts
+    """Check every stored forecast against its digest and its twin's chain, and every
+    anchor against the database (exit 1 on any break)."""
+    from serving.tamper import verify_anchors, verify_chains
 
-    checked, bad = verify_forecasts(_store())
-    for fid in bad:
-        out.print(f"  {_mark(False)} forecast {fid}: content does not match its digest")
-    out.print(f"checked {checked:,} forecasts: {len(bad)} mismatch(es)")
+    go_offline(service=True)
+    _quiet_mlflow()
+    store = _store()
+    checked, breaks = verify_chains(store)
+    for b in breaks:
+        what = f"forecast {b.forecast_id}" if b.forecast_id else f"twin {b.subject_id}"
+        out.print(f"  {_mark(False)} {what}: {b.reason}", soft_wrap=True)
+    out.print(f"checked {checked:,} forecasts: {len(breaks)} break(s)")
+    bad = bool(breaks)
+    try:
+        results = verify_anchors(store, _tracker(Settings()))
+    except Exception as exc:  # the tracking store did not answer
+        out.print(f"  {_mark(False)} anchors not checked: the tracking store is unreachable "
+                  f"({type(exc).__name__})")
+        raise typer.Exit(1) from None
+    for a in results:
+        if not a["ok"]:
+            out.print(f"  {_mark(False)} anchor of {a['time'][:19]}: "
+                      + "; ".join(a["problems"]), soft_wrap=True)
+    out.print(f"checked {len(results)} anchor(s): "
+              f"{sum(not a['ok'] for a in results)} broken")
+    bad = bad or any(not a["ok"] for a in results)
     raise typer.Exit(1 if bad else 0)
+
+
+@audit_app.command("anchor")
+def audit_anchor(
+    settle: Annotated[float, typer.Option(help="anchor rows at least this many seconds "
+                                               "old (PostgreSQL commits ids out of order)")]
+    = 60.0,
+) -> None:
+    """Anchor the forecast chains and the access log outside the database, now (the
+    service does it every TWINCAST_ANCHOR_SECONDS)."""
+    from serving.tamper import ANCHOR_LEASE, anchor
+    from training.registry import current_user
+
+    go_offline(service=True)
+    _quiet_mlflow()
+    store = _store()
+    holder = f"cli:{current_user()}"
+    if not store.leases.take(ANCHOR_LEASE, holder, 120):
+        console.print("[bold red]error:[/] a service worker is writing an anchor right now: "
+                      "try again in a minute")
+        raise typer.Exit(2)
+    try:
+        tags = anchor(store, _tracker(Settings()), by=holder, settle_seconds=settle)
+    finally:
+        store.leases.release(ANCHOR_LEASE, holder)
+    out.print(f"anchored {int(tags['twins']):,} twins' forecast chains up to forecast "
+              f"{tags['forecast_seq']} (root {tags['forecast_root'][:16]}…) and "
+              f"{int(tags['access_rows']):,} access-log rows up to id {tags['access_upto']}")
 
 
 @audit_app.command("promotions")

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     cds_critical: float = 0.30
     refresh_chunk: int = 256
     refresh_lease_seconds: float = 30.0
+    anchor_seconds: float = 300.0
     max_bulk_twins: int = 2_000
     max_bulk_events: int = 50_000
     # fault injection for tests, comma-separated failpoint names; never set in production

@@ -3,7 +3,7 @@
 ``open_store(url)`` migrates and returns a :class:`Store` whose parts are ``twins``
 (twins, events, forecasts, views), ``identities`` (external identifiers), ``keys``,
 ``access`` (the access log), ``jobs`` (served version and refresh jobs) and ``replay``
-(CDS Hooks tokens seen).
+(CDS Hooks tokens seen) and ``leases``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from serving.store.db import Database, upgrade
 from serving.store.identity import Identities
 from serving.store.jobs import Jobs
 from serving.store.keys import Keys
+from serving.store.leases import Leases
 from serving.store.replay import Replay
 from serving.store.twins import Twins
 
@@ -26,6 +27,7 @@ class Store:
         self.access = Access(self.db)
         self.jobs = Jobs(self.db, self.twins)
         self.replay = Replay(self.db)
+        self.leases = Leases(self.db)
 
     @property
     def sqlite(self) -> bool:

@@ -47,6 +47,8 @@ class Twin(Base):
     # not the served one (NULL: never forecast, e.g. imported)
     model_name: Mapped[str | None] = mapped_column(String(255))
     model_version: Mapped[str | None] = mapped_column(String(32), index=True)
+    # the digest of the twin's latest forecast row: the head of its chain
+    forecast_head: Mapped[str | None] = mapped_column(String(64))
 
 
 class Identifier(Base):
@@ -104,6 +106,9 @@ class Forecast(Base):
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime)
     row_digest: Mapped[str] = mapped_column(String(64))
+    # version 2: the digest also covers prev_digest, the twin's previous row's digest
+    prev_digest: Mapped[str | None] = mapped_column(String(64))
+    digest_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class ApiKey(Base):
@@ -221,3 +226,13 @@ class CdsToken(Base):
     issuer: Mapped[str] = mapped_column(String(512), primary_key=True)
     jti: Mapped[str] = mapped_column(String(255), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class Lease(Base):
+    """A named lease one worker holds at a time (e.g. the periodic audit anchor)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(DateTime)

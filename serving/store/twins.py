@@ -88,6 +88,7 @@ class TwinRow:
     model_name: str | None
     model_version: str | None
     view: str | None
+    forecast_head: str | None = None  # digest of the twin's latest forecast row
     created: bool = False
 
 
@@ -98,11 +99,20 @@ FORECAST_DIGEST_FIELDS = (
     "created_at")
 
 
+DIGEST_VERSION = 2  # 1: the row alone; 2: the row and its twin's previous row's digest
+
+
 def forecast_digest(values: dict[str, Any]) -> str:
-    """SHA-256 over a forecast row's content (tamper evidence)."""
+    """SHA-256 over a forecast row's content (tamper evidence).  From version 2 it also
+    covers ``prev_digest``, the digest of the twin's previous forecast row, so each
+    twin's forecasts form a chain: a row altered, re-digested or deleted breaks the
+    link to the next one."""
     def norm(v):
         return v.isoformat() if isinstance(v, datetime) else v
     payload = {k: norm(values.get(k)) for k in FORECAST_DIGEST_FIELDS}
+    if (values.get("digest_version") or 1) >= 2:
+        payload["prev_digest"] = values.get("prev_digest")
+        payload["digest_version"] = values["digest_version"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
                                      default=str).encode()).hexdigest()
 
@@ -154,14 +164,14 @@ class Twins:
         """The twins' rows as they are now, without a lock (absent when missing)."""
         t = Twin.__table__.c
         q = (select(t.subject_id, t.created_at, t.last_event_time, t.event_count,
-                    t.model_name, t.model_version, t.view)
+                    t.model_name, t.model_version, t.view, t.forecast_head)
              .where(t.subject_id.in_(sorted(set(subject_ids)))))
         return {r[0]: TwinRow(*r) for r in s.connection().execute(q)}
 
     def _locking(self, ids: list[int]):
         t = Twin.__table__.c
         q = (select(t.subject_id, t.created_at, t.last_event_time, t.event_count,
-                    t.model_name, t.model_version, t.view)
+                    t.model_name, t.model_version, t.view, t.forecast_head)
              .where(t.subject_id.in_(ids)).order_by(t.subject_id))
         if not self.sqlite:
             q = q.with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK checks still pass
@@ -312,21 +322,33 @@ class Twins:
             result.close()
 
     # ------------------------------------------------------------------ forecasts
-    def add_forecasts(self, s: Session, rows: list[dict[str, Any]]) -> None:
-        """Append forecast rows (each gets ``created_at`` and its content digest)."""
+    def add_forecasts(self, s: Session, rows: list[dict[str, Any]],
+                      heads: dict[int, str | None]) -> dict[int, str]:
+        """Append forecast rows (at most one per twin), each chained to its twin's
+        previous row (``heads``: the twins' current chain heads, read under their
+        locks).  Returns the new heads, which :meth:`write_views` stores."""
         now = utcnow()
+        new = {}
         for r in rows:
             r.setdefault("created_at", now)
-            r["row_digest"] = forecast_digest(r)
+            r["digest_version"] = DIGEST_VERSION
+            r["prev_digest"] = heads.get(r["subject_id"])
+            r["row_digest"] = new[r["subject_id"]] = forecast_digest(r)
         if rows:
             s.connection().execute(insert(Forecast.__table__), rows)
+        return new
 
-    def write_views(self, s: Session, updates: list[dict[str, Any]]) -> None:
-        """Rewrite twins' counters, kept views and forecast versions, in one statement."""
+    def write_views(self, s: Session, updates: list[dict[str, Any]], heads: dict[int, str]
+                    ) -> None:
+        """Rewrite twins' counters, kept views, forecast versions and chain heads, in one
+        statement."""
         if not updates:
             return
+        for u in updates:
+            u["head"] = heads[u["sid"]]
         stmt = (update(Twin.__table__).where(Twin.__table__.c.subject_id == bindparam("sid"))
                 .values(view=bindparam("view"), model_name=bindparam("mname"),
+                        forecast_head=bindparam("head"),
                         model_version=bindparam("mversion"),
                         event_count=bindparam("n_events"),
                         last_event_time=bindparam("last_time"),

@@ -19,9 +19,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
 from features.events import write_meds
-from serving.audit import audit_forecast, verify_forecasts
+from serving.audit import audit_forecast
 from serving.bootstrap import build_service
 from serving.config import ServingConfig
+from serving.tamper import verify_chains
 from serving.writes import AccessInfo, Caller, TwinInput
 from tests.serving.conftest import event_rows
 from tests.serving.test_service import history
@@ -107,8 +108,8 @@ def test_an_altered_forecast_row_is_detected(audited):
     result = audit_forecast(audited.store, audited.core.source, victim)
     assert not result["ok"] and not links(result)["forecast row intact"]
     assert not links(result)["forecast reproduced"]
-    checked, bad = verify_forecasts(audited.store)
-    assert bad == [victim] and checked >= 3
+    checked, breaks = verify_chains(audited.store)
+    assert [b.forecast_id for b in breaks] == [victim] and checked >= 3
     proc = cli(audited, "audit", "verify")
     assert proc.returncode == 1 and victim in proc.stdout
     assert cli(audited, "audit", "forecast", victim).returncode == 1
