@@ -44,10 +44,20 @@ class BentoGuard:
 
 
 def start_worker(api: Any, config: ServingConfig):
-    """In each worker process: the twin service, then the GC tuning."""
+    """In each worker process: the twin service, then the GC tuning.  twincast's own
+    lines (model loads, refreshes, anchors, faults — never a value) go to BentoML's log."""
+    import logging
+
     from serving.bootstrap import build_service
     from serving.runtime import tune_gc
 
+    ours = logging.getLogger("twincast")
+    ours.setLevel(logging.INFO)
+    bento = logging.getLogger("bentoml")
+    if not ours.handlers and bento.handlers:
+        for handler in bento.handlers:
+            ours.addHandler(handler)
+        ours.propagate = False
     service = build_service(config)
     api.state.service = service
     tune_gc()
