@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from serving.coalesce import Coalescer
 from serving.config import ServingConfig
 from serving.errors import NotFound, NotReady
 from serving.model_source import ModelSource
@@ -38,6 +39,7 @@ class TwinService:
         self.worker = worker or worker_name()
         self.models = ModelHolder(store, source, self.worker)
         self.writer = TwinWriter(store, self.models, failpoints=config.failpoints)
+        self.coalescer = Coalescer(self.writer)  # concurrent one-twin writes, batched
         self.refresher = Refresher(store, self.writer, self.worker, chunk=config.refresh_chunk,
                                    lease_seconds=config.refresh_lease_seconds,
                                    failpoints=config.failpoints)

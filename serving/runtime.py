@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 from typing import Any
 
 GC_THRESHOLDS = (20_000, 20, 50)
-SWITCH_INTERVAL = 0.0001  # seconds
 
 
 def patch_bentoml_timeout() -> bool:
@@ -143,6 +141,3 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    # a request hops between the event loop and the thread pool; a waiting thread gets
-    # the GIL only at the switch interval (5 ms by default): hand it over sooner
-    sys.setswitchinterval(SWITCH_INTERVAL)

@@ -67,13 +67,16 @@ class AccessInfo:
 @dataclass
 class TwinInput:
     """One twin's part of a write: a known id (native routes) or identifiers to resolve
-    (FHIR, CDS), the events (naive UTC) and an optional as-of time."""
+    (FHIR, CDS), the events (naive UTC) and an optional as-of time; ``caller`` and
+    ``access`` when this part is its own request's (coalesced writes), else the batch's."""
 
     subject_id: int | None = None
     identifiers: tuple[Ident, ...] = ()
     events: Sequence[EventRow] = ()
     as_of: datetime | None = None
     label: str = ""
+    caller: Caller | None = None
+    access: AccessInfo | None = None
 
 
 @dataclass
@@ -158,6 +161,9 @@ class TwinWriter:
         count is the same history) and stores it all.  If something did change — or the
         batch names patients by identifier — everything is computed under the locks."""
         check_events(inputs)
+        for inp in inputs:  # each part knows who asked and what to log
+            inp.caller = inp.caller or caller
+            inp.access = inp.access or access
         known = [inp.subject_id for inp in inputs if inp.subject_id is not None]
         if len(set(known)) != len(known):
             raise BadInput("a twin appears twice in one request: send its events together",
@@ -167,26 +173,25 @@ class TwinWriter:
                 model = self.models.current()
                 try:
                     if len(known) == len(inputs):
-                        plan = self._plan(model, inputs, caller, source)
+                        plan = self._plan(model, inputs, source)
                         try:
                             return self.store.db.transact(
-                                lambda s, m=model, p=plan: self._commit(s, m, p, caller,
-                                                                        access))
+                                lambda s, m=model, p=plan: self._commit(s, m, p, inputs))
                         except StalePlan:
                             pass  # a concurrent write to one of the twins: under the locks
                     return self.store.db.transact(
-                        lambda s, m=model: self._write(s, m, inputs, caller, access, source))
+                        lambda s, m=model: self._write(s, m, inputs, source))
                 except ModelBehind as behind:
                     self.models.sync_to(behind.version)
         raise Unavailable("the served model changed repeatedly during this request")
 
-    def _plan(self, model: LoadedModel, inputs: list[TwinInput], caller: Caller,
-              source: str | None) -> _Plan:
+    def _plan(self, model: LoadedModel, inputs: list[TwinInput], source: str | None
+              ) -> _Plan:
         """Everything the write will store, computed from a read of the store."""
         ids = [inp.subject_id for inp in inputs]
         now = utcnow()
         rows, sent = event_rows({sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
-                                source=source or caller.name, now=now)
+                                source=_sources(ids, inputs, source), now=now)
         with self.store.read() as s:  # one snapshot on SQLite; counts are checked anyway
             twins = self.store.twins.peek(s, ids)
             existing = self.store.twins.existing_keys(s, rows)
@@ -212,13 +217,14 @@ class TwinWriter:
         results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
                                  [inp.as_of for _, inp in redo])
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
-        forecasts, views, out = self._rows(model, created_at, history, results, caller, now)
+        forecasts, views, out = self._rows(model, created_at, history, results,
+                                           _callers(ids, inputs), now)
         return _Plan(ids, now, {sid: sid in twins for sid in ids}, counts, fresh, added,
                      sent, forecasts, views, out,
                      {sid: twins[sid].forecast_head if sid in twins else None for sid in ids})
 
-    def _commit(self, s: Session, model: LoadedModel, plan: _Plan, caller: Caller,
-                access: AccessInfo | None) -> list[TwinOutcome]:
+    def _commit(self, s: Session, model: LoadedModel, plan: _Plan, inputs: list[TwinInput]
+                ) -> list[TwinOutcome]:
         twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now)
         for sid in plan.ids:
             t = twins[sid]
@@ -233,22 +239,26 @@ class TwinWriter:
         self._failpoint("after_events")
         heads = self.store.twins.add_forecasts(s, plan.forecasts, plan.heads)
         self.store.twins.write_views(s, plan.views, heads)
-        self._log(s, plan.ids, caller, access)
+        self._log(s, plan.ids, inputs)
         self._failpoint("before_commit")
         return [_outcome(sid, "", (added[sid], plan.sent[sid] - added[sid]), twins[sid],
                          twins[sid].created, plan.out) for sid in plan.ids]
 
-    def _log(self, s: Session, ids: list[int], caller: Caller, access: AccessInfo | None
-             ) -> None:
-        if access is not None:
-            self.store.access.add(s, [access_row(
-                key_id=caller.key_id, key_name=caller.name, role=caller.role,
-                method=access.method, path=access.path, action=access.action,
-                subject_id=sid, status_code=200) for sid in ids])
-            access.written = True
+    def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:
+        """Each part's access row (who asked, through which request), in the write's
+        transaction."""
+        rows = [access_row(key_id=inp.caller.key_id, key_name=inp.caller.name,
+                           role=inp.caller.role, method=inp.access.method,
+                           path=inp.access.path, action=inp.access.action, subject_id=sid,
+                           status_code=200)
+                for sid, inp in zip(ids, inputs, strict=True) if inp.access is not None]
+        self.store.access.add(s, rows)
+        for inp in inputs:
+            if inp.access is not None:
+                inp.access.written = True
 
-    def _write(self, s: Session, model: LoadedModel, inputs: list[TwinInput], caller: Caller,
-               access: AccessInfo | None, source: str | None) -> list[TwinOutcome]:
+    def _write(self, s: Session, model: LoadedModel, inputs: list[TwinInput],
+               source: str | None) -> list[TwinOutcome]:
         claims = {i: Claim(tuple(sorted(inp.identifiers)), f"patient {i + 1} of the request")
                   for i, inp in enumerate(inputs) if inp.subject_id is None}
         self.store.identities.resolve(s, list(claims.values()))
@@ -263,15 +273,15 @@ class TwinWriter:
         now = utcnow()
         counts = self.store.twins.append_events(
             s, {sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
-            source=source or caller.name, now=now)
+            source=_sources(ids, inputs, source), now=now)
         self._failpoint("after_events")
         # a re-sent batch changes nothing: the current forecast stands
         redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
                 if not _unchanged(twins[sid], counts[sid][0], inp.as_of, model)]
         fresh = self._forecast_and_persist(
             s, model, twins, [sid for sid, _ in redo], [inp.as_of for _, inp in redo],
-            caller, now)
-        self._log(s, ids, caller, access)
+            _callers(ids, inputs), now)
+        self._log(s, ids, inputs)
         self._failpoint("before_commit")
         return [_outcome(sid, inp.label, counts[sid], twins[sid],
                          twins[sid].created or (i in claims and claims[i].created), fresh)
@@ -284,31 +294,35 @@ class TwinWriter:
             raise ModelBehind(served)
 
     def _forecast_and_persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
-                              ids: list[int], as_of: list[datetime | None], caller: Caller,
-                              now: datetime) -> dict[int, tuple[dict[str, Any], str]]:
+                              ids: list[int], as_of: list[datetime | None],
+                              callers: dict[int, Caller], now: datetime
+                              ) -> dict[int, tuple[dict[str, Any], str]]:
         if not ids:
             return {}
         history = self.store.twins.histories(s, ids)
         results = forecast_batch(model, history.arrays, ids, as_of)
-        return self._persist(s, model, twins, history, results, caller, now)
+        return self._persist(s, model, twins, history, results, callers, now)
 
     def _persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
-                 history: History, results: list[ForecastResult], caller: Caller,
-                 now: datetime) -> dict[int, tuple[dict[str, Any], str]]:
+                 history: History, results: list[ForecastResult],
+                 callers: dict[int, Caller] | Caller, now: datetime
+                 ) -> dict[int, tuple[dict[str, Any], str]]:
         forecasts, views, out = self._rows(
             model, {sid: t.created_at for sid, t in twins.items()}, history, results,
-            caller, now)
+            callers, now)
         heads = self.store.twins.add_forecasts(
             s, forecasts, {sid: t.forecast_head for sid, t in twins.items()})
         self.store.twins.write_views(s, views, heads)
         return out
 
     def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,
-              results: list[ForecastResult], caller: Caller, now: datetime):
+              results: list[ForecastResult], callers: dict[int, Caller] | Caller,
+              now: datetime):
         """Forecast rows, view updates and (forecast, view) per twin, to be stored."""
         rows, updates, out = [], [], {}
         for r in results:
             sid = r.subject_id
+            caller = callers[sid] if isinstance(callers, dict) else callers
             values = forecast_values(model, r, history.watermark.get(sid), caller.name,
                                      caller.key_id)
             values["created_at"] = now
@@ -359,6 +373,16 @@ class TwinWriter:
     def _failpoint(self, name: str) -> None:
         if name in self.failpoints:
             raise RuntimeError(f"failpoint {name}")
+
+
+def _sources(ids: list[int], inputs: list[TwinInput], source: str | None
+             ) -> dict[int, str]:
+    """The source recorded on events that name none: the adapter's, else who sent them."""
+    return {sid: source or inp.caller.name for sid, inp in zip(ids, inputs, strict=True)}
+
+
+def _callers(ids: list[int], inputs: list[TwinInput]) -> dict[int, Caller]:
+    return {sid: inp.caller for sid, inp in zip(ids, inputs, strict=True)}
 
 
 def _outcome(sid: int, label: str, counts: tuple[int, int], twin: TwinRow, created: bool,

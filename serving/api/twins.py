@@ -38,8 +38,8 @@ def ingest(request: Request, subject_id: WriteId, body: S.EventsIn, service: Ser
     """Store new events for a twin (re-sent events are ignored) and return its new
     forecast, computed in the same transaction."""
     inp = TwinInput(subject_id, events=[e.to_row() for e in body.events],
-                    as_of=S.naive_utc(body.as_of))
-    out = service.writer.write([inp], caller, access_of(request))[0]
+                    as_of=S.naive_utc(body.as_of), caller=caller, access=access_of(request))
+    out = service.coalescer.write(inp)  # batched with concurrent writes to other twins
     return json_response({"added": out.added, "duplicates": out.duplicates,
                           "forecast": out.forecast})
 

@@ -224,7 +224,8 @@ class Twins:
 
     # ------------------------------------------------------------------ events
     def append_events(self, s: Session, events: dict[int, Sequence[EventRow]], *,
-                      source: str | None, now: datetime) -> dict[int, tuple[int, int]]:
+                      source: str | dict[int, str] | None, now: datetime
+                      ) -> dict[int, tuple[int, int]]:
         """Insert the events not seen before (by idempotency key), every twin at once;
         returns (added, duplicates) per twin.  Twin counters are the caller's to update."""
         rows, sent = event_rows(events, source=source, now=now)
@@ -375,13 +376,16 @@ class Twins:
                          ).scalar_one_or_none()
 
 
-def event_rows(events: dict[int, Sequence[EventRow]], *, source: str | None, now: datetime
+def event_rows(events: dict[int, Sequence[EventRow]], *,
+               source: str | dict[int, str] | None, now: datetime
                ) -> tuple[list[dict[str, Any]], dict[int, int]]:
-    """Store rows of the events (each key once per twin) and how many each twin sent."""
+    """Store rows of the events (each key once per twin) and how many each twin sent;
+    ``source`` for events that name none (one for all, or per twin)."""
     rows, seen = [], set()
     sent: dict[int, int] = {}
     for sid, evs in events.items():
         sent[sid] = len(evs)
+        default = source.get(sid) if isinstance(source, dict) else source
         for r in evs:
             key = idempotency_key(sid, r.time, r.code, r.numeric_value, r.text_value,
                                   r.client_id)
@@ -391,7 +395,7 @@ def event_rows(events: dict[int, Sequence[EventRow]], *, source: str | None, now
             rows.append({"subject_id": sid, "time": r.time, "code": r.code,
                          "numeric_value": r.numeric_value, "text_value": r.text_value,
                          "recorded_at": now, "idempotency_key": key,
-                         "source": r.source or source})
+                         "source": r.source or default})
     return rows, sent
 
 

@@ -147,10 +147,11 @@ def test_a_plan_overtaken_by_another_write_is_refused_and_redone(database, track
     w, caller = svc.writer, Caller("ward")
     w.write([TwinInput(4_200_001, events=events[:-2])], caller, None)
     model = svc.models.current()
-    plan = w._plan(model, [TwinInput(4_200_001, events=events[-2:-1])], caller, None)
+    planned = [TwinInput(4_200_001, events=events[-2:-1], caller=caller)]
+    plan = w._plan(model, planned, None)
     w.write([TwinInput(4_200_001, events=events[-1:])], caller, None)  # overtakes the plan
     with pytest.raises(StalePlan):
-        svc.store.db.transact(lambda s: w._commit(s, model, plan, caller, None))
+        svc.store.db.transact(lambda s: w._commit(s, model, plan, planned))
     out = w.write([TwinInput(4_200_001, events=events[-2:-1])], caller, None)[0]
     assert out.added == 1
     full = w.stateless(4_200_001, events, None)  # the whole history, nothing stored
@@ -191,3 +192,49 @@ def test_a_stale_alias_read_never_moves_the_served_version_back(database, tracke
     assert changed and a.models.current().version == str(mv.version)
     a.store.dispose()
     b.store.dispose()
+
+
+def test_concurrent_one_twin_writes_go_as_one_batch_and_keep_their_own_callers(
+        database, tracker, trained, small_cohort):
+    from serving.errors import BadInput
+    from serving.store.twins import EventRow
+
+    svc = service(database, tracker)
+    n = 12
+    sids = [4_300_000 + k for k in range(n)]
+    bad = 4_300_000 + 5  # this part sends a value no MEDS table can hold
+    barrier = threading.Barrier(n, timeout=30)
+    results: dict[int, object] = {}
+
+    def one(k: int) -> None:
+        sid = sids[k]
+        events = event_rows(history(small_cohort, trained, k % 6))
+        if sid == bad:
+            events = [*events, EventRow(events[-1].time, "LAB//EGFR", 1e300, None)]
+        inp = TwinInput(sid, events=events, caller=Caller(f"ward-{k}", None, "clinical"),
+                        access=AccessInfo("POST", f"/v1/twins/{sid}/events", "ingest_events"))
+        barrier.wait()
+        try:
+            results[sid] = svc.coalescer.write(inp)
+        except BadInput as exc:
+            results[sid] = exc
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[bad], BadInput)  # its own error, nobody else's
+    good = [s for s in sids if s != bad]
+    assert all(results[s].subject_id == s and results[s].added > 0 for s in good)
+    assert svc.coalescer.parts >= n and svc.coalescer.batches < svc.coalescer.parts
+    with svc.store.read() as s:
+        asked = dict(s.execute(select(Forecast.subject_id, Forecast.requested_by)
+                               .where(Forecast.subject_id.in_(sids))).all())
+        logged = dict(s.execute(select(AccessLog.subject_id, AccessLog.key_name)
+                                .where(AccessLog.subject_id.in_(sids))).all())
+        stored = s.execute(select(func.count()).select_from(Event)
+                           .where(Event.subject_id == bad)).scalar_one()
+    expected = {s: f"ward-{k}" for k, s in enumerate(sids) if s != bad}
+    assert asked == expected and logged == expected and stored == 0
+    svc.store.dispose()
