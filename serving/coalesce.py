@@ -6,22 +6,30 @@ The first request to arrive while no batch runs applies its own write at once â€
 at concurrency 1, so no request ever waits for a timer â€” and the requests that arrive
 meanwhile wait and go together in the next batch.  A batch holds distinct twins, at
 most ``max_batch``; each part keeps its own caller and access row.  If a batch of
-several fails, each part is applied alone, so one request's failure is never another's.
+several fails for one part's reason (its input, its identifiers), each part is applied
+alone, so one request's failure is never another's; a database that is busy or down
+answers every part at once.  No request waits in the queue longer than a write waits
+for the database (``WRITE_WAIT_SECONDS``): past that it gets a 503.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
+from serving.errors import BadInput, Conflict, Unavailable
+from serving.store.db import WRITE_WAIT_SECONDS
 from serving.writes import TwinInput, TwinOutcome, TwinWriter
 
 MAX_BATCH = 64
+PART_ERRORS = (BadInput, Conflict)  # errors one part of a batch can cause on its own
 
 
 @dataclass
 class _Slot:
     inp: TwinInput
+    deadline: float = 0.0
     done: bool = False
     outcome: TwinOutcome | None = None
     error: BaseException | None = None
@@ -41,11 +49,15 @@ class Coalescer:
     def write(self, inp: TwinInput) -> TwinOutcome:
         """Apply one twin's write (``inp`` carries its caller and access); blocks until
         it is stored.  Raises what the write raised."""
-        slot = _Slot(inp)
+        slot = _Slot(inp, deadline=time.monotonic() + WRITE_WAIT_SECONDS)
         with self._cond:
             self._queue.append(slot)
             while self._busy and not slot.done:
-                self._cond.wait()
+                left = slot.deadline - time.monotonic()
+                if left <= 0:  # queued behind slow writes for too long
+                    self._queue.remove(slot)
+                    raise Unavailable("the database is busy: try again shortly")
+                self._cond.wait(left)
             if not slot.done:
                 batch = self._take(slot)
                 self._busy = True
@@ -84,8 +96,9 @@ class Coalescer:
             outcomes = self.writer.write([s.inp for s in batch], batch[0].inp.caller,
                                          batch[0].inp.access)
         except BaseException as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
+            if len(batch) == 1 or not isinstance(exc, PART_ERRORS):
+                for s in batch:  # the database's state, or a single part: the same answer
+                    s.error = exc
                 return
             for s in batch:  # one part's failure must not be the others'
                 try:

@@ -281,14 +281,17 @@ class Database:
         return self.sessions()
 
     def transact(self, work, *, urgent: bool = True, attempts: int = 4):
-        """Run ``work(session)`` in one write transaction; a deadlock or a busy database
-        runs it again (up to ``attempts`` times), then raises :class:`Unavailable`."""
+        """Run ``work(session)`` in one write transaction; a deadlock or a serialisation
+        failure runs it again (up to ``attempts`` times), then raises
+        :class:`Unavailable`.  A SQLite database still locked after its busy timeout is
+        not tried again: that timeout was the bounded wait."""
         for attempt in range(attempts):
             try:
                 with self.write(urgent=urgent) as s:
                     return work(s)
             except DBAPIError as exc:
-                if is_retryable(exc) and attempt + 1 < attempts:
+                again = is_retryable(exc) and not (self.sqlite and urgent)
+                if again and attempt + 1 < attempts:
                     time.sleep(0.01 * (attempt + 1) * (1 + random.random()))
                     continue
                 if is_retryable(exc) or is_unavailable(exc):
