@@ -104,7 +104,7 @@ class Verifier:
         if key is None:
             raise Unauthorized("the JWT's kid names none of this client's keys")
         try:
-            claims = jwt.decode(token, key, algorithms=list(keys.algorithms),
+            claims = jwt.decode(token, key, algorithms=[header["alg"]],
                                 audience=audience, issuer=iss, leeway=LEEWAY,
                                 options={"require": ["iss", "aud", "exp", "iat", "jti"]})
         except jwt.ExpiredSignatureError:
@@ -113,9 +113,13 @@ class Verifier:
             raise Unauthorized("the JWT's audience is not this CDS service endpoint") from None
         except jwt.ImmatureSignatureError:
             raise Unauthorized("the JWT is not valid yet (iat or nbf in the future)") from None
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError, AttributeError) as exc:
+            # a key of another type than the algorithm (an RSA kid with ES384) is refused
             raise Unauthorized(f"the JWT does not verify ({type(exc).__name__})") from None
         exp, iat, jti = claims["exp"], claims["iat"], claims["jti"]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool)
+                   for v in (exp, iat)):
+            raise Unauthorized("the JWT's exp and iat must be numbers (seconds)")
         if not isinstance(jti, str) or not jti or len(jti) > 255:
             raise Unauthorized("the JWT's jti must be a string of 1 to 255 characters")
         if exp - iat > MAX_TOKEN_LIFETIME:

@@ -6,9 +6,9 @@ The first request to arrive while no batch runs applies its own write at once �
 at concurrency 1, so no request ever waits for a timer — and the requests that arrive
 meanwhile wait and go together in the next batch.  A batch holds distinct twins, at
 most ``max_batch``; each part keeps its own caller and access row.  If a batch of
-several fails for one part's reason (its input, its identifiers), each part is applied
-alone, so one request's failure is never another's; a database that is busy or down
-answers every part at once.  No request waits in the queue longer than a write waits
+several fails, each part is applied alone, so one request's failure is never another's
+— unless the database is busy or down, or no model is served, which answers every part
+at once.  No request waits in the queue longer than a write waits
 for the database (``WRITE_WAIT_SECONDS``): past that it gets a 503.
 """
 
@@ -18,18 +18,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from serving.errors import BadInput, Conflict, Unavailable
+from sqlalchemy.exc import OperationalError
+
+from serving.errors import NotReady, Unavailable
 from serving.store.db import WRITE_WAIT_SECONDS
 from serving.writes import TwinInput, TwinOutcome, TwinWriter
+from training.errors import RegistryUnreachable
 
 MAX_BATCH = 64
-PART_ERRORS = (BadInput, Conflict)  # errors one part of a batch can cause on its own
+# errors of the database's or the model's state, the same for every part of a batch; any
+# other error may be one part's own, so the parts are then tried one by one
+SHARED_ERRORS = (Unavailable, NotReady, RegistryUnreachable, OperationalError)
 
 
 @dataclass
 class _Slot:
     inp: TwinInput
     deadline: float = 0.0
+    taken: bool = False  # in a running batch: it waits for that batch, whatever the time
     done: bool = False
     outcome: TwinOutcome | None = None
     error: BaseException | None = None
@@ -54,10 +60,13 @@ class Coalescer:
             self._queue.append(slot)
             while self._busy and not slot.done:
                 left = slot.deadline - time.monotonic()
-                if left <= 0:  # queued behind slow writes for too long
+                if slot.taken:
+                    self._cond.wait()
+                elif left <= 0:  # queued behind slow writes for too long
                     self._queue.remove(slot)
                     raise Unavailable("the database is busy: try again shortly")
-                self._cond.wait(left)
+                else:
+                    self._cond.wait(left)
             if not slot.done:
                 batch = self._take(slot)
                 self._busy = True
@@ -87,6 +96,8 @@ class Coalescer:
             else:
                 rest.append(s)
         self._queue = rest
+        for s in batch:
+            s.taken = True
         return batch
 
     def _run(self, batch: list[_Slot]) -> None:
@@ -96,7 +107,7 @@ class Coalescer:
             outcomes = self.writer.write([s.inp for s in batch], batch[0].inp.caller,
                                          batch[0].inp.access)
         except BaseException as exc:
-            if len(batch) == 1 or not isinstance(exc, PART_ERRORS):
+            if len(batch) == 1 or isinstance(exc, SHARED_ERRORS):
                 for s in batch:  # the database's state, or a single part: the same answer
                     s.error = exc
                 return

@@ -55,6 +55,9 @@ def client_keys(cfg: KeyConfig) -> ClientKeys:
             raise ValueError(f"jwks key {i} has no kid")
         if jwk.get("kty") == "oct":
             raise ValueError(f"jwks key {jwk['kid']!r} is symmetric: asymmetric keys only")
+        if any(m in jwk for m in ("d", "p", "q", "dp", "dq", "qi")):
+            raise ValueError(f"jwks key {jwk['kid']!r} holds private members: register "
+                             "the public key only")
         try:
             by_kid[jwk["kid"]] = jwt.PyJWK.from_dict(jwk).key
         except Exception as exc:

@@ -63,7 +63,7 @@ def verify_chains(store: Store, batch: int = 5000) -> tuple[int, list[Break]]:
     checked, breaks = 0, []
     after = (-1, 0)  # keyset: (subject_id, seq)
     current, prev = None, None
-    last: dict[int, str] = {}
+    last: dict[int, tuple[str, int]] = {}  # per twin: the latest row seen (digest, seq)
     while True:
         q = select(Forecast).where(tuple_(Forecast.subject_id, Forecast.seq) > tuple_(*after))
         with store.read() as s:
@@ -79,7 +79,8 @@ def verify_chains(store: Store, batch: int = 5000) -> tuple[int, list[Break]]:
                 breaks.append(Break(r.subject_id, r.forecast_id,
                                     "does not follow the twin's previous row: a row before "
                                     "it was deleted or re-written"))
-            prev = last[r.subject_id] = r.row_digest
+            prev = r.row_digest
+            last[r.subject_id] = (r.row_digest, r.seq)
         checked += len(rows)
         if len(rows) < batch:
             break
@@ -92,16 +93,23 @@ def verify_chains(store: Store, batch: int = 5000) -> tuple[int, list[Break]]:
     return checked, breaks
 
 
-def _check_heads(store: Store, last: dict[int, str]) -> list[Break]:
+def _check_heads(store: Store, last: dict[int, tuple[str, int]]) -> list[Break]:
+    """Each twin's head against its latest row seen; a twin forecast again since that
+    row was read (the service is live) is not a break."""
     if not last:
         return []
     with store.read() as s:
         heads = dict(s.execute(select(Twin.subject_id, Twin.forecast_head)
                                .where(Twin.subject_id.in_(list(last)))).all())
+        suspects = [sid for sid, (digest, _) in last.items()
+                    if heads.get(sid) is not None and heads[sid] != digest]
+        latest = dict(s.execute(select(Forecast.subject_id, func.max(Forecast.seq))
+                                .where(Forecast.subject_id.in_(suspects))
+                                .group_by(Forecast.subject_id)).all()) if suspects else {}
+    newer = {sid for sid, seq in latest.items() if seq > last[sid][1]}
     return [Break(sid, None, "the twin's chain head is not its latest forecast row: the "
                              "latest row was deleted, or the head altered")
-            for sid, digest in last.items()
-            if heads.get(sid) is not None and heads.get(sid) != digest]
+            for sid in suspects if sid not in newer]
 
 
 # ---------------------------------------------------------------------- anchors

@@ -16,11 +16,13 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
+from starlette.routing import Match, Route
 
 from serving.api import admin, errors, hooks, twins
 from serving.api import schemas as S
 from serving.api.deps import require
 from serving.api.limits import BodyLimitMiddleware
+from serving.runtime import BENTO_PATHS
 from serving.states import Action
 from serving.store.access import access_row
 
@@ -102,6 +104,44 @@ def _store_check(service) -> str:
         return f"unreachable ({type(exc).__name__})"
 
 
+def _flat(routes) -> list[Route]:
+    """Every route, inside included routers too (FastAPI wraps those)."""
+    out = []
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            out += _flat(inner.routes)
+        elif isinstance(r, Route):
+            out.append(r)
+    return out
+
+
+class Unmatched(Route):
+    """The last route: a path no other route serves gets a JSON 404 — or, when the path
+    exists for other methods, a JSON 405 with ``Allow`` — instead of BentoML's plain-text
+    answer (BentoML hands the app only the paths one of its routes matches).  BentoML's
+    own paths (metrics, probes) are left to BentoML."""
+
+    def __init__(self, app: FastAPI):
+        self._app = app
+        super().__init__("/{path:path}", self._answer, include_in_schema=False,
+                         methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+
+    def matches(self, scope):
+        if scope.get("type") == "http" and scope.get("path") in BENTO_PATHS:
+            return Match.NONE, {}
+        return super().matches(scope)
+
+    async def _answer(self, request: Request):
+        allowed = sorted({m for r in _flat(self._app.router.routes) if r is not self
+                          and r.path_regex.match(request.url.path) for m in (r.methods or ())})
+        if allowed:
+            return errors.error(405, "method_not_allowed", f"{request.method} is not "
+                                f"allowed here: use {', '.join(allowed)}",
+                                headers={"Allow": ", ".join(allowed)})
+        return errors.error(404, "not_found", "no such route")
+
+
 def create_app(*, open_docs: bool = False) -> FastAPI:
     app = FastAPI(title="twincast", version="1", docs_url=None, redoc_url=None,
                   openapi_url=None,
@@ -159,4 +199,5 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi_with_bodies
+    app.router.routes.append(Unmatched(app))
     return app

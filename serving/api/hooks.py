@@ -20,12 +20,43 @@ from serving.writes import Caller
 
 router = APIRouter()
 MAX_BUNDLE_BYTES = 20_000_000
+_BUNDLE = {
+    "type": "object", "required": ["resourceType"],
+    "description": "a FHIR R4 Bundle (transaction, batch or collection) of Patient, "
+                   "Observation, Condition, MedicationStatement and MedicationRequest "
+                   "resources.  FHIR's own rules (references, codes, units, dates) are "
+                   "checked by the service: a bundle that breaks them is a 422 naming the "
+                   "entry and element.",
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["Bundle"]},
+        "type": {"type": "string", "enum": ["transaction", "batch", "collection"]},
+        "entry": {"type": "array", "maxItems": 50_000, "items": {
+            "type": "object", "required": ["resource"],
+            "properties": {"resource": {"type": "object", "required": ["resourceType"],
+                                        "properties": {"resourceType": {"type": "string"}}}}}}}}
 FHIR_BODY = {"requestBody": {"required": True, "content": {
-    "application/fhir+json": {"schema": {"type": "object", "description": "a FHIR R4 Bundle"}},
-    "application/json": {"schema": {"type": "object", "description": "a FHIR R4 Bundle"}}}}}
+    "application/fhir+json": {"schema": _BUNDLE}, "application/json": {"schema": _BUNDLE}}}}
 CDS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["hook", "hookInstance", "context"],
-    "description": "a CDS Hooks 2.0 patient-view request"}}}}}
+    "description": "a CDS Hooks 2.0 patient-view request; the prefetched Patient must be "
+                   "context.patientId (else 422)",
+    "properties": {
+        "hook": {"type": "string", "enum": ["patient-view"]},
+        "hookInstance": {"type": "string", "minLength": 1},
+        "fhirServer": {"type": "string"},
+        "context": {"type": "object", "required": ["patientId"], "properties": {
+            "patientId": {"type": "string", "minLength": 1, "maxLength": 255},
+            "userId": {"type": "string"}}},
+        "prefetch": {"type": "object", "properties": {
+            "patient": {"type": "object"}, "observations": {"type": "object"}}}}}}}}}
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["feedback"], "properties": {
+        "feedback": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["card", "outcome"], "properties": {
+                "card": {"type": "string"},
+                "outcome": {"type": "string", "enum": ["accepted", "overridden"]},
+                "overrideReason": {"type": "object"},
+                "outcomeTimestamp": {"type": "string", "format": "date-time"}}}}}}}}}}
 
 
 async def _body(request: Request, limit: int = MAX_BUNDLE_BYTES) -> Any:
@@ -116,7 +147,7 @@ async def cds_call(request: Request, service_id: str, service: Service,
 
 
 @router.post("/cds-services/{service_id}/feedback", tags=["cds-hooks"],
-             responses={**ERRORS, **NOT_FOUND})
+             openapi_extra=FEEDBACK_BODY, responses={**ERRORS, **NOT_FOUND, **TOO_LARGE})
 async def cds_feedback(request: Request, service_id: str, service: Service,
                        auth: Annotated[CdsCaller, Depends(CdsAuth("cds_feedback"))]) -> dict:
     """Card feedback (accepted or overridden), kept for auditors."""

@@ -2,7 +2,8 @@
 (deeper than ``MAX_JSON_DEPTH`` is a 422; a FHIR resource needs about 10 levels).
 
 A body larger than its route's limit is refused with 413 whether it announces its size
-(``Content-Length``) or arrives chunked; the app never sees it.  Bodies are read into
+(``Content-Length``) or arrives chunked; the app never sees it.  A request without
+credentials gets the small default limit whatever its route.  Bodies are read into
 memory only up to that limit.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import numpy as np
 
 MiB = 2**20
@@ -20,6 +22,7 @@ BODY_LIMITS = (  # (path prefix, limit), first match wins
     ("/cds-services/", 20 * MiB),
 )
 MAX_JSON_DEPTH = 64
+THREAD_BYTES = 256 * 1024  # larger bodies are scanned in a worker thread
 
 
 def body_limit(path: str) -> int:
@@ -50,8 +53,11 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = body_limit(scope["path"])
         headers = dict(scope.get("headers") or [])
+        limit = body_limit(scope["path"])
+        if not headers.get(b"authorization", b"").strip():
+            # no credentials, no large body: it will be refused anyway (401)
+            limit = min(limit, DEFAULT_BODY_BYTES)
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -78,7 +84,9 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         whole = b"".join(chunks)
-        if whole and json_depth(whole) > MAX_JSON_DEPTH:
+        depth = (json_depth(whole) if len(whole) < THREAD_BYTES else
+                 await anyio.to_thread.run_sync(json_depth, whole))  # off the event loop
+        if depth > MAX_JSON_DEPTH:
             return await _answer(send, 422, json.dumps({
                 "error": "invalid_input", "message": "the body's JSON is nested deeper "
                 f"than {MAX_JSON_DEPTH} levels", "fields": [{"loc": ["body"],

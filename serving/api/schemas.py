@@ -8,7 +8,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 
 from serving.store.ids import ASSIGNED_MAX, CLIENT_ID_MAX
 from serving.store.twins import EventRow, storable
@@ -17,9 +24,19 @@ MAX_EVENTS_PER_REQUEST = 1000
 MAX_EVENTS_PER_BULK_TWIN = 10_000
 HARD_MAX_BULK_TWINS = 100_000
 CLOCK_SKEW = timedelta(minutes=5)
-ClientSubjectId = Annotated[int, Field(ge=0, le=CLIENT_ID_MAX, description=(
+ClientSubjectId = Annotated[int, Field(ge=0, le=CLIENT_ID_MAX, strict=True, description=(
     "the twin's MEDS subject_id, chosen by the client: 0 to 2**52 - 1 (ids from 2**52 "
     "up are assigned by the store to patients known by an external identifier)"))]
+
+
+def _text_time(v: Any) -> Any:
+    if v is not None and not isinstance(v, str | datetime):
+        raise ValueError("a time is an RFC 3339 string with a UTC offset")
+    return v
+
+
+# a date-time given as text (a number is not a time here), with its UTC offset
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_text_time)]
 
 
 class _In(BaseModel):
@@ -45,11 +62,14 @@ def _not_future(t: datetime | None) -> datetime | None:
 class EventIn(_In):
     """One event for a twin (MEDS fields; the subject comes from the URL)."""
 
-    time: AwareDatetime | None = Field(
-        description="When it happened, with a UTC offset; null for a static fact")
+    time: Rfc3339 | None = Field(
+        description="When it happened: an RFC 3339 date-time with a UTC "
+        "offset, not in the future (more than 5 minutes ahead is a 422); null for a static "
+        "fact")
     code: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^\S+$",
                                examples=["LAB//EGFR"])]
-    numeric_value: float | None = Field(default=None, description="Finite number or null")
+    numeric_value: float | None = Field(default=None, strict=True,
+                                        description="Finite number or null")
     text_value: Annotated[str, Field(max_length=10_000)] | None = None
     event_id: Annotated[str, Field(min_length=1, max_length=120)] | None = Field(
         default=None, description="The client's id for the event; re-sending it adds nothing")
@@ -76,8 +96,9 @@ def naive_utc(t: datetime | None) -> datetime | None:
 
 class EventsIn(_In):
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
-    as_of: AwareDatetime | None = Field(
-        default=None, description="Forecast as of this time (default: the latest event)")
+    as_of: Rfc3339 | None = Field(
+        default=None,
+        description="Forecast as of this time (default: the latest event); not in the future")
 
     _future = field_validator("as_of")(lambda cls, v: _not_future(v))
 
@@ -85,7 +106,7 @@ class EventsIn(_In):
 class BulkTwinIn(_In):
     subject_id: ClientSubjectId
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_BULK_TWIN)]
-    as_of: AwareDatetime | None = None
+    as_of: Rfc3339 | None = None
 
     _future = field_validator("as_of")(lambda cls, v: _not_future(v))
 
@@ -99,9 +120,9 @@ class BulkIn(_In):
 class StatelessIn(_In):
     """A history supplied in full; nothing is stored."""
 
-    subject_id: Annotated[int, Field(ge=0, le=ASSIGNED_MAX)] = 0
+    subject_id: Annotated[int, Field(ge=0, le=ASSIGNED_MAX, strict=True)] = 0
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
-    as_of: AwareDatetime | None = None
+    as_of: Rfc3339 | None = None
 
     _future = field_validator("as_of")(lambda cls, v: _not_future(v))
 

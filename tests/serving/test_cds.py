@@ -137,21 +137,22 @@ def test_a_token_is_taken_once(server):
     assert again.status_code == 401 and "replayed" in again.json()["message"]
 
 
-@pytest.mark.parametrize("claims, status", [
-    ({"exp": 600}, 401),                 # lives ten minutes: longer than five
-    ({"exp": -90, "iat": -200}, 401),    # expired 90 s ago: past the leeway
-    ({"exp": -30, "iat": -100}, 200),    # expired 30 s ago: within the 60 s leeway
-    ({"iat": 30, "exp": 200}, 200),      # issued 30 s "in the future": clock skew
-    ({"iat": 120, "exp": 300}, 401),     # issued two minutes in the future
-    ({"nbf": 120}, 401),                 # not valid yet
+@pytest.mark.parametrize("claims, status, words", [
+    ({"exp": 600}, 401, "longer than"),          # lives ten minutes: longer than five
+    ({"exp": -90, "iat": -200}, 401, "expired"),  # expired 90 s ago: past the leeway
+    ({"exp": -30, "iat": -100}, 200, ""),         # expired 30 s ago: within the leeway
+    ({"iat": 30, "exp": 200}, 200, ""),           # issued 30 s "in the future": skew
+    ({"iat": 120, "exp": 300}, 401, "not valid yet"),  # two minutes in the future
+    ({"nbf": 120}, 401, "not valid yet"),         # not valid yet
 ])
-def test_lifetime_and_leeway(server, claims, status):
+def test_lifetime_and_leeway(server, claims, status, words):
     now = int(time.time())
     base = {"exp": 300, "iat": 0}
     over = {k: now + v for k, v in {**base, **claims}.items()}
     path = f"/cds-services/{SERVICE}"
     r = post_with(server, path, token(server, server.url + path, **over), hook("lease-1"))
     assert r.status_code == status, r.text
+    assert status == 200 or words in r.json()["message"]
 
 
 def test_the_audience_is_the_endpoint_called_never_the_host_header(server):
@@ -184,11 +185,24 @@ def test_a_jwks_client_signs_with_either_key_by_kid(server):
     assert post_with(server, path, tok("b", "b"), hook("jwks-1")).status_code == 200
     for bad in (tok("a", "b"), tok("a", "c"), tok("a", None)):  # wrong, unknown, none
         assert post_with(server, path, bad, hook("jwks-1")).status_code == 401
-    # a token naming a key URL is not followed: its kid must still be one registered
+    # a token naming a key URL is not followed: signed by another key under a registered
+    # kid, it does not verify
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    attacker = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
     jku = jwt.encode({"iss": JWKS_ISSUER, "aud": server.url + path, "exp": now + 300,
-                      "iat": now, "jti": str(uuid.uuid4())}, cds_keypair()[0],
-                     algorithm="RS384", headers={"kid": "a", "jku": "http://127.0.0.1:9/k"})
-    assert post_with(server, path, jku, hook("jwks-1")).status_code == 401
+                      "iat": now, "jti": str(uuid.uuid4())}, attacker, algorithm="ES384",
+                     headers={"kid": "a", "jku": "http://127.0.0.1:9/k"})
+    r = post_with(server, path, jku, hook("jwks-1"))
+    assert r.status_code == 401 and "does not verify" in r.json()["message"]
+    # claims of the wrong type, signed by a registered key: refused, never a 500
+    odd = jwt.encode({"iss": JWKS_ISSUER, "aud": server.url + path, "exp": str(now + 300),
+                      "iat": str(now), "jti": str(uuid.uuid4())}, server.jwks_private["a"],
+                     algorithm="ES384", headers={"kid": "a"})
+    assert post_with(server, path, odd, hook("jwks-1")).status_code == 401
 
 
 def test_the_prefetched_patient_must_be_the_context_patient(server):
@@ -218,6 +232,8 @@ def test_client_registrations_are_checked_at_start():
                    "algorithms": ["ES384"]}}, "symmetric"),
            ({"i": {"jwks": {"keys": [{k: v for k, v in jwks_keys()[1]["keys"][0].items()
                                       if k != "kid"}]}, "algorithms": ["ES384"]}}, "kid"),
+           ({"i": {"jwks": {"keys": [{**jwks_keys()[1]["keys"][0], "d": "c2VjcmV0"}]},
+                   "algorithms": ["ES384"]}}, "private"),
            ({"i": {"algorithms": ["RS384"]}}, "exactly one")]
     for clients, words in bad:
         with pytest.raises(ValidationError, match=words):

@@ -24,6 +24,9 @@ def test_the_api_keeps_its_openapi_contract(server, role, tmp_path):
          "--phases", "examples,coverage,fuzzing", "--seed", "1",
          "--report", "junit", "--report-dir", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    (tmp_path / "schemathesis.txt").write_text(proc.stdout)
+    if os.environ.get("TWINCAST_FUZZ_LOG"):
+        Path(os.environ["TWINCAST_FUZZ_LOG"]).write_text(proc.stdout)
     tail = proc.stdout[-6000:]
     assert proc.returncode == 0, tail
     print(tail[-1500:])

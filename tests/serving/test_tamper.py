@@ -114,6 +114,20 @@ def test_rows_from_before_the_chains_still_verify(database, tracker, trained,  #
         s.execute(text("INSERT INTO twins (subject_id, created_at, updated_at, event_count) "
                        "VALUES (8200002, :t, :t, 0)"), {"t": row["created_at"]})
         s.execute(Forecast.__table__.insert(), [old])
+        # what migration 0007 does: the chain starts after the twin's latest old row
+        s.execute(text("UPDATE twins SET forecast_head = (SELECT f.row_digest FROM "
+                       "forecasts f WHERE f.subject_id = twins.subject_id ORDER BY f.seq "
+                       "DESC LIMIT 1) WHERE subject_id = 8200002"))
     checked, breaks = verify_chains(store)
     assert checked == 2 and breaks == []
+    # that twin written again: its first version-2 row follows the old row
+    svc.writer.write([TwinInput(8_200_002, events=event_rows(history(small_cohort, trained,
+                                                                     4)))], Caller("ward"),
+                     None)
+    with store.read() as s:
+        newest = s.execute(select(Forecast).where(Forecast.subject_id == 8_200_002)
+                           .order_by(Forecast.seq.desc()).limit(1)).scalar_one()
+    assert newest.digest_version == 2 and newest.prev_digest == old["row_digest"]
+    checked, breaks = verify_chains(store)
+    assert checked == 3 and breaks == []
     store.dispose()

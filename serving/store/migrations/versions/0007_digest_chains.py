@@ -24,6 +24,9 @@ def upgrade() -> None:
     op.add_column("forecasts", sa.Column("digest_version", sa.Integer(), nullable=False,
                                          server_default="1"))
     op.add_column("twins", sa.Column("forecast_head", sa.String(length=64), nullable=True))
+    # each twin's chain starts after its latest version-1 row
+    op.execute("UPDATE twins SET forecast_head = (SELECT f.row_digest FROM forecasts f "
+               "WHERE f.subject_id = twins.subject_id ORDER BY f.seq DESC LIMIT 1)")
     op.create_table(
         "leases",
         sa.Column("name", sa.String(length=64), primary_key=True),
