@@ -115,11 +115,15 @@ def median_of(runs: list[dict]) -> dict:
                                                                 "errors", "max_ms")}
 
 
+SALT_S = random.SystemRandom().randrange(0, 20 * 86_400)  # new event times every invocation
+
+
 def bodies_for(home: Path, name: str, twins: list[int], last_time, n: int = 40_000) -> tuple:
-    """One new event per request, each at its own time, cycling over ``twins``."""
+    """One new event per request, each at its own time, cycling over ``twins`` (times
+    shifted by a per-invocation salt, so a kept store never sees them as re-sent)."""
     bodies, paths = [], []
     for i in range(n):
-        t = (last_time + np.timedelta64(1 + i, "m")).astype("datetime64[s]")
+        t = (last_time + np.timedelta64(SALT_S + 60 * (1 + i), "s")).astype("datetime64[s]")
         bodies.append(json.dumps({"events": [{"time": f"{t}Z", "code": "VITAL//SBP",
                                               "numeric_value": 120 + i % 30}]}))
         paths.append(f"/v1/twins/{twins[i % len(twins)]}/events")
