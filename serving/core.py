@@ -21,10 +21,11 @@ from serving.model_source import ModelSource
 from serving.refresh import Refresher
 from serving.served import ModelHolder
 from serving.store import Store
+from serving.store.access import access_row
 from serving.store.db import worker_name
 from serving.tamper import ANCHOR_LEASE, anchor
 from serving.views import forecast_json, iso
-from serving.writes import TwinWriter
+from serving.writes import AccessInfo, Caller, TwinWriter
 from training.errors import RegistryUnreachable
 
 log = logging.getLogger("twincast.service")
@@ -132,18 +133,34 @@ class TwinService:
                 "changed": changed, "refresh": self.refresh_status()}
 
     # ------------------------------------------------------------------ reads
-    def twin_view(self, subject_id: int) -> str:
-        """The twin's current state as JSON: one primary-key read of its kept view."""
-        with self.store.read() as s:
+    def twin_view(self, subject_id: int, caller: Caller | None = None,
+                  access: AccessInfo | None = None) -> str:
+        """The twin's current state as JSON: one primary-key read of its kept view.  With
+        ``access``, the read and its access-log row are one transaction (the row is
+        committed before the answer exists)."""
+        def read(s) -> str:
             exists, view = self.store.twins.view(s, subject_id)
-        if not exists:
-            raise NotFound(f"no twin with subject_id {subject_id}")
-        if view is None:
-            raise NotFound(f"twin {subject_id} has no forecast yet (a refresh will make one)")
-        return view
+            if not exists:
+                raise NotFound(f"no twin with subject_id {subject_id}")
+            if view is None:
+                raise NotFound(f"twin {subject_id} has no forecast yet (a refresh will make "
+                               "one)")
+            if access is not None and caller is not None:
+                self.store.access.add(s, [access_row(
+                    key_id=caller.key_id, key_name=caller.name, role=caller.role,
+                    method=access.method, path=access.path, action=access.action,
+                    subject_id=subject_id, status_code=200)])
+                access.written = True
+            return view
 
-    def current_forecast(self, subject_id: int) -> dict[str, Any]:
-        return json.loads(self.twin_view(subject_id))["forecast"]
+        if access is None:
+            with self.store.read() as s:
+                return read(s)
+        return self.store.db.transact(read)
+
+    def current_forecast(self, subject_id: int, caller: Caller | None = None,
+                         access: AccessInfo | None = None) -> dict[str, Any]:
+        return json.loads(self.twin_view(subject_id, caller, access))["forecast"]
 
     def forecasts(self, subject_id: int, limit: int, offset: int) -> dict[str, Any]:
         with self.store.read() as s:

@@ -83,11 +83,12 @@ async def bulk(request: Request, service: Service,
 
 @router.get("/v1/twins/{subject_id}", response_model=S.TwinOut,
             responses={**ERRORS, **NOT_FOUND})
-def get_twin(subject_id: ReadId, service: Service,
-             _: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_twin",
-                                                     twin=True))]) -> Response:
+def get_twin(request: Request, subject_id: ReadId, service: Service,
+             caller: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_twin",
+                                                          twin=True))]) -> Response:
     """The twin's latest value per code and its current forecast."""
-    return Response(service.twin_view(subject_id), media_type="application/json")
+    return Response(service.twin_view(subject_id, caller, access_of(request)),
+                    media_type="application/json")
 
 
 @router.get("/v1/twins/{subject_id}/forecast", tags=["fhir"],
@@ -98,8 +99,8 @@ def get_twin(subject_id: ReadId, service: Service,
                                "Accept: application/fhir+json",
                 "content": {"application/fhir+json": {}}}})
 def current_forecast(request: Request, subject_id: ReadId, service: Service,
-                     _: Annotated[Principal, Depends(require(Action.READ_TWINS,
-                                                             "read_forecast", twin=True))],
+                     caller: Annotated[Principal, Depends(require(Action.READ_TWINS,
+                                                                  "read_forecast", twin=True))],
                      format: Annotated[str | None, Query(pattern="^(json|fhir)$")] = None):
     """The twin's current forecast (as FHIR when asked)."""
     fhir = format == "fhir" or (format is None and "application/fhir+json" in
@@ -107,7 +108,7 @@ def current_forecast(request: Request, subject_id: ReadId, service: Service,
     if fhir:
         return JSONResponse(risk_assessment(service, subject_id),
                             media_type="application/fhir+json")
-    return json_response(service.current_forecast(subject_id))
+    return json_response(service.current_forecast(subject_id, caller, access_of(request)))
 
 
 @router.get("/v1/twins/{subject_id}/forecasts", response_model=S.ForecastPage,
