@@ -21,7 +21,6 @@ from serving.model_source import ModelSource
 from serving.refresh import Refresher
 from serving.served import ModelHolder
 from serving.store import Store
-from serving.store.access import access_row
 from serving.store.db import worker_name
 from serving.tamper import ANCHOR_LEASE, anchor
 from serving.views import forecast_json, iso
@@ -146,10 +145,7 @@ class TwinService:
                 raise NotFound(f"twin {subject_id} has no forecast yet (a refresh will make "
                                "one)")
             if access is not None and caller is not None:
-                self.store.access.add(s, [access_row(
-                    key_id=caller.key_id, key_name=caller.name, role=caller.role,
-                    method=access.method, path=access.path, action=access.action,
-                    subject_id=subject_id, status_code=200)])
+                self.store.access.add(s, [access.row(caller, subject_id)])
                 access.written = True
             return view
 

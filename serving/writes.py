@@ -63,6 +63,12 @@ class AccessInfo:
     action: str
     written: bool = False
 
+    def row(self, caller: Caller, subject_id: int) -> dict[str, Any]:
+        """The access-log row of this request's successful touch of one twin."""
+        return access_row(key_id=caller.key_id, key_name=caller.name, role=caller.role,
+                          method=self.method, path=self.path, action=self.action,
+                          subject_id=subject_id, status_code=200)
+
 
 @dataclass
 class TwinInput:
@@ -247,10 +253,7 @@ class TwinWriter:
     def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:
         """Each part's access row (who asked, through which request), in the write's
         transaction."""
-        rows = [access_row(key_id=inp.caller.key_id, key_name=inp.caller.name,
-                           role=inp.caller.role, method=inp.access.method,
-                           path=inp.access.path, action=inp.access.action, subject_id=sid,
-                           status_code=200)
+        rows = [inp.access.row(inp.caller, sid)
                 for sid, inp in zip(ids, inputs, strict=True) if inp.access is not None]
         self.store.access.add(s, rows)
         for inp in inputs:
@@ -305,7 +308,7 @@ class TwinWriter:
 
     def _persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
                  history: History, results: list[ForecastResult],
-                 callers: dict[int, Caller] | Caller, now: datetime
+                 callers: dict[int, Caller], now: datetime
                  ) -> dict[int, tuple[dict[str, Any], str]]:
         forecasts, views, out = self._rows(
             model, {sid: t.created_at for sid, t in twins.items()}, history, results,
@@ -316,13 +319,12 @@ class TwinWriter:
         return out
 
     def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,
-              results: list[ForecastResult], callers: dict[int, Caller] | Caller,
-              now: datetime):
+              results: list[ForecastResult], callers: dict[int, Caller], now: datetime):
         """Forecast rows, view updates and (forecast, view) per twin, to be stored."""
         rows, updates, out = [], [], {}
         for r in results:
             sid = r.subject_id
-            caller = callers[sid] if isinstance(callers, dict) else callers
+            caller = callers[sid]
             values = forecast_values(model, r, history.watermark.get(sid), caller.name,
                                      caller.key_id)
             values["created_at"] = now
@@ -354,7 +356,9 @@ class TwinWriter:
                 return 0
             keep = [r for r in results if r.subject_id in twins
                     and twins[r.subject_id].event_count == seen[r.subject_id]]
-            self._persist(s, model, twins, history, keep, Caller(REFRESH_CALLER), utcnow())
+            system = Caller(REFRESH_CALLER)
+            self._persist(s, model, twins, history, keep, dict.fromkeys(twins, system),
+                          utcnow())
             return len(keep)
         return self.store.db.transact(work, urgent=False)
 

@@ -12,14 +12,13 @@ from serving.api import schemas as S
 from serving.api.deps import Credentials, Principal, Service, access_of, note_access, require
 from serving.api.responses import ERRORS, NOT_FOUND, TOO_LARGE, json_response
 from serving.core import TwinService
-from serving.errors import BadInput, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from serving.errors import BadInput, Forbidden, NotFound, Unauthorized
 from serving.fhir import ingest_bundle, parse_json
 from serving.states import Action, may
 from serving.store.keys import KEY_PREFIX
 from serving.writes import Caller
 
 router = APIRouter()
-MAX_BUNDLE_BYTES = 20_000_000
 _BUNDLE = {
     "type": "object", "required": ["resourceType"],
     "description": "a FHIR R4 Bundle (transaction, batch or collection) of Patient, "
@@ -59,11 +58,9 @@ FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json
                 "outcomeTimestamp": {"type": "string", "format": "date-time"}}}}}}}}}}
 
 
-async def _body(request: Request, limit: int = MAX_BUNDLE_BYTES) -> Any:
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"the body is larger than {limit // 1_000_000} MB")
-    return parse_json(raw)
+async def _body(request: Request) -> Any:
+    """The body as JSON (its size was capped before it was read: serving.api.limits)."""
+    return parse_json(await request.body())
 
 
 @router.post("/v1/fhir", tags=["fhir"], response_model=S.FhirIngestOut,
@@ -152,7 +149,7 @@ async def cds_feedback(request: Request, service_id: str, service: Service,
                        auth: Annotated[CdsCaller, Depends(CdsAuth("cds_feedback"))]) -> dict:
     """Card feedback (accepted or overridden), kept for auditors."""
     _ours(service, service_id)
-    body = await _body(request, 1_000_000)
+    body = await _body(request)
     return {"stored": await anyio.to_thread.run_sync(cds.store_feedback, service, service_id,
                                                      body, auth[0].name)}
 

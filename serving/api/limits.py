@@ -28,9 +28,11 @@ THREAD_BYTES = 256 * 1024  # larger bodies are scanned in a worker thread
 def body_limit(path: str) -> int:
     """The largest body the route at ``path`` takes.
 
-    >>> body_limit("/v1/fhir"), body_limit("/v1/twins/1/events") == DEFAULT_BODY_BYTES
+    >>> body_limit("/v1/fhir"), body_limit("/cds-services/x/feedback") == DEFAULT_BODY_BYTES
     (20971520, True)
     """
+    if path.endswith("/feedback"):  # card feedback is small, unlike a hook's prefetch
+        return DEFAULT_BODY_BYTES
     for prefix, limit in BODY_LIMITS:
         if path.startswith(prefix):
             return limit

@@ -290,7 +290,14 @@ def hostile_requests() -> list[tuple[str, str, dict]]:
         for body in (deep, deep_obj, '{"events": ' + deep + "}", '"x"', "1" * 5000):
             reqs.append(("post", path, {"content": body.encode(),
                                         "headers": {"content-type": "application/json"}}))
-    reqs += [("get", "/v1/twins/5/forecasts?limit=abc", {}),
+    reqs += [("get", "/cds-services/%0A%1C%C2%A4", {}),  # control characters: no route
+             ("post", "/cds-services/%0Ax", {"json": {}}),
+             ("delete", "/v1/twins/5", {}), ("put", "/v1/fhir", {"json": {}}),
+             ("post", "/v1/twins/5/events", {"json": {"events": [
+                 {**ev, "time": 1577836800}]}}),  # a number is not a time
+             ("post", "/v1/twins/5/events", {"json": {"events": [
+                 {**ev, "time": "2020-01-01T00:00:00Z", "numeric_value": True}]}}),
+             ("get", "/v1/twins/5/forecasts?limit=abc", {}),
              ("get", "/v1/twins/5/forecasts?offset=99999999999999999999", {}),
              ("get", "/v1/access-log?subject_id=-1", {}),
              ("get", "/v1/audit/forecasts/" + "x" * 5000, {}),
