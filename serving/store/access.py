@@ -41,16 +41,17 @@ class Access:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._insert = insert(AccessLog.__table__)  # built once
 
     def add(self, s: Session, rows: list[dict[str, Any]]) -> None:
         """Append rows in the caller's transaction."""
         if rows:
-            s.execute(insert(AccessLog), rows)
+            s.connection().execute(self._insert, rows)
 
     def write(self, row: dict[str, Any]) -> None:
         """Commit one row now (a request's answer waits for it)."""
         with self.db.write() as w:
-            w.execute(insert(AccessLog), [row])
+            w.connection().execute(self._insert, [row])
 
     def queue(self, row: dict[str, Any]) -> None:
         """Append a row soon (batched), off the request's path."""
@@ -81,7 +82,7 @@ class Access:
                 return 0
             try:
                 with self.db.write(urgent=False) as w:
-                    w.execute(insert(AccessLog), rows)
+                    w.connection().execute(self._insert, rows)
             except Exception:
                 with self._lock:
                     self._queue[:0] = rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -38,15 +38,16 @@ class Jobs:
         self.db = db
         self.twins = twins
         self._insert = sqlite_insert if db.sqlite else pg_insert
+        served = select(ServedModel.model_version).where(
+            ServedModel.model_name == bindparam("name"))
+        self._served = {False: served,  # built once: every write asks
+                        True: served if db.sqlite else served.with_for_update(read=True)}
 
     # ------------------------------------------------------------------ served version
     def served_version(self, s: Session, name: str, *, lock: bool = False) -> str | None:
         """The served version; ``lock``: held (FOR SHARE on PostgreSQL) until the caller's
         transaction ends, so a version change waits for writes that checked it."""
-        q = select(ServedModel.model_version).where(ServedModel.model_name == name)
-        if lock and not self.db.sqlite:
-            q = q.with_for_update(read=True)
-        return s.execute(q).scalar_one_or_none()
+        return s.connection().execute(self._served[lock], {"name": name}).scalar_one_or_none()
 
     def adopt(self, name: str, version: str, run_id: str, worker: str, reason: str,
               confirm: Callable[[], str | None] | None = None) -> int | None:

@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from serving.errors import Conflict, NotFound
@@ -36,6 +36,8 @@ class KeyInfo:
 class Keys:
     def __init__(self, db: Database):
         self.db = db
+        self._active = select(ApiKey.id, ApiKey.name, ApiKey.role).where(
+            ApiKey.key_hash == bindparam("h"), ApiKey.revoked_at.is_(None))  # built once
 
     def create(self, name: str, role: str) -> str:
         """Create an API key; the secret is returned once and only its hash is stored."""
@@ -70,7 +72,6 @@ class Keys:
         each time: no worker keeps accepting a key another one revoked."""
         if len(token) > 200:  # keys are 46 characters: no hashing of arbitrary lengths
             return None
-        with self.db.read() as s:
-            row = s.execute(select(ApiKey.id, ApiKey.name, ApiKey.role).where(
-                ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None))).first()
+        with self.db.engine.connect() as conn:  # one read: no ORM session needed
+            row = conn.execute(self._active, {"h": hash_key(token)}).first()
         return None if row is None else KeyInfo(int(row[0]), row[1], row[2])

@@ -92,6 +92,19 @@ class TwinRow:
     created: bool = False
 
 
+TWIN_COLUMNS = ("subject_id, created_at, last_event_time, event_count, model_name, "
+                "model_version, view, forecast_head")  # TwinRow's fields, in order
+
+
+def _stored_time(text: str | None) -> datetime | None:
+    """A time as SQLite holds it (SQLAlchemy's text form of naive UTC)."""
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _same(value):
+    return value
+
+
 FORECAST_DIGEST_FIELDS = (
     "forecast_id", "subject_id", "as_of", "watermark", "status", "reason", "risks",
     "contributions", "model_name", "model_version", "run_id", "feature_spec_digest",
@@ -123,6 +136,21 @@ class Twins:
     def __init__(self, sqlite: bool):
         self.sqlite = sqlite
         self._insert = sqlite_insert if sqlite else pg_insert
+        # the hot path's statements, built once: building and cache-keying a select
+        # costs more than the database takes to run it
+        t = Twin.__table__.c
+        ids = bindparam("ids", expanding=True)
+        self._present = select(t.subject_id).where(t.subject_id.in_(ids))
+        self._view = select(t.view).where(t.subject_id == bindparam("sid"))
+        self._create_twins = self._insert(Twin.__table__).on_conflict_do_nothing(
+            index_elements=["subject_id"]).returning(t.subject_id)
+        self._add_forecasts = insert(Forecast.__table__)
+        self._write_views = (
+            update(Twin.__table__).where(t.subject_id == bindparam("sid"))
+            .values(view=bindparam("view"), model_name=bindparam("mname"),
+                    forecast_head=bindparam("head"), model_version=bindparam("mversion"),
+                    event_count=bindparam("n_events"), last_event_time=bindparam("last_time"),
+                    updated_at=bindparam("now")))
 
     # ------------------------------------------------------------------ twins
     def lock(self, s: Session, subject_ids: Sequence[int], *, create: bool,
@@ -136,46 +164,49 @@ class Twins:
         if len(ids) > 1 and create:
             # find the missing ones without locking, so every lock below is taken in one
             # ascending pass
-            t = Twin.__table__.c
-            have = set(conn.execute(select(t.subject_id).where(t.subject_id.in_(ids)))
-                       .scalars())
+            have = set(conn.execute(self._present, {"ids": ids}).scalars())
             created = self._create(conn, [i for i in ids if i not in have], now)
-            return {r[0]: TwinRow(*r, created=r[0] in created)
-                    for r in conn.execute(self._locking(ids))}
-        found = {r[0]: TwinRow(*r) for r in conn.execute(self._locking(ids))}
+            return {r.subject_id: r for r in self._twin_rows(s, ids, lock=True,
+                                                             created=created)}
+        found = {r.subject_id: r for r in self._twin_rows(s, ids, lock=True)}
         missing = [i for i in ids if i not in found]
         if create and missing:  # one twin: nothing held yet, so the order holds
             created = self._create(conn, missing, now)
-            for r in conn.execute(self._locking(missing)):
-                found[r[0]] = TwinRow(*r, created=r[0] in created)
+            for r in self._twin_rows(s, missing, lock=True, created=created):
+                found[r.subject_id] = r
         return found
+
+    def _twin_rows(self, s: Session, ids: list[int], *, lock: bool,
+                   created: set[int] = frozenset()) -> list[TwinRow]:
+        """Twin rows by driver SQL, ascending (locked: ``FOR NO KEY UPDATE`` on
+        PostgreSQL, which lets other writes' foreign-key checks pass) — plain tuples with
+        times parsed here: SQLAlchemy's row and type processing cost more than the
+        query."""
+        sql = (f"SELECT {TWIN_COLUMNS} FROM twins WHERE subject_id IN "
+               f"({', '.join('?' * len(ids))}) ORDER BY subject_id")
+        if lock and not self.sqlite:
+            sql += " FOR NO KEY UPDATE"
+        result = s.connection().exec_driver_sql(self._sql(sql), tuple(ids))
+        try:
+            rows = result.cursor.fetchall()
+        finally:
+            result.close()
+        when = _stored_time if self.sqlite else _same
+        return [TwinRow(r[0], when(r[1]), when(r[2]), r[3], r[4], r[5], r[6], r[7],
+                        created=r[0] in created) for r in rows]
 
     def _create(self, conn, ids: list[int], now: datetime | None) -> set[int]:
         if not ids:
             return set()
         now = now or utcnow()
-        ins = self._insert(Twin.__table__).on_conflict_do_nothing(
-            index_elements=["subject_id"]).returning(Twin.__table__.c.subject_id)
-        return set(conn.execute(ins, [
+        return set(conn.execute(self._create_twins, [
             {"subject_id": i, "created_at": now, "updated_at": now, "event_count": 0}
             for i in ids]).scalars())
 
     def peek(self, s: Session, subject_ids: Sequence[int]) -> dict[int, TwinRow]:
         """The twins' rows as they are now, without a lock (absent when missing)."""
-        t = Twin.__table__.c
-        q = (select(t.subject_id, t.created_at, t.last_event_time, t.event_count,
-                    t.model_name, t.model_version, t.view, t.forecast_head)
-             .where(t.subject_id.in_(sorted(set(subject_ids)))))
-        return {r[0]: TwinRow(*r) for r in s.connection().execute(q)}
-
-    def _locking(self, ids: list[int]):
-        t = Twin.__table__.c
-        q = (select(t.subject_id, t.created_at, t.last_event_time, t.event_count,
-                    t.model_name, t.model_version, t.view, t.forecast_head)
-             .where(t.subject_id.in_(ids)).order_by(t.subject_id))
-        if not self.sqlite:
-            q = q.with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK checks still pass
-        return q
+        ids = sorted(set(subject_ids))
+        return {r.subject_id: r for r in self._twin_rows(s, ids, lock=False)} if ids else {}
 
     def insert_new(self, s: Session, subject_id: int) -> None:
         """A brand-new twin row (its id comes from the id source: no conflict possible)."""
@@ -189,7 +220,7 @@ class Twins:
 
     def view(self, s: Session, subject_id: int) -> tuple[bool, str | None]:
         """(exists, kept view JSON) — one primary-key read."""
-        row = s.execute(select(Twin.view).where(Twin.subject_id == subject_id)).first()
+        row = s.connection().execute(self._view, {"sid": subject_id}).first()
         return (row is not None, row[0] if row is not None else None)
 
     def exists(self, s: Session, subject_id: int) -> bool:
@@ -336,7 +367,7 @@ class Twins:
             r["prev_digest"] = heads.get(r["subject_id"])
             r["row_digest"] = new[r["subject_id"]] = forecast_digest(r)
         if rows:
-            s.connection().execute(insert(Forecast.__table__), rows)
+            s.connection().execute(self._add_forecasts, rows)
         return new
 
     def write_views(self, s: Session, updates: list[dict[str, Any]], heads: dict[int, str]
@@ -347,14 +378,7 @@ class Twins:
             return
         for u in updates:
             u["head"] = heads[u["sid"]]
-        stmt = (update(Twin.__table__).where(Twin.__table__.c.subject_id == bindparam("sid"))
-                .values(view=bindparam("view"), model_name=bindparam("mname"),
-                        forecast_head=bindparam("head"),
-                        model_version=bindparam("mversion"),
-                        event_count=bindparam("n_events"),
-                        last_event_time=bindparam("last_time"),
-                        updated_at=bindparam("now")))
-        s.connection().execute(stmt, updates)
+        s.connection().execute(self._write_views, updates)
 
     def sources_before(self, s: Session, subject_id: int, prefix: str, until: datetime,
                        limit: int = 20) -> list[str]:
