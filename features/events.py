@@ -15,6 +15,7 @@ not at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -392,6 +393,29 @@ def write_meds(
     The directory is assembled beside ``out`` and renamed into place, so a failure leaves
     nothing behind; an existing non-empty ``out`` is an error unless ``overwrite``.
     """
+    with meds_directory(out, overwrite=overwrite, dataset=dataset) as tmp:
+        for i, shard in enumerate(_shards(events, shard_subjects)):
+            write_shard(tmp, i, shard)
+        if codes is not None:
+            pq.write_table(pa.Table.from_pandas(codes, preserve_index=False),
+                           tmp / "metadata" / "codes.parquet")
+        if subject_splits is not None:
+            pq.write_table(pa.Table.from_pandas(subject_splits, preserve_index=False),
+                           tmp / "metadata" / "subject_splits.parquet")
+    return Path(out)
+
+
+def write_shard(directory: Path, index: int, events: pd.DataFrame) -> None:
+    """One data shard of a MEDS directory being written (canonical events)."""
+    pq.write_table(events_to_table(events), directory / "data" / f"{index}.parquet",
+                   compression="zstd")
+
+
+@contextlib.contextmanager
+def meds_directory(out: str | os.PathLike, *, overwrite: bool = False,
+                   dataset: dict | None = None) -> Iterator[Path]:
+    """A MEDS directory written in pieces (``data/``, ``metadata/``) and renamed into
+    place at the end, so a failure leaves nothing behind."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
@@ -401,15 +425,7 @@ def write_meds(
     try:
         (tmp / "data").mkdir()
         (tmp / "metadata").mkdir()
-        for i, shard in enumerate(_shards(events, shard_subjects)):
-            pq.write_table(events_to_table(shard), tmp / "data" / f"{i}.parquet",
-                           compression="zstd")
-        if codes is not None:
-            pq.write_table(pa.Table.from_pandas(codes, preserve_index=False),
-                           tmp / "metadata" / "codes.parquet")
-        if subject_splits is not None:
-            pq.write_table(pa.Table.from_pandas(subject_splits, preserve_index=False),
-                           tmp / "metadata" / "subject_splits.parquet")
+        yield tmp
         meta = {"dataset_name": out.name, "meds_version": "0.3.3", "etl_name": "twincast"}
         meta.update(dataset or {})
         (tmp / "metadata" / "dataset.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -419,7 +435,6 @@ def write_meds(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def subject_bounds(subject_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

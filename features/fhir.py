@@ -1,11 +1,34 @@
-"""FHIR R4 bundles to MEDS events, through a mapping file.
+"""FHIR R4 resources to MEDS events, as US Core 6.1.0 senders write them.
 
-Patient (gender, birthDate, deceased[x]), Observation (valueQuantity), Condition and
-MedicationStatement / MedicationRequest resources become events; LOINC, SNOMED CT,
-ICD-10 and RxNorm codes map to twincast codes with units and unit conversion
-(``features/fhir_mapping.yaml``).  Resources and codes that are not mapped are counted,
-never silently dropped; a malformed bundle raises :class:`FhirError` naming the entry and
-the element.  No value is echoed in an error.
+Resources and codes that are not mapped are counted, never silently dropped; a malformed
+resource raises :class:`FhirError` naming the entry (or NDJSON line) and the element.  No
+value is echoed in an error.  The rules, per resource:
+
+- **Patient**: gender (female/male), ``birthDate``, ``deceasedDateTime``.
+- **Observation**: statuses ``final``, ``amended``, ``corrected`` and ``preliminary`` are
+  results; ``entered-in-error`` and ``cancelled`` are never stored and take back a
+  version stored earlier (a *retraction*); ``registered`` and ``unknown`` carry no result
+  (counted).  A re-sent resource id with new content replaces what it corrects (the
+  store keeps both, the old one superseded).  Values: ``valueQuantity`` converted by its
+  UCUM ``code`` (the display ``unit`` is never read), ``valueCodeableConcept`` and
+  ``valueString`` where the rule names that value type, and each ``component`` on its
+  own (the blood-pressure panel's systolic and diastolic); any other value type, unit or
+  code is counted.  Time: ``effectiveDateTime``, ``effectiveInstant``, or
+  ``effectivePeriod.start`` (else ``.end``) — the time the value describes; ``issued``
+  only when there is none.
+- **Condition**: ``verificationStatus`` refuted or entered-in-error → excluded (the
+  latter also retracts); unconfirmed, provisional and differential → not a diagnosis
+  yet (counted); ``clinicalStatus`` does not exclude (a resolved problem was still
+  diagnosed).  Time: ``recordedDate`` — when the record knew it, so a forecast never sees
+  a diagnosis before it was made — else ``onsetDateTime`` / ``onsetPeriod.start``.
+- **MedicationRequest** (status active, on-hold, completed or stopped, and intent an
+  order) and **MedicationStatement** (active, completed, stopped, on-hold): the drug from
+  ``medicationCodeableConcept`` or a referenced Medication, at clinical-drug (RxNorm
+  SCD) or ingredient level, to the ingredient class by a cited table; entered-in-error
+  and cancelled retract; the rest are counted.  Time: ``authoredOn``;
+  for a statement ``effectiveDateTime``, ``effectivePeriod.start``, else ``dateAsserted``.
+- The same value sent twice in one import (same patient, code, time, value: an interface
+  replay under a new resource id) is kept once.
 """
 
 from __future__ import annotations
@@ -14,79 +37,43 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
-
 from features.errors import FeaturesError
+from features.fhir_codes import (  # noqa: F401  (the mapping's names, re-exported)
+    DEFAULT_MAPPING,
+    UCUM,
+    CodeRule,
+    Conversion,
+    FhirMapping,
+    RuleIndex,
+)
 
-DEFAULT_MAPPING = Path(__file__).with_name("fhir_mapping.yaml")
-FINAL_STATUSES = {"final", "amended", "corrected", "preliminary"}
+RESULT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
+RETRACTED = frozenset({"entered-in-error", "cancelled"})
+REQUEST_STATUSES = frozenset({"active", "on-hold", "completed", "stopped"})
+ORDER_INTENTS = frozenset({"order", "original-order", "reflex-order", "filler-order",
+                           "instance-order"})
+STATEMENT_STATUSES = frozenset({"active", "completed", "stopped", "on-hold"})
+EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+NOT_YET_VERIFIED = frozenset({"unconfirmed", "provisional", "differential"})
+USED = ("Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement",
+        "Medication")
+MAX_TEXT = 1000
 
 
 class FhirError(FeaturesError):
-    """A bundle that is not valid FHIR for twincast; names the entry and element."""
+    """A resource that is not valid FHIR for twincast; names where (``entry[i]`` of a
+    bundle, or ``line N`` of an NDJSON file) and the element."""
 
-    def __init__(self, message: str, *, entry: int | None = None, element: str | None = None):
+    def __init__(self, message: str, *, entry: int | None = None, element: str | None = None,
+                 where: str | None = None):
         self.entry, self.element, self.detail = entry, element, message
-        where = []
-        if entry is not None:
-            where.append(f"entry[{entry}]")
-        if element:
-            where.append(element)
-        super().__init__(f"{'.'.join(where)}: {message}" if where else message)
-
-
-class Conversion(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scale: float = 1.0
-    offset: float = 0.0
-
-
-class CodeRule(BaseModel):
-    """One source code (glob allowed) in a code system, and the twincast code it becomes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    system: str
-    code: str
-    to: str
-    unit: str | None = None
-    units: dict[str, Conversion] = Field(
-        default_factory=dict,
-        description="source unit (UCUM code or text) -> conversion to ``unit``")
-
-    def matches(self, system: str | None, code: str | None) -> bool:
-        return system == self.system and code is not None and fnmatchcase(code, self.code)
-
-
-class FhirMapping(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    observations: list[CodeRule] = Field(default_factory=list)
-    conditions: list[CodeRule] = Field(default_factory=list)
-    medications: list[CodeRule] = Field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: str | Path = DEFAULT_MAPPING) -> FhirMapping:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
-
-    @staticmethod
-    def find(rules: list[CodeRule], codings: list[dict]) -> tuple[CodeRule | None, str]:
-        """The first rule matching any coding, and a label for the first coding."""
-        for c in codings:
-            for r in rules:
-                if r.matches(c.get("system"), c.get("code")):
-                    return r, f"{c.get('system')}|{c.get('code')}"
-        first = codings[0] if codings else {}
-        return None, f"{first.get('system')}|{first.get('code')}"
-
-    def units(self) -> dict[str, str]:
-        return {r.to: r.unit for r in (*self.observations,) if r.unit}
+        self.where = where if where is not None else (
+            f"entry[{entry}]" if entry is not None else None)
+        parts = [p for p in (self.where, element) if p]
+        super().__init__(f"{'.'.join(parts)}: {message}" if parts else message)
 
 
 @dataclass
@@ -103,8 +90,9 @@ class FhirEvent:
     code: str
     numeric_value: float | None
     text_value: str | None
-    event_id: str  # "<resourceType>/<id>": re-sending a bundle adds nothing
+    event_id: str  # "<resourceType>/<id>[#component]": the resource's logical id
     source: str  # the FHIR reference, for RiskAssessment.basis
+    retract: bool = False  # not an event: takes back the resource's stored events
 
 
 @dataclass
@@ -113,16 +101,61 @@ class FhirImport:
     events: list[FhirEvent] = field(default_factory=list)
     unmapped: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    mapped: Counter = field(default_factory=Counter)  # "twincast code <- system|code"
+    sent: Counter = field(default_factory=Counter)  # values sent, per resource type
+    # for imports that stream their events out (Bulk NDJSON): what they kept
+    kept_counts: Counter | None = None
+    fed_codes: set[str] | None = None
 
-    def report(self) -> dict[str, Any]:
-        return {"patients": len(self.patients), "events": len(self.events),
-                "unmapped": dict(self.unmapped), "skipped": dict(self.skipped)}
+    def kept(self) -> Counter:
+        """Events kept per resource type."""
+        if self.kept_counts is not None:
+            return self.kept_counts
+        return Counter(e.source.split("/", 1)[0] for e in self.events if not e.retract)
+
+    def fed(self) -> set[str]:
+        """The twincast codes this input's events carry."""
+        if self.fed_codes is not None:
+            return self.fed_codes
+        return {e.code for e in self.events if not e.retract}
+
+    def report(self, spec_codes: dict[str, list[str]] | None = None,
+               mappable: set[str] | None = None) -> dict[str, Any]:
+        """What was mapped, what was not, coverage per resource type and — given the
+        served model's feature codes (code → feature names) — its starved features:
+        those no event of this input feeds (``mappable``: codes some rule can produce)."""
+        kept = self.kept()
+        out: dict[str, Any] = {
+            "patients": len(self.patients),
+            "events": sum(kept.values()),
+            "mapped": dict(sorted(self.mapped.items())),
+            "unmapped": dict(sorted(self.unmapped.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+            "coverage": {k: {"sent": n, "kept": kept.get(k, 0),
+                             "share": round(kept.get(k, 0) / n, 4) if n else None}
+                         for k, n in sorted(self.sent.items())}}
+        if spec_codes is not None:
+            fed = self.fed()
+            out["starved"] = [
+                {"code": code, "features": names,
+                 "reason": ("no event of this input carries it" if mappable is None
+                            or code in mappable else "no mapping rule produces it")}
+                for code, names in sorted(spec_codes.items()) if code not in fed]
+        return out
+
+    def merge(self, other: FhirImport) -> None:
+        for name in ("unmapped", "skipped", "mapped", "sent"):
+            getattr(self, name).update(getattr(other, name))
 
 
-def parse_time(value: Any, *, entry: int, element: str) -> datetime:
+def parse_time(value: Any, *, entry: int | None = None, element: str,
+               where: str | None = None) -> datetime:
     """FHIR date or dateTime to naive UTC (a date is midnight UTC)."""
+    def fail(message: str):
+        return FhirError(message, entry=entry, element=element, where=where)
+
     if not isinstance(value, str) or not value:
-        raise FhirError("expected a FHIR date or dateTime", entry=entry, element=element)
+        raise fail("expected a FHIR date or dateTime")
     try:
         if len(value) == 10:
             t = datetime.fromisoformat(value).replace(tzinfo=UTC)
@@ -132,35 +165,305 @@ def parse_time(value: Any, *, entry: int, element: str) -> datetime:
         else:
             t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise FhirError("not a valid FHIR date or dateTime", entry=entry,
-                        element=element) from None
+        raise fail("not a valid FHIR date or dateTime") from None
     if t.tzinfo is None:
-        raise FhirError("a FHIR dateTime with a time needs a time zone", entry=entry,
-                        element=element)
+        raise fail("a FHIR dateTime with a time needs a time zone")
     try:
         t = t.astimezone(UTC)
     except OverflowError:
-        raise FhirError("time is outside the representable range", entry=entry,
-                        element=element) from None
+        raise fail("time is outside the representable range") from None
     if t > datetime.now(UTC):
-        raise FhirError("time is in the future", entry=entry, element=element)
+        raise fail("time is in the future")
     return t.replace(tzinfo=None)
 
 
-def _codings(obj: Any, *, entry: int, element: str) -> list[dict]:
+def _get(res: Any, path: str) -> Any:
+    node = res
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def status_code(concept: Any) -> str | None:
+    """The code of a status CodeableConcept (clinicalStatus, verificationStatus)."""
+    if isinstance(concept, dict):
+        for c in concept.get("coding") or ():
+            if isinstance(c, dict) and isinstance(c.get("code"), str):
+                return c["code"]
+    return None
+
+
+class Converter:
+    """Turns resources into events for one import (a bundle, or an NDJSON export):
+    ``patient_of`` resolves a subject reference, ``medication_of`` a Medication
+    reference; every resource's location is named in its errors."""
+
+    def __init__(self, mapping: FhirMapping, out: FhirImport):
+        self.mapping, self.out = mapping, out
+        self.obs = mapping.index("observations")
+        self.cond = mapping.index("conditions")
+        self.meds = mapping.index("medications")
+        self.medications: dict[str, dict] = {}  # reference -> Medication resource
+        self.entry: int | None = None  # where the current resource is: its bundle entry
+        self.where = ""  # … or its NDJSON file and line
+
+    def at(self, *, entry: int | None = None, where: str | None = None) -> None:
+        self.entry = entry
+        self.where = where if where is not None else f"entry[{entry}]"
+
+    def fail(self, message: str, element: str | None = None) -> FhirError:
+        return FhirError(message, entry=self.entry, element=element, where=self.where)
+
+    # ------------------------------------------------------------------ patients
+    def patient(self, res: dict) -> PatientRecord:
+        pid = res.get("id")
+        if pid is not None and not isinstance(pid, str):
+            raise self.fail("Patient.id must be a string", "id")
+        ids = _identifiers(res.get("identifier", []), self)
+        if not ids and not pid:
+            raise self.fail("a Patient needs an id or an identifier", "identifier")
+        key = f"{ids[0][0]}|{ids[0][1]}" if ids else f"Patient/{pid}"
+        rec = self.out.patients.get(key) or PatientRecord(key, pid, ids)
+        self.out.patients[key] = rec
+        return rec
+
+    def patient_events(self, res: dict, key: str, rid: str) -> None:
+        add, out = self.out.events.append, self.out
+        gender = res.get("gender")
+        out.sent["Patient"] += ("gender" in res) + ("birthDate" in res) + (
+            "deceasedDateTime" in res)
+        if gender in ("female", "male"):
+            add(FhirEvent(key, None, f"GENDER//{gender[0].upper()}", None, None,
+                          rid + "#gender", rid))
+        elif gender is not None:
+            out.unmapped[f"Patient gender {gender}"] += 1
+        if res.get("birthDate"):
+            add(FhirEvent(key, parse_time(res["birthDate"], element="birthDate",
+                                          entry=self.entry, where=self.where),
+                          "MEDS_BIRTH", None, None, rid + "#birth", rid))
+        if res.get("deceasedDateTime"):
+            add(FhirEvent(key, parse_time(res["deceasedDateTime"], element="deceasedDateTime",
+                                          entry=self.entry, where=self.where),
+                          "MEDS_DEATH", None, None, rid + "#death", rid))
+
+    # ------------------------------------------------------------------ clinical
+    def resource(self, res: dict, patient: str, rid: str) -> None:
+        kind = res["resourceType"]
+        if kind == "Observation":
+            self.observation(res, patient, rid)
+        elif kind == "Condition":
+            self.condition(res, patient, rid)
+        else:
+            self.medication(res, patient, rid, kind)
+
+    def _retract(self, patient: str, rid: str) -> None:
+        self.out.events.append(FhirEvent(patient, None, "", None, None, rid, rid, retract=True))
+
+    def _required_status(self, res: dict) -> str:
+        status = res.get("status")
+        if not isinstance(status, str) or not status:
+            raise self.fail(f"{res['resourceType']}.status is required", "status")
+        return status
+
+    def observation(self, res: dict, patient: str, rid: str) -> None:
+        out = self.out
+        status = self._required_status(res)
+        comps = res.get("component")
+        if comps is not None and not isinstance(comps, list):
+            raise self.fail("Observation.component must be a list", "component")
+        has_value = any(k.startswith("value") for k in res)
+        out.sent["Observation"] += (len(comps) if comps else 0) + (has_value or not comps)
+        if status in RETRACTED:
+            self._retract(patient, rid)
+            out.skipped[f"Observation (status {status})"] += 1
+            return
+        if status not in RESULT_STATUSES:
+            out.skipped[f"Observation (status {status})"] += 1
+            return
+        codings = _codings(res.get("code"), self, "code")
+        time = self._obs_time(res)
+        if has_value or not comps:
+            rule, label = self.obs.best(codings)
+            if rule is None:
+                out.unmapped[f"Observation {label}"] += 1
+            else:
+                self._value(res, rule, label, patient, rid, time, "")
+        for k, comp in enumerate(comps or ()):
+            if not isinstance(comp, dict):
+                raise self.fail("a component must be an object", f"component[{k}]")
+            rule, label = self.obs.best(_codings(comp.get("code"), self,
+                                                 f"component[{k}].code"))
+            if rule is None:
+                out.unmapped[f"Observation component {label}"] += 1
+                continue
+            self._value(comp, rule, label, patient, f"{rid}#{label}", time,
+                        f"component[{k}].")
+
+    def _obs_time(self, res: dict) -> datetime:
+        for path in ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start",
+                     "effectivePeriod.end", "issued"):
+            raw = _get(res, path)
+            if raw is not None:
+                return parse_time(raw, element=path, entry=self.entry, where=self.where)
+        raise self.fail("needs effectiveDateTime, effectiveInstant, effectivePeriod or "
+                        "issued", "effectiveDateTime")
+
+    def _value(self, node: dict, rule: CodeRule, label: str, patient: str, eid: str,
+               time: datetime, prefix: str) -> None:
+        out = self.out
+        value: float | None = None
+        text: str | None = None
+        if "dataAbsentReason" in node and not any(k.startswith("value") for k in node):
+            out.skipped[f"Observation {label} (no value: dataAbsentReason)"] += 1
+            return
+        if rule.value == "quantity":
+            if "valueQuantity" not in node:
+                kinds = [k for k in node if k.startswith("value")] or ["no value"]
+                out.unmapped[f"Observation {label} {kinds[0]} where a quantity is "
+                             "expected"] += 1
+                return
+            value = self._quantity(node["valueQuantity"], rule, label, prefix)
+            if value is None:
+                return
+        elif rule.value == "string":
+            raw = node.get("valueString")
+            if not isinstance(raw, str):
+                out.unmapped[f"Observation {label} without valueString"] += 1
+                return
+            text = raw[:MAX_TEXT]
+        else:
+            concept = node.get("valueCodeableConcept")
+            codings = _codings(concept, self, prefix + "valueCodeableConcept") \
+                if concept is not None else []
+            text = next((rule.concepts[f"{c.get('system')}|{c.get('code')}"]
+                         for c in codings
+                         if f"{c.get('system')}|{c.get('code')}" in rule.concepts), None)
+            if text is None:
+                first = codings[0] if codings else {}
+                out.unmapped[f"Observation {label} value "
+                             f"{first.get('system')}|{first.get('code')}"] += 1
+                return
+        out.mapped[f"{rule.to} <- {label}"] += 1
+        out.events.append(FhirEvent(patient, time, rule.to, value, text, eid,
+                                    eid.split("#", 1)[0]))
+
+    def _quantity(self, q: Any, rule: CodeRule, label: str, prefix: str) -> float | None:
+        element = prefix + "valueQuantity.value"
+        if not isinstance(q, dict) or isinstance(q.get("value"), bool) or not isinstance(
+                q.get("value"), int | float):
+            raise self.fail("expected valueQuantity with a numeric value", element)
+        value = float(q["value"])
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.fail("non-finite value", element)
+        if q.get("comparator") is not None:
+            self.out.unmapped[f"Observation {label} with a comparator"] += 1
+            return None
+        system, code = q.get("system"), q.get("code")
+        if rule.unit is None:
+            return value
+        if system not in (None, UCUM) or not isinstance(code, str):
+            self.out.unmapped[f"Observation {label} without a UCUM unit code"] += 1
+            return None
+        if code == rule.unit:
+            return value
+        conv = rule.units.get(code)
+        if conv is None:
+            self.out.unmapped[f"Observation {label} unit {code}"] += 1
+            return None
+        return value * conv.scale + conv.offset
+
+    def condition(self, res: dict, patient: str, rid: str) -> None:
+        out = self.out
+        out.sent["Condition"] += 1
+        verification = status_code(res.get("verificationStatus"))
+        if verification in EXCLUDED_VERIFICATION:
+            if verification == "entered-in-error":
+                self._retract(patient, rid)
+            out.skipped[f"Condition (verification {verification})"] += 1
+            return
+        if verification in NOT_YET_VERIFIED:
+            out.skipped[f"Condition (verification {verification})"] += 1
+            return
+        rule, label = self.cond.best(_codings(res.get("code"), self, "code"))
+        if rule is None:
+            out.unmapped[f"Condition {label}"] += 1
+            return
+        time = self._first_time(res, ("recordedDate", "onsetDateTime", "onsetPeriod.start"))
+        out.mapped[f"{rule.to} <- {label}"] += 1
+        out.events.append(FhirEvent(patient, time, rule.to, None, None, rid, rid))
+
+    def medication(self, res: dict, patient: str, rid: str, kind: str) -> None:
+        out = self.out
+        out.sent[kind] += 1
+        status = self._required_status(res)
+        if status in RETRACTED:
+            self._retract(patient, rid)
+            out.skipped[f"{kind} (status {status})"] += 1
+            return
+        keep = REQUEST_STATUSES if kind == "MedicationRequest" else STATEMENT_STATUSES
+        if status not in keep:
+            out.skipped[f"{kind} (status {status})"] += 1
+            return
+        if kind == "MedicationRequest":
+            intent = res.get("intent")
+            if not isinstance(intent, str):
+                raise self.fail("MedicationRequest.intent is required", "intent")
+            if intent not in ORDER_INTENTS:
+                out.skipped[f"{kind} (intent {intent})"] += 1
+                return
+        concept, element = res.get("medicationCodeableConcept"), "medicationCodeableConcept"
+        if concept is None:
+            ref = _get(res, "medicationReference.reference")
+            med = self.medications.get(ref) if isinstance(ref, str) else None
+            if med is None:
+                raise self.fail("needs medicationCodeableConcept or a medicationReference to "
+                                "a Medication in the same import", "medicationReference")
+            concept, element = med.get("code"), "medicationReference"
+        rule, label = self.meds.best(_codings(concept, self, element))
+        if rule is None:
+            out.unmapped[f"{kind} {label}"] += 1
+            return
+        times = (("authoredOn",) if kind == "MedicationRequest" else
+                 ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"))
+        time = self._first_time(res, times)
+        out.mapped[f"{rule.to} <- {label}"] += 1
+        out.events.append(FhirEvent(patient, time, rule.to, None, None, rid, rid))
+
+    def _first_time(self, res: dict, paths: tuple[str, ...]) -> datetime:
+        for path in paths:
+            raw = _get(res, path)
+            if raw:
+                return parse_time(raw, element=path, entry=self.entry, where=self.where)
+        raise self.fail(f"needs one of {', '.join(paths)}", paths[0])
+
+
+def _codings(obj: Any, conv: Converter, element: str) -> list[dict]:
     if not isinstance(obj, dict) or not isinstance(obj.get("coding", []), list):
-        raise FhirError("expected a CodeableConcept with a coding list", entry=entry,
-                        element=element)
+        raise conv.fail("expected a CodeableConcept with a coding list", element)
     return [c for c in obj.get("coding", []) if isinstance(c, dict)]
 
 
-def _subject(res: dict, full_urls: dict[str, str], *, entry: int) -> str:
-    ref = (res.get("subject") or {}).get("reference") if isinstance(res.get("subject"),
-                                                                     dict) else None
+def subject_reference(res: dict, conv: Converter) -> str:
+    ref = _get(res, "subject.reference")
     if not isinstance(ref, str) or not ref:
-        raise FhirError("missing subject.reference to a Patient", entry=entry,
-                        element="subject.reference")
-    return full_urls.get(ref, ref)
+        raise conv.fail("missing subject.reference to a Patient", "subject.reference")
+    return ref
+
+
+def dedupe(events: list[FhirEvent], skipped: Counter) -> list[FhirEvent]:
+    """One event per (patient, time, code, value, text): a resource replayed under a new
+    id is kept once.  Retractions pass through."""
+    seen: set[tuple] = set()
+    kept = []
+    for e in events:
+        if not e.retract:
+            key = (e.patient, e.time, e.code, e.numeric_value, e.text_value)
+            if key in seen:
+                skipped["same patient, code, time and value as another event (kept once)"] += 1
+                continue
+            seen.add(key)
+        kept.append(e)
+    return kept
 
 
 def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImport:
@@ -174,137 +477,65 @@ def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImp
     if not isinstance(entries, list):
         raise FhirError("Bundle.entry must be a list", element="entry")
     out = FhirImport()
-    full_urls: dict[str, str] = {}  # references (Patient/<id>, urn:uuid:…) -> patient key
-    key_of_entry: dict[int, str] = {}
+    conv = Converter(mapping, out)
+    refs: dict[str, str] = {}  # references (Patient/<id>, urn:uuid:…) -> patient key
+    keys: dict[int, str] = {}
     for i, e in enumerate(entries):
         res = e.get("resource") if isinstance(e, dict) else None
+        conv.at(entry=i)
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise FhirError("entry without a resource (or its resourceType)", entry=i,
                             element="resource")
-        if res["resourceType"] == "Patient":
-            pid = res.get("id")
-            if pid is not None and not isinstance(pid, str):
-                raise FhirError("Patient.id must be a string", entry=i, element="id")
-            ids = _identifiers(res.get("identifier", []), entry=i)
-            if not ids and not pid:
-                raise FhirError("a Patient needs an id or an identifier", entry=i,
-                                element="identifier")
-            key = f"{ids[0][0]}|{ids[0][1]}" if ids else f"Patient/{pid}"
-            out.patients[key] = PatientRecord(key, pid, ids)
-            key_of_entry[i] = key
-            for alias in (f"Patient/{pid}" if pid else None, e.get("fullUrl")):
-                if alias:
-                    full_urls[alias] = key
+        kind = res["resourceType"]
+        aliases = [a for a in (f"{kind}/{res['id']}" if isinstance(res.get("id"), str)
+                               else None, e.get("fullUrl")) if isinstance(a, str) and a]
+        if kind == "Patient":
+            keys[i] = conv.patient(res).key
+            for alias in aliases:
+                refs[alias] = keys[i]
+        elif kind == "Medication":
+            for alias in aliases:
+                conv.medications[alias] = res
     for i, e in enumerate(entries):
         res = e["resource"]
         kind = res["resourceType"]
+        conv.at(entry=i)
         rid = f"{kind}/{res.get('id') or e.get('fullUrl') or i}"
         if kind == "Patient":
-            _patient_events(res, key_of_entry[i], rid, i, out)
+            conv.patient_events(res, keys[i], rid)
             continue
-        if kind not in ("Observation", "Condition", "MedicationStatement", "MedicationRequest"):
+        if kind not in USED:
             out.skipped[kind] += 1
             continue
-        patient = _subject(res, full_urls, entry=i)
-        if patient not in out.patients:
+        if kind == "Medication":
+            continue
+        ref = subject_reference(res, conv)
+        patient = refs.get(ref)
+        if patient is None:
             raise FhirError("subject refers to a Patient that is not in the bundle", entry=i,
                             element="subject.reference")
-        if kind == "Observation":
-            _observation(res, patient, rid, i, mapping, out)
-        elif kind == "Condition":
-            _coded(res, patient, rid, i, mapping.conditions, "code",
-                   ("onsetDateTime", "recordedDate"), out, kind)
-        else:
-            field_ = "medicationCodeableConcept"
-            times = (("effectiveDateTime", "effectivePeriod.start", "dateAsserted")
-                     if kind == "MedicationStatement" else ("authoredOn",))
-            _coded(res, patient, rid, i, mapping.medications, field_, times, out, kind)
+        conv.resource(res, patient, rid)
+    out.events = dedupe(out.events, out.skipped)
     return out
 
 
-def _identifiers(raw: Any, *, entry: int) -> list[tuple[str, str]]:
+def _identifiers(raw: Any, conv: Converter) -> list[tuple[str, str]]:
     """A Patient's (system, value) identifiers; those without a value are skipped."""
     if not isinstance(raw, list):
-        raise FhirError("Patient.identifier must be a list", entry=entry, element="identifier")
+        raise conv.fail("Patient.identifier must be a list", "identifier")
     out = []
     for k, x in enumerate(raw):
         if not isinstance(x, dict):
-            raise FhirError("an identifier must be an object", entry=entry,
-                            element=f"identifier[{k}]")
+            raise conv.fail("an identifier must be an object", f"identifier[{k}]")
         system, value = x.get("system", ""), x.get("value")
         if value is None:
             continue
         if not isinstance(system, str) or isinstance(value, bool) or not isinstance(
                 value, str | int):
-            raise FhirError("identifier system and value must be strings", entry=entry,
-                            element=f"identifier[{k}]")
+            raise conv.fail("identifier system and value must be strings",
+                            f"identifier[{k}]")
         out.append((system, str(value)))
     return out
-
-
-def _patient_events(res: dict, key: str, rid: str, i: int, out: FhirImport) -> None:
-    gender = res.get("gender")
-    if gender in ("female", "male"):
-        out.events.append(FhirEvent(key, None, f"GENDER//{gender[0].upper()}", None, None,
-                                    rid + "#gender", rid))
-    if res.get("birthDate"):
-        out.events.append(FhirEvent(key, parse_time(res["birthDate"], entry=i,
-                                                     element="birthDate"),
-                                    "MEDS_BIRTH", None, None, rid + "#birth", rid))
-    if res.get("deceasedDateTime"):
-        out.events.append(FhirEvent(key, parse_time(res["deceasedDateTime"], entry=i,
-                                                     element="deceasedDateTime"),
-                                    "MEDS_DEATH", None, None, rid + "#death", rid))
-
-
-def _observation(res: dict, patient: str, rid: str, i: int, mapping: FhirMapping,
-                 out: FhirImport) -> None:
-    if res.get("status") not in FINAL_STATUSES:
-        out.skipped[f"Observation (status {res.get('status')})"] += 1
-        return
-    rule, label = mapping.find(mapping.observations,
-                               _codings(res.get("code"), entry=i, element="code"))
-    if rule is None:
-        out.unmapped[f"Observation {label}"] += 1
-        return
-    time = parse_time(res.get("effectiveDateTime") or (res.get("effectivePeriod") or {})
-                      .get("start"), entry=i, element="effectiveDateTime")
-    q = res.get("valueQuantity")
-    if not isinstance(q, dict) or isinstance(q.get("value"), bool) or not isinstance(
-            q.get("value"), int | float):
-        raise FhirError("expected valueQuantity with a numeric value", entry=i,
-                        element="valueQuantity.value")
-    value = float(q["value"])
-    if value != value or value in (float("inf"), float("-inf")):
-        raise FhirError("non-finite value", entry=i, element="valueQuantity.value")
-    unit = q.get("code") or q.get("unit")
-    if rule.units and unit != rule.unit:
-        conv = rule.units.get(unit)
-        if conv is None:
-            out.unmapped[f"Observation {label} unit {unit}"] += 1
-            return
-        value = value * conv.scale + conv.offset
-    out.events.append(FhirEvent(patient, time, rule.to, value, None, rid, rid))
-
-
-def _coded(res: dict, patient: str, rid: str, i: int, rules: list[CodeRule], element: str,
-           time_fields: tuple[str, ...], out: FhirImport, kind: str) -> None:
-    rule, label = FhirMapping.find(rules, _codings(res.get(element), entry=i, element=element))
-    if rule is None:
-        out.unmapped[f"{kind} {label}"] += 1
-        return
-    raw = None
-    for f in time_fields:
-        node: Any = res
-        for part in f.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node:
-            raw, used = node, f
-            break
-    if raw is None:
-        raise FhirError(f"needs one of {', '.join(time_fields)}", entry=i, element=time_fields[0])
-    out.events.append(FhirEvent(patient, parse_time(raw, entry=i, element=used), rule.to, None,
-                                None, rid, rid))
 
 
 def load_bundle(path: str | Path) -> Any:
@@ -330,7 +561,7 @@ def events_to_bundle(events, mapping: FhirMapping | None = None, *,
                         ("Condition", mapping.conditions),
                         ("MedicationStatement", mapping.medications)):
         for r in rules:
-            if r.to not in first and "*" not in r.code:
+            if r.to not in first and "*" not in r.code and r.value == "quantity":
                 first[r.to] = (kind, r)
     entries = []
 
@@ -377,7 +608,7 @@ def events_to_bundle(events, mapping: FhirMapping | None = None, *,
                                        "code": rule.unit}})
             elif kind == "Condition":
                 add({"resourceType": "Condition", "id": rid, "code": coding, "subject": ref,
-                     "onsetDateTime": when(r.time)})
+                     "recordedDate": when(r.time)})
             else:
                 add({"resourceType": "MedicationStatement", "id": rid, "status": "active",
                      "medicationCodeableConcept": coding, "subject": ref,
@@ -390,7 +621,7 @@ def import_to_frame(result: FhirImport, subject_of: dict[str, int]):
     import numpy as np
     import pandas as pd
 
-    ev = result.events
+    ev = [e for e in result.events if not e.retract]
     return pd.DataFrame({
         "subject_id": np.array([subject_of[e.patient] for e in ev], dtype=np.int64),
         "time": pd.Series([e.time for e in ev], dtype="datetime64[us]"),

@@ -47,6 +47,11 @@ class FeatureSpec(BaseModel):
     codes: list[CodeFeature]
     feature_names: list[str]
 
+    def features_by_code(self) -> dict[str, list[str]]:
+        """Each code the model reads and the feature columns made from it."""
+        return {c.code: [n for n in self.feature_names if n.split("__", 1)[0] == c.code]
+                for c in self.codes}
+
     @staticmethod
     def feature_name(code: str, window: str | None, agg: str) -> str:
         return f"{code}__{agg}" if window is None else f"{code}__{window}__{agg}"

@@ -55,9 +55,16 @@ def test_hba1c_in_mmol_per_mol_is_converted_to_percent():
 
 
 def test_unmapped_codes_and_resources_are_counted_not_dropped():
-    result = bundle_to_events(load("hba1c_mmol.json"))
-    assert result.unmapped == {"Observation http://loinc.org|2093-3": 1}
-    assert result.skipped == {"AllergyIntolerance": 1}
+    bundle = load("hba1c_mmol.json")
+    result = bundle_to_events(bundle)
+    assert result.mapped["LAB//CHOLESTEROL <- http://loinc.org|2093-3"] == 1
+    assert result.unmapped == {} and result.skipped == {"AllergyIntolerance": 1}
+    chol = next(e["resource"] for e in bundle["entry"]
+                if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "2093-3")
+    chol["code"]["coding"][0]["code"] = "2951-2"  # sodium: twincast has no code for it
+    result = bundle_to_events(bundle)
+    assert result.unmapped == {"Observation http://loinc.org|2951-2": 1}
+    assert "LAB//CHOLESTEROL" not in {e.code for e in result.events}
 
 
 def broken(mutate) -> dict:
