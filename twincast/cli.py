@@ -120,44 +120,115 @@ def import_wide_cmd(
 
 @import_app.command("fhir")
 def import_fhir(
-    bundles: Annotated[list[Path], typer.Argument(help="FHIR R4 Bundle JSON file(s)")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="FHIR R4 Bundle JSON file(s), or a Bulk Data $export: a directory (or files) "
+             "of NDJSON per resource type")],
     out_dir: Annotated[Path, typer.Option("--out", help="MEDS directory to write")],
     mapping: Annotated[Path | None, typer.Option(help="code mapping YAML (default: "
                                                      "features/fhir_mapping.yaml)")] = None,
     first_id: Annotated[int, typer.Option(help="subject_id of the first patient")] = 1,
+    report: Annotated[bool, typer.Option(
+        "--report", help="print the mapping report as JSON: mapped and unmapped codes with "
+                         "counts, coverage per resource type, and the champion's features "
+                         "no input feeds (starved)")] = False,
+    task: Annotated[str | None, typer.Option(help="task whose champion --report checks for "
+                                                  "starved features (default: "
+                                                  "TWINCAST_TASK)")] = None,
     overwrite: bool = False,
 ) -> None:
-    """Convert FHIR bundles to MEDS; patients get subject ids in order of appearance."""
-    import pandas as pd
-
-    from features.events import events_from_frame, write_meds
-    from features.fhir import FhirMapping, bundle_to_events, import_to_frame, load_bundle
+    """Convert FHIR to MEDS; patients get subject ids in order of appearance."""
+    from features.fhir import FhirMapping
 
     with _errors():
         m = FhirMapping.load(mapping) if mapping else FhirMapping.load()
-        frames, ids, unmapped, skipped = [], {}, {}, {}
-        for path in bundles:
-            try:
-                result = bundle_to_events(load_bundle(path), m)
-            except FeaturesError as exc:
-                raise type(exc)(f"{path}: {exc}") from None
-            for key in result.patients:
-                ids.setdefault(key, first_id + len(ids))
-            frames.append(import_to_frame(result, ids))
-            for k, v in result.unmapped.items():
-                unmapped[k] = unmapped.get(k, 0) + v
-            for k, v in result.skipped.items():
-                skipped[k] = skipped.get(k, 0) + v
-        events = events_from_frame(pd.concat(frames, ignore_index=True), source="bundles")
-        codes = pd.DataFrame({"code": sorted(set(events["code"].astype(str)))})
-        codes["unit"] = codes["code"].map(m.units())
-        write_meds(events, out_dir, codes=codes, overwrite=overwrite)
-        pd.DataFrame({"identifier": list(ids), "subject_id": list(ids.values())}).to_parquet(
-            out_dir / "metadata" / "fhir_identifiers.parquet", index=False)
-    console.print(f"imported {len(events):,} events of {len(ids):,} patients to {out_dir}")
-    for label, counts in (("unmapped", unmapped), ("skipped", skipped)):
+        bulk = any(p.is_dir() or p.name.endswith((".ndjson", ".ndjson.gz")) for p in inputs)
+        if bulk:
+            result, n_events, n_patients = _import_bulk(inputs, out_dir, m, first_id,
+                                                        overwrite)
+        else:
+            result, n_events, n_patients = _import_bundles(inputs, out_dir, m, first_id,
+                                                           overwrite)
+    console.print(f"imported {n_events:,} events of {n_patients:,} patients to {out_dir}")
+    for label, counts in (("unmapped", result.unmapped), ("skipped", result.skipped)):
         for k, v in sorted(counts.items()):
-            console.print(f"  {label}: {k} × {v}")
+            console.print(f"  {label}: {escape(k)} × {v}")
+    if report:
+        codes = _champion_features(task or Settings().task)
+        rep = result.report(codes, m.targets())
+        rep["champion"] = "none found" if codes is None else "checked"
+        out.print_json(json.dumps(rep))
+
+
+def _import_bundles(paths: list[Path], out_dir: Path, m, first_id: int, overwrite: bool):
+    import pandas as pd
+
+    from features.events import events_from_frame, write_meds
+    from features.fhir import FhirImport, bundle_to_events, import_to_frame, load_bundle
+
+    frames, ids, total = [], {}, FhirImport()
+    for path in paths:
+        try:
+            result = bundle_to_events(load_bundle(path), m)
+        except FeaturesError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+        for key in result.patients:
+            ids.setdefault(key, first_id + len(ids))
+        frames.append(import_to_frame(result, ids))
+        total.merge(result)
+        total.events += result.events
+        total.patients.update(result.patients)
+    events = events_from_frame(pd.concat(frames, ignore_index=True), source="bundles")
+    codes = pd.DataFrame({"code": sorted(set(events["code"].astype(str)))})
+    codes["unit"] = codes["code"].map(m.units())
+    write_meds(events, out_dir, codes=codes, overwrite=overwrite)
+    pd.DataFrame({"identifier": list(ids), "subject_id": list(ids.values())}).to_parquet(
+        out_dir / "metadata" / "fhir_identifiers.parquet", index=False)
+    return total, len(events), len(ids)
+
+
+def _import_bulk(paths: list[Path], out_dir: Path, m, first_id: int, overwrite: bool):
+    from features.fhir_bulk import export_files, ndjson_to_meds
+
+    files = export_files(paths)
+    with _progress("reading the export", None) as bar:
+        task = bar.add_task("reading the export", total=sum(f.stat().st_size for f in files))
+        result = ndjson_to_meds(files, out_dir, mapping=m, first_id=first_id,
+                                overwrite=overwrite,
+                                progress=lambda n: bar.advance(task, n))
+    rep = result.report
+    rep.kept_counts = result.kept
+    rep.fed_codes = result.codes
+    return rep, result.events, len(result.subject_of)
+
+
+def _champion_features(task_name: str | None) -> dict[str, list[str]] | None:
+    """The champion's feature columns per code (None: no champion, or no registry)."""
+    import tempfile
+
+    import mlflow
+
+    from features.spec import FeatureSpec
+    from serving.model_source import only_task
+    from training.errors import RegistryUnreachable
+    from training.registry import CHAMPION, model_name
+
+    _quiet_mlflow()
+    try:
+        tracker = _tracker(Settings())
+        task_name = task_name or only_task(tracker)
+        if task_name is None:
+            return None
+        mv = tracker.registry.version_by_alias(model_name(task_name), CHAMPION)
+        if mv is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="feature_spec.json", dst_path=tmp,
+                tracking_uri=tracker.tracking_uri)
+            spec = FeatureSpec.model_validate_json(Path(path).read_text())
+    except (RegistryUnreachable, OSError):
+        return None
+    return spec.features_by_code()
 
 
 @app.command("features")
