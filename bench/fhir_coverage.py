@@ -36,6 +36,23 @@ def values_sent(bundle: dict) -> Counter:
     return sent
 
 
+ANALYTES = {"98979-8": "LAB//EGFR", "4548-4": "LAB//HBA1C", "9318-7": "LAB//UACR",
+            "8480-6": "VITAL//SBP"}
+
+
+def analytes_sent(bundle: dict) -> Counter:
+    """The four quantities the embedded task reads (eGFR, HbA1c, UACR, systolic BP)."""
+    sent: Counter = Counter()
+    for e in bundle.get("entry", []):
+        r = e["resource"]
+        if r["resourceType"] == "Observation":
+            for node in [r, *r.get("component", [])]:
+                code = node["code"]["coding"][0]["code"]
+                if code in ANALYTES and "valueQuantity" in node:
+                    sent[ANALYTES[code]] += 1
+    return sent
+
+
 def events_kept(result) -> Counter:
     kept: Counter = Counter()
     for ev in result.events:
@@ -53,6 +70,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     total_sent, total_kept = Counter(), Counter()
+    a_sent, a_kept = Counter(), Counter()
     print(f"{'profile':<16}{'resource':<20}{'sent':>6}{'kept':>6}{'coverage':>10}")
     for profile in PROFILES:
         sent, kept = Counter(), Counter()
@@ -60,7 +78,10 @@ def main() -> None:
             bundle = json.loads(to_json(generate_bundle(
                 profile=profile, seed=args.seed * 1000 + k, sex="F" if k % 2 else "M")))
             sent += values_sent(bundle)
-            kept += events_kept(bundle_to_events(bundle))
+            result = bundle_to_events(bundle)
+            kept += events_kept(result)
+            a_sent += analytes_sent(bundle)
+            a_kept += Counter(e.code for e in result.events if e.code in ANALYTES.values())
         for kind in sorted(sent):
             print(f"{profile:<16}{kind:<20}{sent[kind]:>6}{kept[kind]:>6}"
                   f"{kept[kind] / sent[kind]:>10.1%}")
@@ -69,6 +90,9 @@ def main() -> None:
     for kind in sorted(total_sent):
         print(f"{'all':<16}{kind:<20}{total_sent[kind]:>6}{total_kept[kind]:>6}"
               f"{total_kept[kind] / total_sent[kind]:>10.1%}")
+    for code in sorted(a_sent):
+        print(f"{'task analytes':<16}{code:<20}{a_sent[code]:>6}{a_kept[code]:>6}"
+              f"{a_kept[code] / a_sent[code]:>10.1%}")
 
 
 if __name__ == "__main__":

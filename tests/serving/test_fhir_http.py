@@ -54,7 +54,8 @@ def test_unit_conversion_and_unmapped_counts_over_http(server):
         body = c.post("/v1/fhir", json=bundle("hba1c_mmol.json")).json()
         sid = body["patients"][0]["subject_id"]
         values = c.get(f"/v1/twins/{sid}").json()["latest_values"]
-    assert body["unmapped"] == {"Observation http://loinc.org|2093-3": 1}
+    assert body["unmapped"] == {}  # total cholesterol (2093-3) is mapped
+    assert body["report"]["mapped"]["LAB//CHOLESTEROL <- http://loinc.org|2093-3"] == 1
     assert body["skipped"] == {"AllergyIntolerance": 1}
     hba1c = next(v for v in values if v["code"] == "LAB//HBA1C")
     assert 3 < hba1c["numeric_value"] < 15  # percent, not mmol/mol
