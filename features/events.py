@@ -314,7 +314,7 @@ class MedsDataset:
         return dict(zip(c["code"].astype(str), c["unit"].astype(str), strict=True))
 
 
-_SPLIT_ALIASES = {"train": "train", "tuning": "tuning", "held_out": "held_out",
+SPLIT_ALIASES = {"train": "train", "tuning": "tuning", "held_out": "held_out",
                   "heldout": "held_out", "test": "held_out", "val": "tuning", "valid": "tuning"}
 
 
@@ -335,21 +335,21 @@ def open_meds(path: str | os.PathLike) -> MedsDataset:
         split_of = {}
         for f in files:
             first = f.relative_to(data).parts[0]
-            if len(f.relative_to(data).parts) > 1 and first in _SPLIT_ALIASES:
-                split_of[f] = _SPLIT_ALIASES[first]
+            if len(f.relative_to(data).parts) > 1 and first in SPLIT_ALIASES:
+                split_of[f] = SPLIT_ALIASES[first]
         if split_of and len(split_of) == len(files):
             file_splits = split_of
     meta = root / "metadata"
     subject_splits = None
     if (meta / "subject_splits.parquet").is_file():
         subject_splits = pd.read_parquet(meta / "subject_splits.parquet")
-        unknown = set(subject_splits["split"].astype(str)) - set(_SPLIT_ALIASES)
+        unknown = set(subject_splits["split"].astype(str)) - set(SPLIT_ALIASES)
         if unknown:
             raise DataValidationError(
                 f"unknown split name(s) {sorted(unknown)}; expected train, tuning, held_out",
                 source=str(meta / "subject_splits.parquet"), column="split",
             )
-        subject_splits["split"] = subject_splits["split"].astype(str).map(_SPLIT_ALIASES)
+        subject_splits["split"] = subject_splits["split"].astype(str).map(SPLIT_ALIASES)
     codes = None
     if (meta / "codes.parquet").is_file():
         codes = pd.read_parquet(meta / "codes.parquet")

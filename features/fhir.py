@@ -90,7 +90,10 @@ class FhirEvent:
     code: str
     numeric_value: float | None
     text_value: str | None
-    event_id: str  # "<resourceType>/<id>[#component]": the resource's logical id
+    # "<resourceType>/<id>[#part]": the resource's logical id, so a new version replaces
+    # the old; None for a resource without an id (a transaction's POST): its events are
+    # then keyed by content
+    event_id: str | None
     source: str  # the FHIR reference, for RiskAssessment.basis
     retract: bool = False  # not an event: takes back the resource's stored events
 
@@ -211,6 +214,10 @@ class Converter:
         self.entry = entry
         self.where = where if where is not None else f"entry[{entry}]"
 
+    def _eid(self, res: dict, rid: str, part: str = "") -> str | None:
+        """The logical id of a resource's event: only a resource with its own id has one."""
+        return rid + part if isinstance(res.get("id"), str) and res["id"] else None
+
     def fail(self, message: str, element: str | None = None) -> FhirError:
         return FhirError(message, entry=self.entry, element=element, where=self.where)
 
@@ -234,17 +241,17 @@ class Converter:
             "deceasedDateTime" in res)
         if gender in ("female", "male"):
             add(FhirEvent(key, None, f"GENDER//{gender[0].upper()}", None, None,
-                          rid + "#gender", rid))
+                          self._eid(res, rid, "#gender"), rid))
         elif gender is not None:
             out.unmapped[f"Patient gender {gender}"] += 1
         if res.get("birthDate"):
             add(FhirEvent(key, parse_time(res["birthDate"], element="birthDate",
                                           entry=self.entry, where=self.where),
-                          "MEDS_BIRTH", None, None, rid + "#birth", rid))
+                          "MEDS_BIRTH", None, None, self._eid(res, rid, "#birth"), rid))
         if res.get("deceasedDateTime"):
             add(FhirEvent(key, parse_time(res["deceasedDateTime"], element="deceasedDateTime",
                                           entry=self.entry, where=self.where),
-                          "MEDS_DEATH", None, None, rid + "#death", rid))
+                          "MEDS_DEATH", None, None, self._eid(res, rid, "#death"), rid))
 
     # ------------------------------------------------------------------ clinical
     def resource(self, res: dict, patient: str, rid: str) -> None:
@@ -256,7 +263,11 @@ class Converter:
         else:
             self.medication(res, patient, rid, kind)
 
-    def _retract(self, patient: str, rid: str) -> None:
+    def _retract(self, res: dict, patient: str, rid: str) -> None:
+        """Take back what an earlier version of this resource stored (by its id)."""
+        if self._eid(res, rid) is None:
+            self.out.skipped["retraction without a resource id (nothing to take back)"] += 1
+            return
         self.out.events.append(FhirEvent(patient, None, "", None, None, rid, rid, retract=True))
 
     def _required_status(self, res: dict) -> str:
@@ -274,20 +285,20 @@ class Converter:
         has_value = any(k.startswith("value") for k in res)
         out.sent["Observation"] += (len(comps) if comps else 0) + (has_value or not comps)
         if status in RETRACTED:
-            self._retract(patient, rid)
+            self._retract(res, patient, rid)
             out.skipped[f"Observation (status {status})"] += 1
             return
         if status not in RESULT_STATUSES:
             out.skipped[f"Observation (status {status})"] += 1
             return
         codings = _codings(res.get("code"), self, "code")
-        time = self._obs_time(res)
         if has_value or not comps:
             rule, label = self.obs.best(codings)
             if rule is None:
                 out.unmapped[f"Observation {label}"] += 1
             else:
-                self._value(res, rule, label, patient, rid, time, "")
+                self._value(res, rule, label, patient, self._eid(res, rid), rid,
+                            self._obs_time(res), "")
         for k, comp in enumerate(comps or ()):
             if not isinstance(comp, dict):
                 raise self.fail("a component must be an object", f"component[{k}]")
@@ -296,8 +307,8 @@ class Converter:
             if rule is None:
                 out.unmapped[f"Observation component {label}"] += 1
                 continue
-            self._value(comp, rule, label, patient, f"{rid}#{label}", time,
-                        f"component[{k}].")
+            self._value(comp, rule, label, patient, self._eid(res, rid, f"#{label}"), rid,
+                        self._obs_time(res), f"component[{k}].")
 
     def _obs_time(self, res: dict) -> datetime:
         for path in ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start",
@@ -308,8 +319,8 @@ class Converter:
         raise self.fail("needs effectiveDateTime, effectiveInstant, effectivePeriod or "
                         "issued", "effectiveDateTime")
 
-    def _value(self, node: dict, rule: CodeRule, label: str, patient: str, eid: str,
-               time: datetime, prefix: str) -> None:
+    def _value(self, node: dict, rule: CodeRule, label: str, patient: str,
+               eid: str | None, rid: str, time: datetime, prefix: str) -> None:
         out = self.out
         value: float | None = None
         text: str | None = None
@@ -344,8 +355,7 @@ class Converter:
                              f"{first.get('system')}|{first.get('code')}"] += 1
                 return
         out.mapped[f"{rule.to} <- {label}"] += 1
-        out.events.append(FhirEvent(patient, time, rule.to, value, text, eid,
-                                    eid.split("#", 1)[0]))
+        out.events.append(FhirEvent(patient, time, rule.to, value, text, eid, rid))
 
     def _quantity(self, q: Any, rule: CodeRule, label: str, prefix: str) -> float | None:
         element = prefix + "valueQuantity.value"
@@ -378,7 +388,7 @@ class Converter:
         verification = status_code(res.get("verificationStatus"))
         if verification in EXCLUDED_VERIFICATION:
             if verification == "entered-in-error":
-                self._retract(patient, rid)
+                self._retract(res, patient, rid)
             out.skipped[f"Condition (verification {verification})"] += 1
             return
         if verification in NOT_YET_VERIFIED:
@@ -390,14 +400,15 @@ class Converter:
             return
         time = self._first_time(res, ("recordedDate", "onsetDateTime", "onsetPeriod.start"))
         out.mapped[f"{rule.to} <- {label}"] += 1
-        out.events.append(FhirEvent(patient, time, rule.to, None, None, rid, rid))
+        out.events.append(FhirEvent(patient, time, rule.to, None, None, self._eid(res, rid),
+                                    rid))
 
     def medication(self, res: dict, patient: str, rid: str, kind: str) -> None:
         out = self.out
         out.sent[kind] += 1
         status = self._required_status(res)
         if status in RETRACTED:
-            self._retract(patient, rid)
+            self._retract(res, patient, rid)
             out.skipped[f"{kind} (status {status})"] += 1
             return
         keep = REQUEST_STATUSES if kind == "MedicationRequest" else STATEMENT_STATUSES
@@ -427,7 +438,8 @@ class Converter:
                  ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"))
         time = self._first_time(res, times)
         out.mapped[f"{rule.to} <- {label}"] += 1
-        out.events.append(FhirEvent(patient, time, rule.to, None, None, rid, rid))
+        out.events.append(FhirEvent(patient, time, rule.to, None, None, self._eid(res, rid),
+                                    rid))
 
     def _first_time(self, res: dict, paths: tuple[str, ...]) -> datetime:
         for path in paths:

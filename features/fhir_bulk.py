@@ -221,7 +221,9 @@ def ndjson_to_meds(paths: Sequence[str | Path], out: str | Path, *,
 def _resolve(df: pd.DataFrame, result: BulkImport) -> pd.DataFrame:
     """One spill file's events: each resource's latest occurrence (dropped when that is a
     retraction), replayed values once, canonical order."""
-    family = df["event_id"].str.split("#", n=1).str[0]
+    # a resource without an id is its own family (it can be neither replaced nor retracted)
+    family = df["event_id"].str.split("#", n=1).str[0].fillna(
+        "#" + df["occurrence"].astype(str))
     latest = df.groupby([df["subject_id"], family])["occurrence"].transform("max")
     df = df[(df["occurrence"] == latest) & ~df["retract"]]
     df = df.drop_duplicates(["subject_id", "time", "code", "numeric_value", "text_value"])

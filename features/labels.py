@@ -10,7 +10,8 @@ At prediction time *t* and horizon *H* a row is
 
 A row is not eligible when the outcome or a competing event happened at or before *t*.
 A subject's follow-up ends at their last event of any code.  All of it is vectorised
-over subjects: no Python loop per subject or per prediction time.
+over subjects: no Python loop per subject or per prediction time.  Labels a task takes
+from a MEDS label file are read by :mod:`features.label_files` instead.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import operator
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from features.errors import DataValidationError
 from features.events import BIRTH_CODE, DEATH_CODE, NAT_US, EventArrays, subject_bounds
 from features.task import EventDefinition, Task
 from features.timeindex import DAYS_PER_YEAR, US_PER_DAY, TimeIndex
@@ -225,38 +224,6 @@ def derive_labels(arrays: EventArrays, task: Task) -> pd.DataFrame:
     """Prediction times and their labels for all subjects in ``arrays``."""
     summary = subject_summary(arrays, task)
     return label_rows(prediction_times(arrays, task, summary), summary, task.horizons_days)
-
-
-def read_label_file(path, task: Task) -> pd.DataFrame:
-    """A MEDS label file (``subject_id``, ``prediction_time``, ``boolean_value``) as label rows.
-
-    The prediction times and labels are used as given; nothing is censored.
-    """
-    table = pq.read_table(path)
-    missing = {"subject_id", "prediction_time", "boolean_value"} - set(table.column_names)
-    if missing:
-        raise DataValidationError(
-            f"missing column(s) {sorted(missing)} of the MEDS label schema", source=str(path)
-        )
-    df = table.select(["subject_id", "prediction_time", "boolean_value"]).to_pandas()
-    if df["boolean_value"].isna().any():
-        row = int(np.flatnonzero(df["boolean_value"].isna().to_numpy())[0])
-        raise DataValidationError("null label", source=str(path), row=row,
-                                  column="boolean_value",
-                                  subject_id=int(df["subject_id"].iloc[row]))
-    df = df.sort_values(["subject_id", "prediction_time"], kind="stable").reset_index(drop=True)
-    h = task.horizons_days[0]
-    label = df["boolean_value"].astype(bool).to_numpy()
-    return pd.DataFrame(
-        {
-            "subject_id": df["subject_id"].to_numpy(np.int64),
-            "prediction_time": df["prediction_time"].to_numpy().astype("datetime64[us]"),
-            "event_type": np.where(label, OUTCOME, -1).astype(np.int8),
-            "event_time_days": np.full(len(df), np.nan),
-            label_column(h): label.astype(np.float32),
-            censored_column(h): np.zeros(len(df), dtype=bool),
-        }
-    )
 
 
 def ineligibility_reasons(arrays: EventArrays, task: Task, subject_ids: np.ndarray,

@@ -7,7 +7,9 @@ nothing).  Chunks are independent given the spec, so they can be spread over pro
 
 Output columns follow the MEDS label schema's names: ``subject_id``, ``prediction_time``,
 then ``split``, ``event_type``, ``event_time_days``, ``label_<H>d``, ``censored_<H>d``,
-and the features (float32) in ``spec.feature_names`` order.
+and the features (float32) in ``spec.feature_names`` order.  A task whose labels come
+from a MEDS label file or directory (:mod:`features.label_files`) uses its prediction
+times and labels as given, and a directory's own split wins over the dataset's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import pyarrow.parquet as pq
 
 from features.events import EventArrays, MedsDataset, subject_bounds
 from features.featurize import build_features
-from features.labels import derive_labels, label_column, read_label_file
+from features.label_files import read_labels
+from features.labels import derive_labels, label_column
 from features.spec import CodeStats, FeatureSpec
 from features.splits import assign_splits
 from features.task import Task
@@ -59,9 +62,11 @@ class TrainingSetBuilder:
         self.dataset = dataset
         self.task = task
         self.chunk_subjects = chunk_subjects
-        self._known_splits = dataset.known_splits()
         self._cache: list[EventArrays] | None = None
-        self._labels = read_label_file(task.labels.path, task) if task.labels else None
+        given = read_labels(task.labels.path, task) if task.labels else None
+        self._labels = given.rows if given else None
+        self._known_splits = _given_splits(given.splits if given else None,
+                                           dataset.known_splits())
 
     def splits_of(self, subject_ids: np.ndarray) -> np.ndarray:
         """Split per row of a subject-sorted id array (hashed once per subject)."""
@@ -131,6 +136,14 @@ class TrainingSetBuilder:
         held = labels["split"].to_numpy() == "held_out"
         keep = np.where(held, t >= cutoff, t + horizon <= cutoff)
         return labels[keep].reset_index(drop=True)
+
+
+def _given_splits(from_labels: pd.Series | None, from_data: pd.Series | None
+                  ) -> pd.Series | None:
+    """subject_id → split given with the data: a label directory's split wins over the
+    MEDS dataset's (subjects it lacks keep the dataset's, else the hash)."""
+    parts = [s for s in (from_labels, from_data) if s is not None and len(s)]
+    return pd.concat(parts) if parts else None  # assign_splits keeps the first per subject
 
 
 def _slice(a: EventArrays, lo: int, hi: int) -> EventArrays:

@@ -184,7 +184,11 @@ class Promotion(_Strict):
 
 
 class LabelsFile(_Strict):
-    """Take prediction times and labels from a MEDS label file (as ACES writes them)."""
+    """Take prediction times and labels from a MEDS label file (as ACES writes them), or
+    from a directory of them; in the ACES layout (``train/``, ``tuning/``, ``held_out/``,
+    one file per shard) the directory's split is used as is.  A relative path is found
+    beside the task file.  The task still names its outcome (and competing) codes: the
+    service and monitoring use them to say what happened after a forecast."""
 
     path: Path
 
@@ -214,7 +218,10 @@ class Task(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Task:
         if self.outcome.is_empty():
-            raise ValueError("outcome: give at least one code or predicate")
+            why = (" (a task that reads a MEDS label file still names its outcome, so that "
+                   "the service and monitoring can label what happens after a forecast)"
+                   if self.labels is not None else "")
+            raise ValueError(f"outcome: give at least one code or predicate{why}")
         overlap = sorted(
             {c for c in self.outcome.all_codes() if self.competing.matches_code(c)}
             | {c for c in self.competing.all_codes() if self.outcome.matches_code(c)}
@@ -229,6 +236,9 @@ class Task(_Strict):
             raise ValueError(f"promotion.horizon_days {h} is not one of {self.horizons_days}")
         if self.labels is not None and len(self.horizons_days) != 1:
             raise ValueError("a task that reads a MEDS label file has exactly one horizon")
+        if self.labels is not None and self.promotion.primary_metric == "uno_c":
+            raise ValueError("promotion.primary_metric: uno_c needs event times, which a MEDS "
+                             "label file does not carry; use auroc, auprc or brier")
         return self
 
     @property

@@ -170,7 +170,7 @@ def test_medications_map_at_clinical_drug_level_with_status_and_references():
                                  ("active", "proposal", False), ("stopped", "order", True)]:
         reqs[0].update(status=status, intent=intent)
         assert ("RX//ACEI" in {e.code for e in bundle_to_events(b).events}) is kept
-    reqs[0].update(status="entered-in-error")
+    reqs[0].update(status="entered-in-error", id="rx-1")
     assert any(e.retract for e in bundle_to_events(b).events)
 
 
@@ -200,8 +200,15 @@ def test_observation_status_units_and_value_types():
                            ("corrected", True)]:
         hba1c["status"] = status
         assert bool(value("LAB//HBA1C")) is stored, status
-    hba1c["status"] = "entered-in-error"
-    assert [e.event_id for e in bundle_to_events(b).events if e.retract]  # takes it back
+    hba1c["status"] = "entered-in-error"  # no resource id: nothing it could take back
+    assert bundle_to_events(b).skipped[
+        "retraction without a resource id (nothing to take back)"] == 1
+    hba1c["id"] = "hba1c-1"  # with its id, it takes back what that resource stored
+    assert [e.event_id for e in bundle_to_events(b).events if e.retract] == [
+        "Observation/hba1c-1"]
+    hba1c["status"] = "final"
+    assert [e.event_id for e in bundle_to_events(b).events if e.code == "LAB//HBA1C"] == [
+        "Observation/hba1c-1"]  # its logical id: a later version replaces it
     hba1c["status"] = "final"
     # a time from effectivePeriod, else from issued
     when = hba1c.pop("effectiveDateTime")
