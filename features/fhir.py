@@ -61,6 +61,10 @@ NOT_YET_VERIFIED = frozenset({"unconfirmed", "provisional", "differential"})
 USED = ("Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement",
         "Medication")
 MAX_TEXT = 1000
+VALUE_KEYS = frozenset({  # Observation.value[x] and component.value[x]
+    "valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger",
+    "valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime",
+    "valuePeriod"})
 
 
 class FhirError(FeaturesError):
@@ -282,7 +286,7 @@ class Converter:
         comps = res.get("component")
         if comps is not None and not isinstance(comps, list):
             raise self.fail("Observation.component must be a list", "component")
-        has_value = any(k.startswith("value") for k in res)
+        has_value = not VALUE_KEYS.isdisjoint(res)
         out.sent["Observation"] += (len(comps) if comps else 0) + (has_value or not comps)
         if status in RETRACTED:
             self._retract(res, patient, rid)
@@ -324,12 +328,12 @@ class Converter:
         out = self.out
         value: float | None = None
         text: str | None = None
-        if "dataAbsentReason" in node and not any(k.startswith("value") for k in node):
+        if "dataAbsentReason" in node and VALUE_KEYS.isdisjoint(node):
             out.skipped[f"Observation {label} (no value: dataAbsentReason)"] += 1
             return
         if rule.value == "quantity":
             if "valueQuantity" not in node:
-                kinds = [k for k in node if k.startswith("value")] or ["no value"]
+                kinds = [k for k in node if k in VALUE_KEYS] or ["no value"]
                 out.unmapped[f"Observation {label} {kinds[0]} where a quantity is "
                              "expected"] += 1
                 return

@@ -64,12 +64,13 @@ def _open(path: Path):
 
 def read_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, resource) of an NDJSON file; blank lines are allowed."""
+    decode = json.JSONDecoder().decode
     with _open(path) as fh:
         for n, line in enumerate(fh, start=1):
-            if not line.strip():
+            if line.isspace():
                 continue
             try:
-                res = json.loads(line)
+                res = decode(line)
             except (ValueError, RecursionError):
                 raise FhirError("not JSON", where=f"{path.name} line {n}") from None
             if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
@@ -162,11 +163,12 @@ def ndjson_to_meds(paths: Sequence[str | Path], out: str | Path, *,
         try:
             for path in order:
                 first_pass = kinds[path] in FIRST
+                name = path.name
                 for n, res in read_lines(path):
                     kind = res["resourceType"]
-                    conv.at(where=f"{path.name} line {n}")
+                    conv.entry, conv.where = None, f"{name} line {n}"
                     occurrence += 1
-                    rid = f"{kind}/{res.get('id') or f'{path.name}:{n}'}"
+                    rid = f"{kind}/{res.get('id') or f'{name}:{n}'}"
                     if kind in FIRST and not first_pass:
                         raise conv.fail(f"{kind} resources must come in their own files "
                                         f"(the $export layout), before the others",
