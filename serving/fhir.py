@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from features.fhir import FhirError, FhirImport, FhirMapping, PatientRecord, bundle_to_events
+from features.fhir_bulk import lines_to_bundle
 from serving.core import TwinService
 from serving.errors import BadInput, PayloadTooLarge
 from serving.store.identity import MAX_SYSTEM, MAX_VALUE, Ident, scoped_system
@@ -25,12 +26,28 @@ UCUM = "http://unitsofmeasure.org"
 
 MAX_BUNDLE_ENTRIES = 50_000
 MAX_BUNDLE_PATIENTS = 1_000
+NDJSON_TYPES = ("application/fhir+ndjson", "application/ndjson", "application/x-ndjson")
+
+
+def is_ndjson(content_type: str | None) -> bool:
+    """Whether a request body is FHIR Bulk Data NDJSON (one resource per line)."""
+    return (content_type or "").split(";", 1)[0].strip().lower() in NDJSON_TYPES
+
+
+def ndjson_bundle(raw: bytes) -> dict[str, Any]:
+    """NDJSON lines as one collection bundle (entries keep their line numbers)."""
+    try:
+        return lines_to_bundle(raw)
+    except UnicodeDecodeError:
+        raise BadInput("the body is not UTF-8 text", ["body"]) from None
+    except FhirError as exc:
+        raise BadInput(str(exc), ["body", exc.where or "line"]) from None
 
 
 def convert(bundle: Any, mapping: FhirMapping | None = None) -> FhirImport:
-    """The bundle's events per patient; a malformed bundle is a 422 naming the entry, one
-    with more than ``MAX_BUNDLE_ENTRIES`` entries or ``MAX_BUNDLE_PATIENTS`` patients a
-    413."""
+    """The bundle's events per patient; a malformed bundle is a 422 naming the entry (or
+    the NDJSON line), one with more than ``MAX_BUNDLE_ENTRIES`` entries or
+    ``MAX_BUNDLE_PATIENTS`` patients a 413."""
     entries = bundle.get("entry") if isinstance(bundle, dict) else None
     if isinstance(entries, list) and len(entries) > MAX_BUNDLE_ENTRIES:
         raise PayloadTooLarge(f"{len(entries)} entries: at most {MAX_BUNDLE_ENTRIES} per "
@@ -38,9 +55,14 @@ def convert(bundle: Any, mapping: FhirMapping | None = None) -> FhirImport:
     try:
         result = bundle_to_events(bundle, mapping)
     except FhirError as exc:
-        loc = ["body", *([f"entry[{exc.entry}]"] if exc.entry is not None else []),
-               *([exc.element] if exc.element else [])]
-        raise BadInput(str(exc), loc) from None
+        where = f"entry[{exc.entry}]" if exc.entry is not None else None
+        if where and isinstance(entries, list) and isinstance(entries[exc.entry], dict) \
+                and "line" in entries[exc.entry]:  # NDJSON: name the line, not the entry
+            where = f"line {entries[exc.entry]['line']}"
+        message = exc.detail if where else str(exc)
+        loc = ["body", *([where] if where else []), *([exc.element] if exc.element else [])]
+        raise BadInput(f"{'.'.join(loc[1:])}: {message}" if len(loc) > 1 else message,
+                       loc) from None
     if len(result.patients) > MAX_BUNDLE_PATIENTS:
         raise PayloadTooLarge(f"{len(result.patients)} patients: at most "
                               f"{MAX_BUNDLE_PATIENTS} per bundle", ["body", "entry"])
@@ -64,9 +86,10 @@ def patient_identifiers(patient: PatientRecord, sender: str) -> tuple[Ident, ...
 
 def bundle_inputs(result: FhirImport, sender: str) -> list[TwinInput]:
     by_patient: dict[str, list[EventRow]] = {k: [] for k in result.patients}
-    for e in result.events:
+    for e in result.events:  # a resource id is a logical id: a new version replaces
         by_patient[e.patient].append(EventRow(e.time, e.code, e.numeric_value, e.text_value,
-                                              e.event_id, FHIR_SOURCE + e.source))
+                                              None, FHIR_SOURCE + e.source,
+                                              logical_id=e.event_id, retract=e.retract))
     return [TwinInput(identifiers=patient_identifiers(p, sender), events=by_patient[key],
                       label=key) for key, p in result.patients.items()]
 
@@ -78,9 +101,19 @@ def ingest_bundle(service: TwinService, bundle: Any, caller: Caller, access: Acc
     outcomes = service.writer.write(bundle_inputs(result, caller.name), caller, access)
     return {"patients": [{"identifier": o.label, "subject_id": o.subject_id,
                           "created": o.created, "added": o.added,
-                          "duplicates": o.duplicates, "forecast": o.forecast}
+                          "duplicates": o.duplicates, "superseded": o.superseded,
+                          "forecast": o.forecast}
                          for o in outcomes],
-            "unmapped": dict(result.unmapped), "skipped": dict(result.skipped)}
+            "unmapped": dict(result.unmapped), "skipped": dict(result.skipped),
+            "report": mapping_report(service, result, mapping)}
+
+
+def mapping_report(service: TwinService, result: FhirImport,
+                   mapping: FhirMapping | None) -> dict[str, Any]:
+    """The import's mapping report, with the served model's starved features."""
+    model = service.models.model
+    codes = model.bundle.spec.features_by_code() if model is not None else None
+    return result.report(codes, (mapping or FhirMapping.load()).targets())
 
 
 def risk_assessment(service: TwinService, subject_id: int) -> dict[str, Any]:

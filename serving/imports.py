@@ -58,7 +58,7 @@ def import_events(store: Store, events: pd.DataFrame, *, source: str = "import",
                     texts[i] if isinstance(texts[i], str) else None) for i in rows]
             store.twins.lock(s, list(chunk), create=True)
             counts = store.twins.append_events(s, chunk, source=source, now=utcnow())
-            n_added += sum(a for a, _ in counts.values())
+            n_added += sum(c.added for c in counts.values())
             _recount(s, list(chunk))
             if progress is not None:
                 progress(len(chunk))
@@ -70,9 +70,10 @@ def import_events(store: Store, events: pd.DataFrame, *, source: str = "import",
 
 
 def _recount(s, ids: list[int]) -> None:
-    """Counters from the events table; no forecast version, so the refresh picks them."""
+    """Counters from the live events; no forecast version, so the refresh picks them."""
     got = s.execute(select(Event.subject_id, func.count(), func.max(Event.time))
-                    .where(Event.subject_id.in_(ids)).group_by(Event.subject_id)).all()
+                    .where(Event.subject_id.in_(ids), Event.superseded_at.is_(None))
+                    .group_by(Event.subject_id)).all()
     stmt = (update(Twin.__table__).where(Twin.__table__.c.subject_id == bindparam("sid"))
             .values(event_count=bindparam("n"), last_event_time=bindparam("t"),
                     model_version=None, model_name=None, updated_at=bindparam("now")))

@@ -31,11 +31,14 @@ from serving.store import Store
 from serving.store.access import access_row
 from serving.store.identity import Claim, Ident
 from serving.store.twins import (
+    LOGICAL_ID_MAX,
+    Appended,
     EventRow,
     History,
     TwinRow,
     event_arrays,
     event_rows,
+    family,
     storable,
     utcnow,
 )
@@ -94,6 +97,7 @@ class TwinOutcome:
     created: bool
     forecast: dict[str, Any]
     view: str
+    superseded: int = 0  # stored events taken back by corrected or retracted resources
 
 
 class Activity:
@@ -163,9 +167,11 @@ class TwinWriter:
 
         Twins named by id are forecast before the write lock is taken, from what the
         store holds plus the new events; the write transaction then checks under the
-        twins' locks that nothing changed meanwhile (events are append-only: the same
-        count is the same history) and stores it all.  If something did change — or the
-        batch names patients by identifier — everything is computed under the locks."""
+        twins' locks that nothing changed meanwhile (the same event count and forecast
+        chain head: every other change to a twin's events forecasts it, bar the bulk
+        import, which only appends) and stores it all.  If something did change — or the
+        batch names patients by identifier, or revises resources (events with a logical
+        id) — everything is computed under the locks."""
         check_events(inputs)
         for inp in inputs:  # each part knows who asked and what to log
             inp.caller = inp.caller or caller
@@ -174,11 +180,14 @@ class TwinWriter:
         if len(set(known)) != len(known):
             raise BadInput("a twin appears twice in one request: send its events together",
                            ["body"])
+        # the plan appends only: revisions are decided under the twins' locks
+        revises = any(e.logical_id is not None or e.retract
+                      for inp in inputs for e in inp.events)
         with self.activity:
             for _ in range(3):
                 model = self.models.current()
                 try:
-                    if len(known) == len(inputs):
+                    if len(known) == len(inputs) and not revises:
                         plan = self._plan(model, inputs, source)
                         try:
                             return self.store.db.transact(
@@ -209,6 +218,7 @@ class TwinWriter:
                     if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
                                                           model)]
             stored = self.store.twins.history_rows(s, [sid for sid, _ in redo])
+            superseded = self.store.twins.last_superseded(s, [sid for sid, _ in redo])
         counts = {sid: t.event_count for sid, t in twins.items()}
         for sid, _ in redo:
             counts[sid] = 0
@@ -219,7 +229,7 @@ class TwinWriter:
         new = [(r["subject_id"], r["time"] and r["time"].isoformat(), r["code"],
                 r["numeric_value"], r["text_value"], NEW_ID + k, stamp)
                for k, r in enumerate(fresh) if r["subject_id"] in again]
-        history = History.from_rows([*stored, *new])
+        history = History.from_rows([*stored, *new], superseded)
         results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
                                  [inp.as_of for _, inp in redo])
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
@@ -247,8 +257,8 @@ class TwinWriter:
         self.store.twins.write_views(s, plan.views, heads)
         self._log(s, plan.ids, inputs)
         self._failpoint("before_commit")
-        return [_outcome(sid, "", (added[sid], plan.sent[sid] - added[sid]), twins[sid],
-                         twins[sid].created, plan.out) for sid in plan.ids]
+        return [_outcome(sid, "", Appended(added[sid], plan.sent[sid] - added[sid]),
+                         twins[sid], twins[sid].created, plan.out) for sid in plan.ids]
 
     def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:
         """Each part's access row (who asked, through which request), in the write's
@@ -280,7 +290,8 @@ class TwinWriter:
         self._failpoint("after_events")
         # a re-sent batch changes nothing: the current forecast stands
         redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
-                if not _unchanged(twins[sid], counts[sid][0], inp.as_of, model)]
+                if not _unchanged(twins[sid], counts[sid].added + counts[sid].superseded,
+                                  inp.as_of, model)]
         fresh = self._forecast_and_persist(
             s, model, twins, [sid for sid, _ in redo], [inp.as_of for _, inp in redo],
             _callers(ids, inputs), now)
@@ -345,7 +356,8 @@ class TwinWriter:
         any lock, then written in one short transaction for the twins that did not
         change meanwhile (the others stay stale for the next pass).  Returns how many
         were written; 0 when ``model`` is no longer the served version."""
-        with self.store.read() as s:
+        with self.store.read() as s:  # heads first: a change after them is seen below
+            heads = {sid: t.forecast_head for sid, t in self.store.twins.peek(s, ids).items()}
             history = self.store.twins.histories(s, ids)
         seen = {sid: history.count.get(sid, 0) for sid in ids}
         results = forecast_batch(model, history.arrays, ids, [None] * len(ids))
@@ -354,8 +366,10 @@ class TwinWriter:
             twins = self.store.twins.lock(s, ids, create=False)
             if self.store.jobs.served_version(s, model.name, lock=True) != model.version:
                 return 0
+            # unchanged since the read: a correction keeps the count but moves the head
             keep = [r for r in results if r.subject_id in twins
-                    and twins[r.subject_id].event_count == seen[r.subject_id]]
+                    and twins[r.subject_id].event_count == seen[r.subject_id]
+                    and twins[r.subject_id].forecast_head == heads.get(r.subject_id)]
             system = Caller(REFRESH_CALLER)
             self._persist(s, model, twins, history, keep, dict.fromkeys(twins, system),
                           utcnow())
@@ -389,7 +403,7 @@ def _callers(ids: list[int], inputs: list[TwinInput]) -> dict[int, Caller]:
     return {sid: inp.caller for sid, inp in zip(ids, inputs, strict=True)}
 
 
-def _outcome(sid: int, label: str, counts: tuple[int, int], twin: TwinRow, created: bool,
+def _outcome(sid: int, label: str, counts: Appended, twin: TwinRow, created: bool,
              fresh: dict[int, tuple[dict[str, Any], str]]) -> TwinOutcome:
     """A twin's answer: its new forecast, or (nothing changed) the one that stands."""
     if sid in fresh:
@@ -397,7 +411,8 @@ def _outcome(sid: int, label: str, counts: tuple[int, int], twin: TwinRow, creat
     else:
         view = twin.view
         fc = json.loads(view)["forecast"]
-    return TwinOutcome(sid, label, counts[0], counts[1], created, fc, view)
+    return TwinOutcome(sid, label, counts.added, counts.duplicates, created, fc, view,
+                       counts.superseded)
 
 
 def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedModel) -> bool:
@@ -407,10 +422,23 @@ def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedM
 
 def check_events(inputs: Sequence[TwinInput]) -> None:
     """Values a MEDS table can hold (finite, within float32): the route schemas check
-    the same, this guards every other adapter."""
+    the same, this guards every other adapter.  A retraction names its resource, and a
+    resource is not both sent and retracted in one part."""
     for i, inp in enumerate(inputs):
+        where = ["body", *(["twins", i] if len(inputs) > 1 else []), "events"]
+        retracted, sent = set(), set()
         for j, e in enumerate(inp.events):
             if not storable(e.numeric_value):
                 raise BadInput("numeric value is not finite or outside the float32 range",
-                               ["body", *(["twins", i] if len(inputs) > 1 else []), "events",
-                                j, "numeric_value"])
+                               [*where, j, "numeric_value"])
+            if e.logical_id is None:
+                if e.retract:
+                    raise BadInput("a retraction names the resource it takes back",
+                                   [*where, j, "logical_id"])
+                continue
+            if not 0 < len(e.logical_id) <= LOGICAL_ID_MAX:
+                raise BadInput(f"a logical id has 1 to {LOGICAL_ID_MAX} characters",
+                               [*where, j, "logical_id"])
+            (retracted if e.retract else sent).add(family(e.logical_id))
+        if retracted & sent:
+            raise BadInput("a resource is both sent and retracted in one request", where)

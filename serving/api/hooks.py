@@ -13,7 +13,7 @@ from serving.api.deps import Credentials, Principal, Service, access_of, note_ac
 from serving.api.responses import ERRORS, NOT_FOUND, TOO_LARGE, json_response
 from serving.core import TwinService
 from serving.errors import BadInput, Forbidden, NotFound, Unauthorized
-from serving.fhir import ingest_bundle, parse_json
+from serving.fhir import ingest_bundle, is_ndjson, ndjson_bundle, parse_json
 from serving.states import Action, may
 from serving.store.keys import KEY_PREFIX
 from serving.writes import Caller
@@ -33,8 +33,11 @@ _BUNDLE = {
             "type": "object", "required": ["resource"],
             "properties": {"resource": {"type": "object", "required": ["resourceType"],
                                         "properties": {"resourceType": {"type": "string"}}}}}}}}
+NDJSON = {"type": "string", "description": "FHIR Bulk Data NDJSON: one resource per line "
+          "(Patients included; references as Patient/<id>), as a $export writes them"}
 FHIR_BODY = {"requestBody": {"required": True, "content": {
-    "application/fhir+json": {"schema": _BUNDLE}, "application/json": {"schema": _BUNDLE}}}}
+    "application/fhir+json": {"schema": _BUNDLE}, "application/json": {"schema": _BUNDLE},
+    "application/fhir+ndjson": {"schema": NDJSON}}}}
 CDS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["hook", "hookInstance", "context"],
     "description": "a CDS Hooks 2.0 patient-view request; the prefetched Patient must be "
@@ -63,15 +66,25 @@ async def _body(request: Request) -> Any:
     return parse_json(await request.body())
 
 
+async def fhir_body(request: Request) -> Any:
+    """A bundle, or NDJSON lines (``Content-Type: application/fhir+ndjson``) as one."""
+    raw = await request.body()
+    if is_ndjson(request.headers.get("content-type")):
+        return await anyio.to_thread.run_sync(ndjson_bundle, raw)
+    return parse_json(raw)
+
+
 @router.post("/v1/fhir", tags=["fhir"], response_model=S.FhirIngestOut,
              responses={**ERRORS, **TOO_LARGE}, openapi_extra=FHIR_BODY)
 async def fhir_bundle(request: Request, service: Service,
                       caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS,
                                                                    "fhir_bundle"))]):
     """A FHIR R4 Bundle (transaction, batch or collection) of Patient, Observation,
-    Condition and MedicationStatement/MedicationRequest: mapped to events, stored and
-    forecast in one transaction.  Unmapped resources and codes are counted."""
-    bundle = await _body(request)
+    Condition and MedicationStatement/MedicationRequest — or the same resources as Bulk
+    Data NDJSON lines — mapped to events, stored and forecast in one transaction.
+    Unmapped resources and codes are counted; ``report`` lists what was mapped and the
+    served model's features no input feeds (starved)."""
+    bundle = await fhir_body(request)
     out = await anyio.to_thread.run_sync(ingest_bundle, service, bundle, caller,
                                          access_of(request))
     return json_response(out)

@@ -181,6 +181,8 @@ class BulkOut(_Out):
     twins: list[BulkTwinOut]
     events_added: int
     model: ModelRef
+    report: dict[str, Any] | None = Field(None, description=(
+        "for FHIR NDJSON bodies: the mapping report (as POST /v1/fhir answers it)"))
 
 
 class FhirPatientOut(_Out):
@@ -190,6 +192,8 @@ class FhirPatientOut(_Out):
     created: bool = Field(description="a new twin was made for this patient")
     added: int
     duplicates: int
+    superseded: int = Field(0, description="stored values taken back: corrected by a new "
+                            "version of their resource, or entered in error")
     forecast: ForecastOut
 
 
@@ -197,6 +201,10 @@ class FhirIngestOut(_Out):
     patients: list[FhirPatientOut]
     unmapped: dict[str, int] = Field(description="codes twincast does not map, counted")
     skipped: dict[str, int] = Field(description="resources twincast does not use, counted")
+    report: dict[str, Any] = Field(description=(
+        "the mapping report: mapped codes ('twincast code <- system|code') and unmapped "
+        "ones with counts, coverage per resource type (values sent and events kept), and "
+        "'starved': the served model's features that no event of this input feeds"))
 
 
 class ValueOut(_Out):

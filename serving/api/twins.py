@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from serving.api import schemas as S
 from serving.api.deps import Principal, Service, access_of, require
 from serving.api.responses import ERRORS, NOT_FOUND, TOO_LARGE, json_response
-from serving.errors import PayloadTooLarge
-from serving.fhir import risk_assessment
+from serving.errors import BadInput, PayloadTooLarge
+from serving.fhir import ingest_bundle, is_ndjson, ndjson_bundle, risk_assessment
 from serving.states import Action
 from serving.store.ids import ASSIGNED_MAX, CLIENT_ID_MAX
 from serving.writes import TwinInput
@@ -45,14 +45,37 @@ def ingest(request: Request, subject_id: WriteId, body: S.EventsIn, service: Ser
 
 @router.post("/v1/twins:bulk", response_model=S.BulkOut, responses={**ERRORS, **TOO_LARGE},
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"$ref": "#/components/schemas/BulkIn"}}}}})
+                 "application/json": {"schema": {"$ref": "#/components/schemas/BulkIn"}},
+                 "application/fhir+ndjson": {"schema": {
+                     "type": "string", "description": "FHIR Bulk Data NDJSON lines, "
+                     "Patients included (as POST /v1/fhir takes them)"}}}}})
 async def bulk(request: Request, service: Service,
                caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS,
                                                             "bulk_events"))]) -> Response:
     """Many twins' events in one request (at most ``max_bulk_twins`` twins and
     ``max_bulk_events`` events; 413 beyond): all stored and forecast in one transaction,
-    or nothing.  Answers each twin's new forecast in brief."""
+    or nothing.  Answers each twin's new forecast in brief.  With ``Content-Type:
+    application/fhir+ndjson`` the body is FHIR Bulk Data lines, taken as ``POST /v1/fhir``
+    takes them (patients by identifier; its limits)."""
     raw = await request.body()  # at most 64 MiB: capped before it was read
+    if is_ndjson(request.headers.get("content-type")):
+        bundle = await anyio.to_thread.run_sync(ndjson_bundle, raw)
+        if not any(e.get("resource", {}).get("resourceType") == "Patient"
+                   for e in bundle["entry"] if isinstance(e.get("resource"), dict)):
+            raise BadInput("the NDJSON body has no Patient resource", ["body"])
+        fhir = await anyio.to_thread.run_sync(ingest_bundle, service, bundle, caller,
+                                              access_of(request))
+        pats = fhir["patients"]
+        return json_response({
+            "twins": [{"subject_id": p["subject_id"], "added": p["added"],
+                       "duplicates": p["duplicates"], "created": p["created"],
+                       "forecast_id": p["forecast"]["forecast_id"],
+                       "status": p["forecast"]["status"], "reason": p["forecast"]["reason"],
+                       "as_of": p["forecast"]["as_of"], "risks": p["forecast"]["risks"]}
+                      for p in pats],
+            "events_added": sum(p["added"] for p in pats),
+            "model": pats[0]["forecast"]["model"],
+            "report": fhir["report"]})
     try:
         body = S.BulkIn.model_validate_json(raw)
     except ValidationError as exc:

@@ -69,6 +69,7 @@ class Event(Base):
     __table_args__ = (
         UniqueConstraint("subject_id", "idempotency_key", name="uq_event_idempotency"),
         Index("ix_events_subject_time", "subject_id", "time"),
+        Index("ix_events_subject_logical", "subject_id", "logical_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -80,6 +81,11 @@ class Event(Base):
     recorded_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     idempotency_key: Mapped[str] = mapped_column(String(128))
     source: Mapped[str | None] = mapped_column(String(255))
+    # the resource the event came from ("Observation/abc", a component
+    # "Observation/abc#<system>|<code>"): a new version of it supersedes the rows it drops
+    logical_id: Mapped[str | None] = mapped_column(String(200))
+    # when a new version or a retraction took the event back (NULL: live)
+    superseded_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Forecast(Base):

@@ -1,5 +1,10 @@
 """Twins, their events, forecasts and views: plain functions of a session, batch-first.
 
+Events are appended, never changed, with one exception: an event from a resource (FHIR's
+logical id) is *superseded* — kept, but no longer live — when a new version of the
+resource drops it or the resource is retracted (:meth:`Twins.append_events`).  Reads
+see live events, or those live at a past time.
+
 Patient data stays in the database: nothing here logs values.
 """
 
@@ -9,14 +14,15 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring_ascii as _json_str
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import (
+    and_,
     bindparam,
     delete,
     func,
@@ -36,6 +42,9 @@ KEY_CHUNK = 20_000  # bound parameters per query
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "recorded_at",
                  "idempotency_key", "source")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # MEDS stores values as float32
+LOGICAL_ID_MAX = 200  # events.logical_id
+KEY_LOGICAL_MAX = 90  # a logical id's share of a 128-character idempotency key
+EPOCH = datetime(1970, 1, 1)  # noqa: DTZ001 - naive UTC, as stored
 
 
 def storable(value: float | None) -> bool:
@@ -65,9 +74,43 @@ def idempotency_key(subject_id: int, time: datetime | None, code: str, value: fl
     return "h:" + hashlib.sha256(raw.encode()).hexdigest()
 
 
+def content_hash(subject_id: int, time: datetime | None, code: str, value: float | None,
+                 text: str | None) -> str:
+    """The first 16 hex digits of an event's content hash (its key when it has no id)."""
+    return idempotency_key(subject_id, time, code, value, text, None)[2:18]
+
+
+def family(logical_id: str) -> str:
+    """The resource a logical id belongs to: the part before the first "#".
+
+    >>> family("Observation/abc#http://loinc.org|8480-6"), family("Observation/abc")
+    ('Observation/abc', 'Observation/abc')
+    """
+    return logical_id.split("#", 1)[0]
+
+
+def revision_key(logical_id: str, content: str) -> str:
+    """The idempotency key of one version of a resource's event: ``id:<logical id>@<content
+    hash>`` (a long logical id cut, ending in a digest of the whole: distinct stay distinct).
+
+    >>> revision_key("Observation/abc", "0123456789abcdef")
+    'id:Observation/abc@0123456789abcdef'
+    """
+    if len(logical_id) > KEY_LOGICAL_MAX:
+        logical_id = (logical_id[:KEY_LOGICAL_MAX - 17] + "~"
+                      + hashlib.sha256(logical_id.encode()).hexdigest()[:16])
+    return f"id:{logical_id}@{content}"
+
+
 @dataclass(frozen=True, slots=True)
 class EventRow:
-    """One event as the write path takes it: times naive UTC, values already checked."""
+    """One event as the write path takes it: times naive UTC, values already checked.
+
+    ``logical_id``: the resource the event belongs to (events of one resource share its
+    family, the part before the first "#"); such events are versions of the resource
+    rather than keyed by ``client_id``.  ``retract``: not an event but "the resource
+    ``logical_id`` was entered in error": every live event of its family is taken back.
+    """
 
     time: datetime | None
     code: str
@@ -75,6 +118,16 @@ class EventRow:
     text_value: str | None
     client_id: str | None = None
     source: str | None = None
+    logical_id: str | None = None
+    retract: bool = False
+
+
+class Appended(NamedTuple):
+    """What a write did to one twin's events."""
+
+    added: int
+    duplicates: int  # sent but changing nothing (re-sends)
+    superseded: int = 0  # live rows taken back by a new version or a retraction
 
 
 @dataclass(slots=True)
@@ -140,6 +193,11 @@ class Twins:
         # costs more than the database takes to run it
         t = Twin.__table__.c
         ids = bindparam("ids", expanding=True)
+        e = Event.__table__.c
+        self._superseded = (select(e.subject_id, func.max(e.superseded_at))
+                            .where(e.subject_id.in_(ids), e.logical_id.is_not(None),
+                                   e.superseded_at.is_not(None)).group_by(e.subject_id))
+        self._superseded_upto = self._superseded.where(e.superseded_at <= bindparam("upto"))
         self._present = select(t.subject_id).where(t.subject_id.in_(ids))
         self._view = select(t.view).where(t.subject_id == bindparam("sid"))
         self._create_twins = self._insert(Twin.__table__).on_conflict_do_nothing(
@@ -256,12 +314,137 @@ class Twins:
     # ------------------------------------------------------------------ events
     def append_events(self, s: Session, events: dict[int, Sequence[EventRow]], *,
                       source: str | dict[int, str] | None, now: datetime
-                      ) -> dict[int, tuple[int, int]]:
-        """Insert the events not seen before (by idempotency key), every twin at once;
-        returns (added, duplicates) per twin.  Twin counters are the caller's to update."""
-        rows, sent = event_rows(events, source=source, now=now)
+                      ) -> dict[int, Appended]:
+        """Insert the events not seen before, every twin at once; returns (added,
+        duplicates, superseded) per twin.  Events without a logical id are kept by
+        idempotency key; those with one are versions of their resource
+        (:meth:`_revise`).  Twin counters are the caller's to update."""
+        plain = {sid: [r for r in evs if r.logical_id is None] for sid, evs in events.items()}
+        rows, sent = event_rows(plain, source=source, now=now)
         added = self.insert_events(s, rows, sent)
-        return {sid: (added[sid], sent[sid] - added[sid]) for sid in sent}
+        out = {sid: Appended(added[sid], sent[sid] - added[sid]) for sid in sent}
+        revised = {sid: [r for r in evs if r.logical_id is not None]
+                   for sid, evs in events.items()}
+        revised = {sid: evs for sid, evs in revised.items() if evs}
+        if revised:
+            for sid, got in self._revise(s, revised, source=source, now=now).items():
+                out[sid] = Appended(out[sid].added + got.added,
+                                    out[sid].duplicates + got.duplicates, got.superseded)
+        return out
+
+    def _revise(self, s: Session, events: dict[int, list[EventRow]], *,
+                source: str | dict[int, str] | None, now: datetime) -> dict[int, Appended]:
+        """Events of resources, per (twin, family): a version seen before changes nothing.
+
+        With K the incoming (logical id, content hash) pairs, E every stored row's pair
+        (live or superseded, the hash computed from the row's columns, so rows keyed
+        before logical ids compare by content too) and L the live rows' pairs:
+
+        - every pair of K in E: a re-send (duplicates).  A version seen before is a
+          re-send, never a correction back to it; so is a version that only drops
+          components of one seen before;
+        - else a new version: live rows whose pair is not in K are superseded (``now``),
+          incoming rows whose pair is not in L are inserted;
+        - a retraction: every live row of the family is superseded, nothing inserted
+          (re-sending an old version afterwards is a re-send).
+        """
+        stored = self._family_rows(s, {sid: {family(r.logical_id) for r in evs}
+                                       for sid, evs in events.items()})
+        suffix = f"~{(now - EPOCH) // timedelta(microseconds=1)}"
+        rows: list[dict[str, Any]] = []
+        gone: list[int] = []
+        counts: dict[int, list[int]] = {}  # [incoming events, idle retractions, superseded]
+        for sid, evs in events.items():
+            default = source.get(sid) if isinstance(source, dict) else source
+            n = counts[sid] = [0, 0, 0]
+            by_family: dict[str, list[EventRow]] = {}
+            for r in evs:
+                by_family.setdefault(family(r.logical_id), []).append(r)
+            for fam, revs in by_family.items():
+                have = stored.get((sid, fam), [])
+                live = [h for h in have if h["superseded_at"] is None]
+                if any(r.retract for r in revs):
+                    gone += [h["id"] for h in live]
+                    n[1] += len(revs) - (1 if live else 0)
+                    n[2] += len(live)
+                    continue
+                n[0] += len(revs)
+                incoming: dict[tuple[str, str], EventRow] = {}
+                for r in revs:
+                    incoming.setdefault((r.logical_id, content_hash(
+                        sid, r.time, r.code, r.numeric_value, r.text_value)), r)
+                if incoming.keys() <= {h["pair"] for h in have}:
+                    continue  # a re-send
+                stale = [h["id"] for h in live if h["pair"] not in incoming]
+                gone += stale
+                n[2] += len(stale)
+                now_live = {h["pair"] for h in live}
+                keys = {h["key"] for h in have}
+                for (lid, content), r in incoming.items():
+                    if (lid, content) in now_live:
+                        continue
+                    key = revision_key(lid, content)
+                    rows.append({"subject_id": sid, "time": r.time, "code": r.code,
+                                 "numeric_value": r.numeric_value, "text_value": r.text_value,
+                                 "recorded_at": now,
+                                 "idempotency_key": key + suffix if key in keys else key,
+                                 "source": r.source or default, "logical_id": lid})
+        self._supersede(s, gone, now)
+        added = self.insert_events(s, rows, events)
+        return {sid: Appended(added[sid], n[0] - added[sid] + n[1], n[2])
+                for sid, n in counts.items()}
+
+    def _family_rows(self, s: Session, families: dict[int, set[str]]
+                     ) -> dict[tuple[int, str], list[dict[str, Any]]]:
+        """Every stored row (live or superseded) of the twins' resource families, with its
+        (logical id, content hash) pair."""
+        e = Event.__table__.c
+        step = KEY_CHUNK // 3  # bound parameters: at most three a family (with its twin)
+        batches: list[list] = [[]]  # per query, one term per twin: one index range each
+        room = step
+        for sid, fams in sorted(families.items()):
+            fams = sorted(fams)
+            while fams:
+                part, fams = fams[:room], fams[room:]
+                batches[-1].append(and_(e.subject_id == sid, or_(*(
+                    or_(e.logical_id == f, e.logical_id.like(_like_escape(f) + "#%",
+                                                             escape="!")) for f in part))))
+                room -= len(part)
+                if room == 0:
+                    batches.append([])
+                    room = step
+        out: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        for terms in filter(None, batches):
+            q = select(e.id, e.subject_id, e.logical_id, e.idempotency_key, e.time, e.code,
+                       e.numeric_value, e.text_value, e.superseded_at).where(or_(*terms))
+            for r in s.connection().execute(q):
+                fam = family(r.logical_id)
+                if fam not in families[r.subject_id]:
+                    continue  # LIKE ignores ASCII case on SQLite
+                out.setdefault((r.subject_id, fam), []).append({
+                    "id": r.id, "key": r.idempotency_key, "superseded_at": r.superseded_at,
+                    "pair": (r.logical_id, content_hash(r.subject_id, r.time, r.code,
+                                                        r.numeric_value, r.text_value))})
+        return out
+
+    def _supersede(self, s: Session, ids: list[int], now: datetime) -> None:
+        e = Event.__table__.c
+        for lo in range(0, len(ids), KEY_CHUNK):
+            s.connection().execute(update(Event.__table__).where(
+                e.id.in_(ids[lo:lo + KEY_CHUNK]), e.superseded_at.is_(None)
+            ).values(superseded_at=now))
+
+    def last_superseded(self, s: Session, subject_ids: Iterable[int],
+                        upto: datetime | None = None) -> dict[int, datetime]:
+        """Each twin's latest supersession (by ``upto``): a change its history reflects
+        though no live row was recorded then."""
+        ids = sorted(set(subject_ids))
+        if not ids:
+            return {}
+        if upto is None:
+            return dict(s.connection().execute(self._superseded, {"ids": ids}).all())
+        return dict(s.connection().execute(self._superseded_upto,
+                                           {"ids": ids, "upto": upto}).all())
 
     def insert_events(self, s: Session, rows: list[dict[str, Any]], twins: Iterable[int]
                       ) -> dict[int, int]:
@@ -328,12 +511,17 @@ class Twins:
 
     def histories(self, s: Session, subject_ids: Iterable[int],
                   recorded_upto: datetime | None = None) -> History:
-        """Every event of the twins (optionally those received by a time), read once."""
-        return History.from_rows(self.history_rows(s, subject_ids, recorded_upto))
+        """The twins' live events (or those live at ``recorded_upto``), read once; the
+        watermark is the latest change the history reflects (an event recorded, or one
+        superseded), so a replay at it sees the same history."""
+        ids = sorted(set(subject_ids))
+        return History.from_rows(self.history_rows(s, ids, recorded_upto),
+                                 self.last_superseded(s, ids, recorded_upto))
 
     def history_rows(self, s: Session, subject_ids: Iterable[int],
                      recorded_upto: datetime | None = None) -> list[tuple]:
-        """(subject_id, time, code, value, text, id, recorded_at) of the twins' events."""
+        """(subject_id, time, code, value, text, id, recorded_at) of the twins' live events
+        (with ``recorded_upto``: those recorded by then and not superseded by then)."""
         ids = sorted(set(subject_ids))
         if not ids:
             return []
@@ -344,9 +532,11 @@ class Twins:
                f"recorded_at{text} FROM events WHERE subject_id IN "
                f"({', '.join('?' * len(ids))})")
         params: list[Any] = list(ids)
-        if recorded_upto is not None:
-            sql += " AND recorded_at <= ?"
-            params.append(self._param_time(recorded_upto))
+        if recorded_upto is None:
+            sql += " AND superseded_at IS NULL"
+        else:
+            sql += " AND recorded_at <= ? AND (superseded_at IS NULL OR superseded_at > ?)"
+            params += [self._param_time(recorded_upto)] * 2
         result = s.connection().exec_driver_sql(self._sql(sql), tuple(params))
         try:  # plain driver tuples: ~2x faster than Row objects for 10^5 rows
             return result.cursor.fetchall()
@@ -382,10 +572,11 @@ class Twins:
 
     def sources_before(self, s: Session, subject_id: int, prefix: str, until: datetime,
                        limit: int = 20) -> list[str]:
-        """The newest events' sources starting with ``prefix`` at or before ``until``."""
+        """The newest live events' sources starting with ``prefix`` at or before ``until``."""
         return list(s.execute(select(Event.source).where(
             Event.subject_id == subject_id, Event.source.like(prefix + "%"),
-            Event.time <= until).order_by(Event.time.desc()).limit(limit)).scalars())
+            Event.time <= until, Event.superseded_at.is_(None))
+            .order_by(Event.time.desc()).limit(limit)).scalars())
 
     def forecasts(self, s: Session, subject_id: int, limit: int, offset: int
                   ) -> tuple[list[Forecast], int]:
@@ -400,17 +591,26 @@ class Twins:
                          ).scalar_one_or_none()
 
 
+def _like_escape(text: str) -> str:
+    """``text`` as a literal in a LIKE pattern with escape character "!"."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
 def event_rows(events: dict[int, Sequence[EventRow]], *,
                source: str | dict[int, str] | None, now: datetime
                ) -> tuple[list[dict[str, Any]], dict[int, int]]:
     """Store rows of the events (each key once per twin) and how many each twin sent;
-    ``source`` for events that name none (one for all, or per twin)."""
+    ``source`` for events that name none (one for all, or per twin).  Events of resources
+    (a logical id) are not plain appends: :meth:`Twins.append_events` takes them."""
     rows, seen = [], set()
     sent: dict[int, int] = {}
     for sid, evs in events.items():
         sent[sid] = len(evs)
         default = source.get(sid) if isinstance(source, dict) else source
         for r in evs:
+            if r.logical_id is not None or r.retract:
+                raise ValueError("an event of a resource (logical id) is a revision, not an "
+                                 "append: write it through Twins.append_events")
             key = idempotency_key(sid, r.time, r.code, r.numeric_value, r.text_value,
                                   r.client_id)
             if (sid, key) in seen:
@@ -435,9 +635,19 @@ class History:
     count: dict[int, int]
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple]) -> History:
+    def from_rows(cls, rows: Sequence[tuple], superseded: dict[int, datetime] | None = None
+                  ) -> History:
         """From (subject_id, time, code, value, text, id, recorded_at) rows in any order
-        (times naive UTC, as datetimes or ISO strings)."""
+        (times naive UTC, as datetimes or ISO strings); ``superseded``: each twin's latest
+        supersession, a change the watermark covers too."""
+        history = cls._from_rows(rows)
+        for sid, t in (superseded or {}).items():
+            wm = history.watermark.get(sid)
+            history.watermark[sid] = t if wm is None else max(wm, t)
+        return history
+
+    @classmethod
+    def _from_rows(cls, rows: Sequence[tuple]) -> History:
         n = len(rows)
         if n == 0:
             return cls(event_arrays(()), {}, {}, {}, {})
