@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from features.fhir_codes import (  # noqa: F401  (the mapping's names, re-export
     RuleIndex,
 )
 
+FLOAT32_MAX = 3.4028234663852886e38
 RESULT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
 RETRACTED = frozenset({"entered-in-error", "cancelled"})
 REQUEST_STATUSES = frozenset({"active", "on-hold", "completed", "stopped"})
@@ -61,6 +62,9 @@ NOT_YET_VERIFIED = frozenset({"unconfirmed", "provisional", "differential"})
 USED = ("Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement",
         "Medication")
 MAX_TEXT = 1000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_LABEL = 120  # characters of a report key (codes, statuses: what the client sent)
+MAX_KEYS = 500  # distinct keys a report counter keeps; beyond them: "(other)"
 VALUE_KEYS = frozenset({  # Observation.value[x] and component.value[x]
     "valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger",
     "valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime",
@@ -100,16 +104,36 @@ class FhirEvent:
     event_id: str | None
     source: str  # the FHIR reference, for RiskAssessment.basis
     retract: bool = False  # not an event: takes back the resource's stored events
+    # which version of its resource wins within one import: (meta.lastUpdated as µs since
+    # the epoch, else the lowest; then the resource's place in the input)
+    version: tuple[int, int] = (0, 0)
+
+
+class Tally(Counter):
+    """A bounded count of labels from client input: each label cut to ``MAX_LABEL``
+    characters, at most ``MAX_KEYS`` distinct labels (the rest under "(other)")."""
+
+    def __missing__(self, key):
+        return 0
+
+    def __setitem__(self, key, value):
+        key = str(key)[:MAX_LABEL]
+        if key not in self and len(self) >= MAX_KEYS:
+            key = "(other)"
+        super().__setitem__(key, value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(str(key)[:MAX_LABEL])
 
 
 @dataclass
 class FhirImport:
     patients: dict[str, PatientRecord] = field(default_factory=dict)
     events: list[FhirEvent] = field(default_factory=list)
-    unmapped: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-    mapped: Counter = field(default_factory=Counter)  # "twincast code <- system|code"
-    sent: Counter = field(default_factory=Counter)  # values sent, per resource type
+    unmapped: Counter = field(default_factory=Tally)
+    skipped: Counter = field(default_factory=Tally)
+    mapped: Counter = field(default_factory=Tally)  # "twincast code <- system|code"
+    sent: Counter = field(default_factory=Tally)  # values sent, per resource type
     # for imports that stream their events out (Bulk NDJSON): what they kept
     kept_counts: Counter | None = None
     fed_codes: set[str] | None = None
@@ -246,8 +270,8 @@ class Converter:
         if gender in ("female", "male"):
             add(FhirEvent(key, None, f"GENDER//{gender[0].upper()}", None, None,
                           self._eid(res, rid, "#gender"), rid))
-        elif gender is not None:
-            out.unmapped[f"Patient gender {gender}"] += 1
+        elif gender is not None:  # the value itself is the patient's: never in a report
+            out.unmapped["Patient gender (other than female or male)"] += 1
         if res.get("birthDate"):
             add(FhirEvent(key, parse_time(res["birthDate"], element="birthDate",
                                           entry=self.entry, where=self.where),
@@ -258,14 +282,28 @@ class Converter:
                           "MEDS_DEATH", None, None, self._eid(res, rid, "#death"), rid))
 
     # ------------------------------------------------------------------ clinical
-    def resource(self, res: dict, patient: str, rid: str) -> None:
+    def resource(self, res: dict, patient: str, rid: str, order: int) -> None:
+        """A clinical resource's events.  One with an id that yields none (a status that
+        is not a result, a code or unit not mapped) replaces what an earlier version of
+        it stored with nothing."""
         kind = res["resourceType"]
+        start = len(self.out.events)
         if kind == "Observation":
             self.observation(res, patient, rid)
         elif kind == "Condition":
             self.condition(res, patient, rid)
         else:
             self.medication(res, patient, rid, kind)
+        if len(self.out.events) == start and self._eid(res, rid) is not None:
+            self.out.events.append(FhirEvent(patient, None, "", None, None, rid, rid,
+                                             retract=True))
+        self.stamp(res, start, order)
+
+    def stamp(self, res: dict, start: int, order: int) -> None:
+        """The version order of the events a resource just produced."""
+        version = (last_updated(res), order)
+        for e in self.out.events[start:]:
+            e.version = version
 
     def _retract(self, res: dict, patient: str, rid: str) -> None:
         """Take back what an earlier version of this resource stored (by its id)."""
@@ -296,13 +334,13 @@ class Converter:
             out.skipped[f"Observation (status {status})"] += 1
             return
         codings = _codings(res.get("code"), self, "code")
+        todo = []  # (node, rule, label, logical id, element prefix)
         if has_value or not comps:
             rule, label = self.obs.best(codings)
             if rule is None:
                 out.unmapped[f"Observation {label}"] += 1
             else:
-                self._value(res, rule, label, patient, self._eid(res, rid), rid,
-                            self._obs_time(res), "")
+                todo.append((res, rule, label, self._eid(res, rid), ""))
         for k, comp in enumerate(comps or ()):
             if not isinstance(comp, dict):
                 raise self.fail("a component must be an object", f"component[{k}]")
@@ -311,17 +349,24 @@ class Converter:
             if rule is None:
                 out.unmapped[f"Observation component {label}"] += 1
                 continue
-            self._value(comp, rule, label, patient, self._eid(res, rid, f"#{label}"), rid,
-                        self._obs_time(res), f"component[{k}].")
+            todo.append((comp, rule, label, self._eid(res, rid, f"#{label}"),
+                         f"component[{k}]."))
+        if not todo:
+            return
+        time = self._obs_time(res)
+        if time is None:
+            out.skipped["Observation without effective[x] or issued"] += len(todo)
+            return
+        for node, rule, label, eid, prefix in todo:
+            self._value(node, rule, label, patient, eid, rid, time, prefix)
 
-    def _obs_time(self, res: dict) -> datetime:
+    def _obs_time(self, res: dict) -> datetime | None:
         for path in ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start",
                      "effectivePeriod.end", "issued"):
             raw = _get(res, path)
             if raw is not None:
                 return parse_time(raw, element=path, entry=self.entry, where=self.where)
-        raise self.fail("needs effectiveDateTime, effectiveInstant, effectivePeriod or "
-                        "issued", "effectiveDateTime")
+        return None
 
     def _value(self, node: dict, rule: CodeRule, label: str, patient: str,
                eid: str | None, rid: str, time: datetime, prefix: str) -> None:
@@ -353,10 +398,8 @@ class Converter:
             text = next((rule.concepts[f"{c.get('system')}|{c.get('code')}"]
                          for c in codings
                          if f"{c.get('system')}|{c.get('code')}" in rule.concepts), None)
-            if text is None:
-                first = codings[0] if codings else {}
-                out.unmapped[f"Observation {label} value "
-                             f"{first.get('system')}|{first.get('code')}"] += 1
+            if text is None:  # the concept is the patient's value: not named in a report
+                out.unmapped[f"Observation {label} value not in the mapping"] += 1
                 return
         out.mapped[f"{rule.to} <- {label}"] += 1
         out.events.append(FhirEvent(patient, time, rule.to, value, text, eid, rid))
@@ -366,9 +409,14 @@ class Converter:
         if not isinstance(q, dict) or isinstance(q.get("value"), bool) or not isinstance(
                 q.get("value"), int | float):
             raise self.fail("expected valueQuantity with a numeric value", element)
-        value = float(q["value"])
+        try:
+            value = float(q["value"])
+        except OverflowError:
+            raise self.fail("number outside the representable range", element) from None
         if value != value or value in (float("inf"), float("-inf")):
             raise self.fail("non-finite value", element)
+        if abs(value) > FLOAT32_MAX:
+            raise self.fail("number outside the float32 range MEDS stores", element)
         if q.get("comparator") is not None:
             self.out.unmapped[f"Observation {label} with a comparator"] += 1
             return None
@@ -403,6 +451,9 @@ class Converter:
             out.unmapped[f"Condition {label}"] += 1
             return
         time = self._first_time(res, ("recordedDate", "onsetDateTime", "onsetPeriod.start"))
+        if time is None:
+            out.skipped["Condition without recordedDate or a dated onset"] += 1
+            return
         out.mapped[f"{rule.to} <- {label}"] += 1
         out.events.append(FhirEvent(patient, time, rule.to, None, None, self._eid(res, rid),
                                     rid))
@@ -426,10 +477,19 @@ class Converter:
             if intent not in ORDER_INTENTS:
                 out.skipped[f"{kind} (intent {intent})"] += 1
                 return
+            if res.get("doNotPerform") is True:
+                out.skipped[f"{kind} (doNotPerform)"] += 1
+                return
         concept, element = res.get("medicationCodeableConcept"), "medicationCodeableConcept"
         if concept is None:
             ref = _get(res, "medicationReference.reference")
-            med = self.medications.get(ref) if isinstance(ref, str) else None
+            med = None
+            if isinstance(ref, str) and ref.startswith("#"):  # a contained Medication
+                med = next((c for c in res.get("contained") or () if isinstance(c, dict)
+                            and c.get("resourceType") == "Medication"
+                            and c.get("id") == ref[1:]), None)
+            elif isinstance(ref, str):
+                med = self.medications.get(ref) or self.medications.get(local_reference(ref))
             if med is None:
                 raise self.fail("needs medicationCodeableConcept or a medicationReference to "
                                 "a Medication in the same import", "medicationReference")
@@ -441,16 +501,41 @@ class Converter:
         times = (("authoredOn",) if kind == "MedicationRequest" else
                  ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"))
         time = self._first_time(res, times)
+        if time is None:
+            out.skipped[f"{kind} without {' or '.join(times)}"] += 1
+            return
         out.mapped[f"{rule.to} <- {label}"] += 1
         out.events.append(FhirEvent(patient, time, rule.to, None, None, self._eid(res, rid),
                                     rid))
 
-    def _first_time(self, res: dict, paths: tuple[str, ...]) -> datetime:
+    def _first_time(self, res: dict, paths: tuple[str, ...]) -> datetime | None:
         for path in paths:
             raw = _get(res, path)
             if raw:
                 return parse_time(raw, element=path, entry=self.entry, where=self.where)
-        raise self.fail(f"needs one of {', '.join(paths)}", paths[0])
+        return None
+
+
+def last_updated(res: dict) -> int:
+    """``meta.lastUpdated`` as µs since the epoch (0 when absent or unreadable)."""
+    raw = _get(res, "meta.lastUpdated")
+    if not isinstance(raw, str):
+        return 0
+    try:
+        t = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int((t - EPOCH) / timedelta(microseconds=1))
+
+
+def local_reference(ref: str) -> str:
+    """``Type/id`` of a reference written absolutely or with a version
+    (``https://ehr.example/fhir/Patient/7/_history/2`` → ``Patient/7``)."""
+    ref = ref.split("/_history/", 1)[0]
+    parts = ref.rstrip("/").split("/")
+    return "/".join(parts[-2:]) if "://" in ref and len(parts) >= 2 else ref
 
 
 def _codings(obj: Any, conv: Converter, element: str) -> list[dict]:
@@ -466,12 +551,27 @@ def subject_reference(res: dict, conv: Converter) -> str:
     return ref
 
 
+def family_of(event_id: str) -> str:
+    return event_id.split("#", 1)[0]
+
+
 def dedupe(events: list[FhirEvent], skipped: Counter) -> list[FhirEvent]:
-    """One event per (patient, time, code, value, text): a resource replayed under a new
-    id is kept once.  Retractions pass through."""
+    """Each resource's latest version in this input (by ``meta.lastUpdated``, then by
+    place), and one event per (patient, time, code, value, text): a resource replayed
+    under a new id is kept once.  Retractions of the winning version pass through."""
+    latest: dict[tuple[str, str], tuple[int, int]] = {}
+    for e in events:
+        if e.event_id is not None:
+            key = (e.patient, family_of(e.event_id))
+            latest[key] = max(latest.get(key, e.version), e.version)
     seen: set[tuple] = set()
     kept = []
     for e in events:
+        if e.event_id is not None and e.version != latest[(e.patient,
+                                                            family_of(e.event_id))]:
+            if not e.retract:
+                skipped["an older version of a resource in the same input"] += 1
+            continue
         if not e.retract:
             key = (e.patient, e.time, e.code, e.numeric_value, e.text_value)
             if key in seen:
@@ -484,7 +584,7 @@ def dedupe(events: list[FhirEvent], skipped: Counter) -> list[FhirEvent]:
 
 def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImport:
     """Convert one Bundle (transaction, batch or collection) into events per patient."""
-    mapping = mapping or FhirMapping.load()
+    mapping = mapping or FhirMapping.default()
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise FhirError("expected a FHIR Bundle (resourceType 'Bundle')", element="resourceType")
     if bundle.get("type") not in ("transaction", "batch", "collection"):
@@ -518,7 +618,9 @@ def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImp
         conv.at(entry=i)
         rid = f"{kind}/{res.get('id') or e.get('fullUrl') or i}"
         if kind == "Patient":
+            start = len(out.events)
             conv.patient_events(res, keys[i], rid)
+            conv.stamp(res, start, i)
             continue
         if kind not in USED:
             out.skipped[kind] += 1
@@ -526,11 +628,11 @@ def bundle_to_events(bundle: Any, mapping: FhirMapping | None = None) -> FhirImp
         if kind == "Medication":
             continue
         ref = subject_reference(res, conv)
-        patient = refs.get(ref)
+        patient = refs.get(ref) or refs.get(local_reference(ref))
         if patient is None:
             raise FhirError("subject refers to a Patient that is not in the bundle", entry=i,
                             element="subject.reference")
-        conv.resource(res, patient, rid)
+        conv.resource(res, patient, rid, i)
     out.events = dedupe(out.events, out.skipped)
     return out
 
@@ -571,7 +673,7 @@ def events_to_bundle(events, mapping: FhirMapping | None = None, *,
     MedicationStatements, each with a stable id."""
     import pandas as pd
 
-    mapping = mapping or FhirMapping.load()
+    mapping = mapping or FhirMapping.default()
     first = {}
     for kind, rules in (("Observation", mapping.observations),
                         ("Condition", mapping.conditions),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,25 +29,43 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.events import events_from_frame, meds_directory, write_shard
-from features.fhir import Converter, FhirError, FhirImport, FhirMapping, subject_reference
+from features.fhir import (
+    Converter,
+    FhirError,
+    FhirImport,
+    FhirMapping,
+    local_reference,
+    subject_reference,
+)
 
 SPILL_BYTES = 512 * 2**20  # export bytes per spill file (one MEDS shard each)
 SPILL_ROWS = 100_000  # rows buffered per spill file before a row group is written
 SPILL_SCHEMA = pa.schema([
     ("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()),
     ("numeric_value", pa.float64()), ("text_value", pa.string()),
-    ("event_id", pa.string()), ("occurrence", pa.int64()), ("retract", pa.bool_()),
-    ("resource_type", pa.string())])
+    ("event_id", pa.string()), ("updated", pa.int64()), ("occurrence", pa.int64()),
+    ("retract", pa.bool_()), ("resource_type", pa.string())])
 FIRST = ("Patient", "Medication")
+
+
+class TooManyLines(FhirError):
+    def __init__(self, limit: int):
+        super().__init__(f"more than {limit} resources in one body")
+        self.limit = limit
+
+
+def _natural(path: Path) -> list:
+    """``Observation.2.ndjson`` before ``Observation.10.ndjson``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
 def export_files(paths: Sequence[str | Path]) -> list[Path]:
     """The NDJSON files of an export: directories are searched for ``*.ndjson`` and
-    ``*.ndjson.gz``; files are taken as given."""
+    ``*.ndjson.gz`` (in natural order of their names); files are taken as given."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted([*p.glob("*.ndjson"), *p.glob("*.ndjson.gz")])
+            found = sorted([*p.glob("*.ndjson"), *p.glob("*.ndjson.gz")], key=_natural)
             if not found:
                 raise FhirError(f"{p}: no .ndjson files (a FHIR Bulk Data export)")
             files += found
@@ -138,7 +157,7 @@ def ndjson_to_meds(paths: Sequence[str | Path], out: str | Path, *,
                    progress: Callable[[int], None] | None = None) -> BulkImport:
     """Convert a Bulk Data export to a MEDS directory (atomically); patients get subject
     ids in order of appearance.  ``progress`` is called with bytes read."""
-    mapping = mapping or FhirMapping.load()
+    mapping = mapping or FhirMapping.default()
     files = export_files(paths)
     kinds = {f: _first_type(f) for f in files}
     order = sorted(files, key=lambda f: (kinds[f] not in FIRST, FIRST.index(kinds[f])
@@ -157,7 +176,8 @@ def ndjson_to_meds(paths: Sequence[str | Path], out: str | Path, *,
             for e in out_imp.events:
                 sid = result.subject_of.get(e.patient)
                 spill.add((sid, e.time, e.code, e.numeric_value, e.text_value, e.event_id,
-                           occurrence, e.retract, e.source.split("/", 1)[0]))
+                           e.version[0], e.version[1], e.retract,
+                           e.source.split("/", 1)[0]))
             out_imp.events.clear()
 
         try:
@@ -180,17 +200,21 @@ def ndjson_to_meds(paths: Sequence[str | Path], out: str | Path, *,
                             result.identifiers[rec.key] = rec.identifiers
                         if isinstance(res.get("id"), str):
                             refs[f"Patient/{res['id']}"] = rec.key
+                        start = len(out_imp.events)
                         conv.patient_events(res, rec.key, rid)
+                        conv.stamp(res, start, occurrence)
                     elif kind == "Medication":
-                        if isinstance(res.get("id"), str):
-                            conv.medications[f"Medication/{res['id']}"] = res
+                        if isinstance(res.get("id"), str):  # its code is all we need
+                            conv.medications[f"Medication/{res['id']}"] = {
+                                "code": res.get("code")}
                     elif kind in ("Observation", "Condition", "MedicationRequest",
                                   "MedicationStatement"):
-                        patient = refs.get(subject_reference(res, conv))
+                        ref = subject_reference(res, conv)
+                        patient = refs.get(ref) or refs.get(local_reference(ref))
                         if patient is None:
                             raise conv.fail("subject refers to a Patient that is not in "
                                             "the export", "subject.reference")
-                        conv.resource(res, patient, rid)
+                        conv.resource(res, patient, rid, occurrence)
                     else:
                         out_imp.skipped[kind] += 1
                     drain()
@@ -226,6 +250,9 @@ def _resolve(df: pd.DataFrame, result: BulkImport) -> pd.DataFrame:
     # a resource without an id is its own family (it can be neither replaced nor retracted)
     family = df["event_id"].str.split("#", n=1).str[0].fillna(
         "#" + df["occurrence"].astype(str))
+    keys = [df["subject_id"], family]
+    newest = df.groupby(keys)["updated"].transform("max")  # meta.lastUpdated first
+    df, family = df[df["updated"] == newest], family[df["updated"] == newest]
     latest = df.groupby([df["subject_id"], family])["occurrence"].transform("max")
     df = df[(df["occurrence"] == latest) & ~df["retract"]]
     df = df.drop_duplicates(["subject_id", "time", "code", "numeric_value", "text_value"])
@@ -247,14 +274,18 @@ def identifier_frame(result: BulkImport) -> pd.DataFrame:
                          "subject_id": list(result.subject_of.values())})
 
 
-def lines_to_bundle(raw: bytes | str) -> dict[str, Any]:
-    """NDJSON lines (any resource types, Patients included) as one collection Bundle,
-    entry *i* being line *i* + 1 — the service's way to take the same lines."""
+def lines_to_bundle(raw: bytes | str, max_entries: int) -> dict[str, Any]:
+    """NDJSON lines (any resource types, Patients included) as one collection Bundle —
+    the service's way to take the same lines; each entry keeps its line number.  Lines
+    end at ``\n`` only (U+2028 and its kind are valid inside JSON strings); a leading
+    byte-order mark is dropped.  Raises :class:`TooManyLines` past ``max_entries``."""
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     entries = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
         if not line.strip():
             continue
+        if len(entries) == max_entries:
+            raise TooManyLines(max_entries)
         try:
             res = json.loads(line)
         except (ValueError, RecursionError):

@@ -12,6 +12,7 @@ unspecified CKD rule.  ICD-10 codes are compared in their dotted, upper-case for
 from __future__ import annotations
 
 import csv
+import functools
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
@@ -134,10 +135,17 @@ class FhirMapping(BaseModel):
     def load(cls, path: str | Path = DEFAULT_MAPPING) -> FhirMapping:
         path = Path(path)
         raw = yaml.safe_load(path.read_text()) or {}
-        mapping = cls.model_validate(raw)
+        # "x-…" keys hold YAML anchors shared by rules (unit spellings), nothing else
+        mapping = cls.model_validate({k: v for k, v in raw.items() if not k.startswith("x-")})
         extra = [rule for t in mapping.medication_tables
                  for rule in medication_table(path.parent / t)]
         return mapping.model_copy(update={"medications": [*mapping.medications, *extra]})
+
+    @staticmethod
+    @functools.cache
+    def default() -> FhirMapping:
+        """The shipped mapping, loaded once per process."""
+        return FhirMapping.load(DEFAULT_MAPPING)
 
     def index(self, kind: str) -> RuleIndex:
         """The lookup index of ``observations``, ``conditions`` or ``medications``."""

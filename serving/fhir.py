@@ -13,7 +13,8 @@ import json
 from typing import Any
 
 from features.fhir import FhirError, FhirImport, FhirMapping, PatientRecord, bundle_to_events
-from features.fhir_bulk import lines_to_bundle
+from features.fhir_bulk import TooManyLines, lines_to_bundle
+from features.fhir_codes import UCUM
 from serving.core import TwinService
 from serving.errors import BadInput, PayloadTooLarge
 from serving.store.identity import MAX_SYSTEM, MAX_VALUE, Ident, scoped_system
@@ -21,7 +22,6 @@ from serving.store.twins import EventRow
 from serving.writes import AccessInfo, Caller, TwinInput
 
 FHIR_SOURCE = "fhir:"
-UCUM = "http://unitsofmeasure.org"
 
 
 MAX_BUNDLE_ENTRIES = 50_000
@@ -37,7 +37,10 @@ def is_ndjson(content_type: str | None) -> bool:
 def ndjson_bundle(raw: bytes) -> dict[str, Any]:
     """NDJSON lines as one collection bundle (entries keep their line numbers)."""
     try:
-        return lines_to_bundle(raw)
+        return lines_to_bundle(raw, MAX_BUNDLE_ENTRIES)
+    except TooManyLines as exc:
+        raise PayloadTooLarge(f"more than {exc.limit} lines: at most {exc.limit} resources "
+                              "per request", ["body"]) from None
     except UnicodeDecodeError:
         raise BadInput("the body is not UTF-8 text", ["body"]) from None
     except FhirError as exc:
@@ -95,9 +98,16 @@ def bundle_inputs(result: FhirImport, sender: str) -> list[TwinInput]:
 
 
 def ingest_bundle(service: TwinService, bundle: Any, caller: Caller, access: AccessInfo | None,
-                  mapping: FhirMapping | None = None) -> dict[str, Any]:
+                  mapping: FhirMapping | None = None, *, max_events: int | None = None,
+                  max_patients: int | None = None) -> dict[str, Any]:
     """Store a bundle's events and forecast every patient in it — one transaction."""
     result = convert(bundle, mapping)
+    n_events = sum(not e.retract for e in result.events)
+    if (max_events is not None and n_events > max_events) or (
+            max_patients is not None and len(result.patients) > max_patients):
+        raise PayloadTooLarge(f"{len(result.patients)} patients and {n_events} events: at "
+                              f"most {max_patients} patients and {max_events} events per "
+                              "request", ["body"])
     outcomes = service.writer.write(bundle_inputs(result, caller.name), caller, access)
     return {"patients": [{"identifier": o.label, "subject_id": o.subject_id,
                           "created": o.created, "added": o.added,
@@ -113,7 +123,7 @@ def mapping_report(service: TwinService, result: FhirImport,
     """The import's mapping report, with the served model's starved features."""
     model = service.models.model
     codes = model.bundle.spec.features_by_code() if model is not None else None
-    return result.report(codes, (mapping or FhirMapping.load()).targets())
+    return result.report(codes, (mapping or FhirMapping.default()).targets())
 
 
 def risk_assessment(service: TwinService, subject_id: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ by ``serving.views`` (the shapes in ``schemas``) and sent as they are.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import anyio
@@ -63,8 +64,10 @@ async def bulk(request: Request, service: Service,
         if not any(e.get("resource", {}).get("resourceType") == "Patient"
                    for e in bundle["entry"] if isinstance(e.get("resource"), dict)):
             raise BadInput("the NDJSON body has no Patient resource", ["body"])
-        fhir = await anyio.to_thread.run_sync(ingest_bundle, service, bundle, caller,
-                                              access_of(request))
+        cfg = service.config
+        fhir = await anyio.to_thread.run_sync(functools.partial(
+            ingest_bundle, service, bundle, caller, access_of(request),
+            max_events=cfg.max_bulk_events, max_patients=cfg.max_bulk_twins))
         pats = fhir["patients"]
         return json_response({
             "twins": [{"subject_id": p["subject_id"], "added": p["added"],

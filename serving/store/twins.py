@@ -353,7 +353,7 @@ class Twins:
         suffix = f"~{(now - EPOCH) // timedelta(microseconds=1)}"
         rows: list[dict[str, Any]] = []
         gone: list[int] = []
-        counts: dict[int, list[int]] = {}  # [incoming events, idle retractions, superseded]
+        counts: dict[int, list[int]] = {}  # [incoming events, retractions, superseded]
         for sid, evs in events.items():
             default = source.get(sid) if isinstance(source, dict) else source
             n = counts[sid] = [0, 0, 0]
@@ -391,7 +391,8 @@ class Twins:
                                  "source": r.source or default, "logical_id": lid})
         self._supersede(s, gone, now)
         added = self.insert_events(s, rows, events)
-        return {sid: Appended(added[sid], n[0] - added[sid] + n[1], n[2])
+        # a retraction is not an event: one that finds nothing live counts as nothing
+        return {sid: Appended(added[sid], n[0] - added[sid], n[2])
                 for sid, n in counts.items()}
 
     def _family_rows(self, s: Session, families: dict[int, set[str]]
