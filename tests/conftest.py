@@ -74,6 +74,50 @@ def make_events(rows: list[tuple]) -> pd.DataFrame:
     return events_from_frame(frame, source="test")
 
 
+def by_remainder_split(subject_ids: np.ndarray) -> np.ndarray:
+    """A split by subject that is not twincast's hash (15% held out, 15% tuning)."""
+    r = np.asarray(subject_ids) % 20
+    return np.select([r < 3, r < 6], ["held_out", "tuning"], "train").astype(object)
+
+
+def aces_labels(events: pd.DataFrame, task, horizon: int) -> pd.DataFrame:
+    """Labels as ACES would write them for ``task`` at ``horizon``: the task's own rules,
+    censored rows left out, ``boolean_value`` per (subject, prediction time), and a split
+    by subject (:func:`by_remainder_split`)."""
+    from features.events import EventArrays
+    from features.labels import derive_labels, label_column
+
+    lab = derive_labels(EventArrays.from_events(events), task)
+    lab = lab[lab[label_column(horizon)].notna()]
+    return pd.DataFrame({"subject_id": lab["subject_id"].to_numpy(np.int64),
+                         "prediction_time": lab["prediction_time"].to_numpy(),
+                         "boolean_value": lab[label_column(horizon)].to_numpy() == 1,
+                         "split": by_remainder_split(lab["subject_id"].to_numpy())})
+
+
+def write_aces_labels(rows: pd.DataFrame, out: Path, *, shards: int = 2) -> Path:
+    """An ACES-style label directory: ``<split>/<shard>.parquet`` (subjects dealt to
+    shards), in the MEDS label schema (the value columns ACES leaves empty included)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split, part in rows.groupby("split"):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        shard = part["subject_id"].to_numpy() % shards
+        for k in range(shards):
+            p = part[shard == k]
+            n = len(p)
+            pq.write_table(pa.table({
+                "subject_id": pa.array(p["subject_id"].to_numpy(), pa.int64()),
+                "prediction_time": pa.array(p["prediction_time"].to_numpy(), pa.timestamp("us")),
+                "boolean_value": pa.array(p["boolean_value"].to_numpy(), pa.bool_()),
+                "integer_value": pa.nulls(n, pa.int64()),
+                "float_value": pa.nulls(n, pa.float64()),
+                "categorical_value": pa.nulls(n, pa.string()),
+            }), out / split / f"{k}.parquet")
+    return out
+
+
 # ------------------------------------------------------------------ one tiny trained model
 
 TINY_OPTIONS = {"trials": 2, "n_bootstrap": 30, "min_subgroup": 30, "seed": 0}

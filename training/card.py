@@ -6,9 +6,20 @@ from training.evaluate import INSUFFICIENT
 
 
 def _ci(ci: dict) -> str:
+    if ci["estimate"] != ci["estimate"]:  # NaN: e.g. Uno's C without event times
+        return "n/a"
     if ci["lower"] != ci["lower"]:  # NaN
         return f"{ci['estimate']:.3f}"
     return f"{ci['estimate']:.3f} ({ci['lower']:.3f}–{ci['upper']:.3f})"
+
+
+def _labels_line(task) -> str:
+    if task.labels is None:
+        return ("- labels: derived from the events by the task's rules (censored rows "
+                "weigh 0, the others by inverse probability of censoring)")
+    return (f"- labels: as given in the MEDS label file(s) `{task.labels.path.name}` (prediction "
+            "times and labels used as is, nothing censored, every row weighs 1; Uno's C "
+            "needs event times and is not reported)")
 
 
 def model_card(*, task, family: str, params: dict, report: dict, data_summary: dict,
@@ -30,6 +41,7 @@ def model_card(*, task, family: str, params: dict, report: dict, data_summary: d
         f"- prediction rows: {data_summary.get('rows', '?'):,} "
         f"({', '.join(f'{k} {v:,}' for k, v in data_summary.get('rows_by_split', {}).items())})",
         f"- subjects: {data_summary.get('subjects', '?'):,}",
+        _labels_line(task),
         f"- features: {len(spec.feature_names)} (FeatureSpec `{spec.digest()[:12]}`)",
         f"- code version: `{code_version}`",
         "",

@@ -204,10 +204,17 @@ def uno_c(scores: np.ndarray, time_days: np.ndarray, event_type: np.ndarray,
     T_i (it will never have the outcome).  Case i weighs m_i / G(T_i-)^2, comparator j
     weighs m_j; a pair is concordant when risk_i > risk_j (ties count one half).
     ``m`` holds one column per weighting.  O(n log n) per column via Fenwick trees.
+    Rows without an event time (NaN: labels from a MEDS label file) take no part; with
+    no row left, the result is NaN.
     """
+    t = np.asarray(time_days, dtype=np.float64)
+    timed = ~np.isnan(t)
+    if not timed.all():
+        m, t = _as_2d(m)[timed], t[timed]
+        scores, event_type = np.asarray(scores)[timed], np.asarray(event_type)[timed]
+        g_left = np.asarray(g_left)[timed]
     m = _as_2d(m)
     n, width = m.shape
-    t = np.asarray(time_days, dtype=np.float64)
     case = (event_type == OUTCOME) & (t <= horizon)
     comp = event_type == COMPETING
     rank = np.unique(scores, return_inverse=True)[1]

@@ -116,8 +116,10 @@ def render(info: dict[str, Any]) -> str:
         rows.append([f"{h} days: positives / observed (prevalence)",
                      f"{pos:,} / {observed:,} ({pos / max(observed, 1):.1%})"])
         rows.append([f"{h} days: censored rows", f"{cen:,} ({cen / summary['rows']:.1%})"])
+    followup = summary.get("median_followup_days")
     rows.append(["median follow-up after a prediction time",
-                 f"{summary.get('median_followup_days', float('nan')):.0f} days"])
+                 f"{followup:.0f} days" if followup is not None and followup == followup
+                 else "unknown (labels from a MEDS label file)"])
     parts.append("<h2>Data</h2>" + _table(["", ""], rows))
     parts.append("<h2>Candidates</h2><p>Held-out split, 95% subject-bootstrap intervals; "
                  "'patients' weights every patient equally.</p>")

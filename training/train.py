@@ -83,6 +83,11 @@ class TrainResult:
     heldout_rows: pd.DataFrame = field(repr=False)  # subject_id, prediction_time (tests)
 
 
+def _median_or_none(days: pd.Series) -> float | None:
+    """Median follow-up, or None when no row has an event time (a MEDS label file)."""
+    return float(days.median()) if days.notna().any() else None
+
+
 def _split_frame(frame: pd.DataFrame, task: Task, options: TrainOptions) -> dict[str, pd.DataFrame]:
     split = frame["split"].astype(str).to_numpy()
     train = frame[split == "train"]
@@ -204,7 +209,8 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                              for h in task.horizons_days},
                "censored": {h: int(frame[label_column(h)].isna().sum())
                             for h in task.horizons_days},
-               "median_followup_days": float(frame["event_time_days"].median())}
+               "median_followup_days": _median_or_none(frame["event_time_days"]),
+               "labels": "derived" if task.labels is None else "MEDS label file"}
     heldout = parts["held_out"]
     eval_frame = EvalFrame.from_training_rows(heldout, task.horizons_days)
     x_held = heldout[names].to_numpy(np.float32)

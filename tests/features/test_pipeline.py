@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.events import open_meds, write_meds
-from features.pipeline import build_training_frame, write_training_set
+from features.pipeline import TrainingSetBuilder, build_training_frame, write_training_set
+from features.splits import assign_splits
 from features.task import load_task, parse_task
-from tests.conftest import PBC_MEDS, PBC_TASK
+from tests.conftest import PBC_MEDS, PBC_TASK, aces_labels, by_remainder_split, write_aces_labels
 
 
 def test_written_training_set_matches_in_memory_build(small_cohort_dir, eskd_task, tmp_path):
@@ -66,6 +67,37 @@ def test_label_file_replaces_derived_labels(tmp_path, small_cohort_dir):
     assert frame["subject_id"].tolist() == ids
     assert frame["label_365d"].tolist() == [1.0, 0.0, 1.0]
     assert list(frame["prediction_time"]) == list(times)
+
+
+def test_an_aces_label_directory_gives_rows_labels_and_split(tmp_path, small_cohort,
+                                                             eskd_task):
+    """Labels from an ACES directory are used as given, nothing censored, and the
+    directory's split wins over the dataset's own and over the hash."""
+    given = aces_labels(small_cohort, eskd_task, 365)
+    write_aces_labels(given, tmp_path / "labels")
+    ids = np.unique(small_cohort["subject_id"])
+    claims_train = pd.DataFrame({"subject_id": ids, "split": "train"})  # the data's split
+    data = write_meds(small_cohort, tmp_path / "meds", subject_splits=claims_train)
+    task = eskd_task.model_dump(mode="json")
+    task.update(horizons_days=[365], labels={"path": str(tmp_path / "labels")},
+                promotion={"primary_metric": "auroc"})
+    builder = TrainingSetBuilder(open_meds(data), parse_task(task))
+    spec = builder.fit_spec()
+    frame = pd.concat(list(builder.chunks(spec)), ignore_index=True)
+    key = ["subject_id", "prediction_time"]
+    want = given.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(frame[key], want[key], check_dtype=False)
+    assert (frame["label_365d"].to_numpy() == want["boolean_value"].to_numpy()).all()
+    assert not frame["censored_365d"].any() and frame["label_365d"].notna().all()
+    assert frame["split"].astype(str).tolist() == want["split"].tolist()
+    assert (by_remainder_split(ids) != assign_splits(ids, parse_task(task).split)).any()
+    # the FeatureSpec counts the directory's training subjects (and, for subjects the
+    # directory lacks, the dataset's split): never its tuning or held-out ones
+    split_of = dict(zip(given["subject_id"], given["split"], strict=True))
+    train_ids = {i for i in ids if split_of.get(i, "train") == "train"}
+    female = set(small_cohort.loc[small_cohort["code"] == "GENDER//F", "subject_id"])
+    counted = {c.code: c.train_subjects for c in spec.codes}["GENDER//F"]
+    assert counted == len(female & train_ids) < len(female)
 
 
 def test_temporal_split(small_cohort_dir, eskd_task):

@@ -101,6 +101,36 @@ def test_ipcw_weights_zero_for_censored_and_competing_is_observed():
     assert w[1] == pytest.approx(1 / g(np.array([50.0]), left=True)[0])
 
 
+def test_nothing_censored_means_g_is_one_and_every_observed_row_weighs_one():
+    """Labels from a MEDS label file: no censored rows, and no event times (NaN)."""
+    for t in (np.array([5, 300, 40.0]), np.full(3, np.nan)):
+        g = CensoringSurvival.fit(t, np.array([OUTCOME, COMPETING, -1]))
+        assert g.times.size == 0
+        probe = np.array([-1, 0, 10, 1e6, np.nan])
+        np.testing.assert_array_equal(g(probe), np.ones(5))
+        np.testing.assert_array_equal(g(probe, left=True), np.ones(5))
+        w = ipcw_weights(t, np.array([1.0, 0.0, 0.0]), 365, g)
+        np.testing.assert_array_equal(w, [1.0, 1.0, 1.0])
+    empty = CensoringSurvival.fit(np.empty(0), np.empty(0, dtype=np.int8))
+    assert empty(np.array([1.0, 2.0])).tolist() == [1.0, 1.0]
+
+
+def test_a_row_without_event_time_counts_as_followed_to_the_horizon():
+    t = np.array([10, 20, 30, 400.0])
+    g = CensoringSurvival.fit(t, np.array([CENSORED, OUTCOME, CENSORED, CENSORED]))
+    w = ipcw_weights(np.array([np.nan]), np.array([0.0]), 365, g)
+    assert w[0] == pytest.approx(1 / g(np.array([365.0]), left=True)[0])
+
+
+def test_uno_c_ignores_rows_without_event_time():
+    score = np.array([0.9, 0.1, 0.5])
+    e = np.array([OUTCOME, -1, OUTCOME])
+    assert np.isnan(M.uno_c(score, np.full(3, np.nan), e, 365, np.ones(3), np.ones(3))[0])
+    t = np.array([10.0, 50.0, np.nan])
+    assert M.uno_c(score, t, e, 365, np.ones(3), np.ones(3))[0] == pytest.approx(
+        M.uno_c(score[:2], t[:2], e[:2], 365, np.ones(2), np.ones(2))[0])
+
+
 def brute_uno(score, t, e, horizon, g_left, m):
     num = den = 0.0
     for i in range(t.size):

@@ -79,7 +79,7 @@ def test_import_fhir_writes_meds_and_reports_unmapped(tmp_path):
     proc = run("import", "fhir", str(bundles / "ckd_patients.json"),
                str(bundles / "hba1c_mmol.json"), "--out", str(tmp_path / "m"))
     assert "5 patients" in proc.stderr
-    assert "unmapped: Observation http://loinc.org|2093-3 × 1" in proc.stderr
+    assert "skipped: AllergyIntolerance × 1" in proc.stderr
     ids = pd.read_parquet(tmp_path / "m" / "metadata" / "fhir_identifiers.parquet")
     assert ids["subject_id"].tolist() == [1, 2, 3, 4, 5]
     events = pd.read_parquet(tmp_path / "m" / "data" / "0.parquet")
@@ -91,6 +91,37 @@ def test_import_fhir_writes_meds_and_reports_unmapped(tmp_path):
     proc = run("import", "fhir", str(bad), "--out", str(tmp_path / "n"), ok=False)
     assert proc.returncode == 2 and "bad.json: entry[0].resource" in proc.stderr
     assert not (tmp_path / "n").exists()
+
+
+def test_import_fhir_takes_a_bulk_export_and_reports_starved_features(tmp_path, trained,
+                                                                       mlflow_home):
+    import json
+
+    from carebundle import generate_cohort, to_ndjson
+
+    export = tmp_path / "export"
+    export.mkdir()
+    cohort = generate_cohort(count=5, seed=8, prevalence={"ckd_stage3": 1.0},
+                             include_vitals=False)
+    for kind, lines in to_ndjson(cohort).items():
+        (export / f"{kind}.ndjson").write_text(lines)
+    env_home = tmp_path / "home"
+    proc = subprocess.run(
+        [str(BIN), "import", "fhir", str(export), "--out", str(tmp_path / "m"), "--report",
+         "--task", "eskd"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TWINCAST_HOME": str(env_home),
+             "TWINCAST_MLFLOW_URI": f"sqlite:///{mlflow_home / 'mlflow.db'}"})
+    assert proc.returncode == 0, proc.stderr
+    assert "5 patients" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["champion"] == "checked" and report["patients"] == 5
+    assert report["coverage"]["Observation"]["kept"] > 0
+    starved = {s["code"]: s for s in report["starved"]}
+    assert "VITAL//SBP" in starved  # no vitals sent: every blood-pressure feature starves
+    assert "LAB//EGFR" not in starved
+    ids = pd.read_parquet(tmp_path / "m" / "metadata" / "fhir_identifiers.parquet")
+    events = pd.concat(pd.read_parquet(f) for f in (tmp_path / "m" / "data").glob("*.parquet"))
+    assert set(events["subject_id"]) == set(ids["subject_id"]) and len(ids) == 5
 
 
 def test_serve_without_a_task_says_which_is_missing(tmp_path):
