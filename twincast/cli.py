@@ -206,6 +206,7 @@ def _champion_features(task_name: str | None) -> dict[str, list[str]] | None:
     import tempfile
 
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from features.spec import FeatureSpec
     from serving.model_source import only_task
@@ -221,12 +222,23 @@ def _champion_features(task_name: str | None) -> dict[str, list[str]] | None:
         mv = tracker.registry.version_by_alias(model_name(task_name), CHAMPION)
         if mv is None:
             return None
+        # the spec is logged on the training run, the parent of the candidate's run
+        run = tracker.client.get_run(mv.run_id)
+        runs = [mv.run_id, run.data.tags.get("mlflow.parentRunId")]
+        spec = None
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="feature_spec.json", dst_path=tmp,
-                tracking_uri=tracker.tracking_uri)
-            spec = FeatureSpec.model_validate_json(Path(path).read_text())
-    except (RegistryUnreachable, OSError):
+            for run_id in filter(None, runs):
+                try:
+                    path = mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path="feature_spec.json", dst_path=tmp,
+                        tracking_uri=tracker.tracking_uri)
+                except MlflowException:
+                    continue
+                spec = FeatureSpec.model_validate_json(Path(path).read_text())
+                break
+    except (RegistryUnreachable, MlflowException, OSError):
+        return None
+    if spec is None:
         return None
     return spec.features_by_code()
 
