@@ -78,10 +78,27 @@ class Server:
 
 
 def _start(home: Path, env: dict, wait: str = "/v1/ready") -> tuple[subprocess.Popen, str]:
-    """``bentoml serve`` the twin service; returns once ``wait`` answers 200."""
+    """``bentoml serve`` the twin service; returns once ``wait`` answers 200.  A port
+    taken between choosing it and binding it (BentoML's process manager picks ports of
+    its own meanwhile) is tried again on another."""
+    for attempt in range(3):
+        try:
+            return _start_once(home, env, wait)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_once(home: Path, env: dict, wait: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"TWINCAST_PUBLIC_URL": url, **env}  # CDS tokens name this URL as audience
+    pinned = env["TWINCAST_PUBLIC_URL"] != url  # the caller fixed the URL: no new port
     log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "twincast.service:Twincast",
@@ -96,8 +113,10 @@ def _start(home: Path, env: dict, wait: str = "/v1/ready") -> tuple[subprocess.P
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("twin service did not start:\n"
-                               + (home / "server.log").read_text()[-4000:])
+            text = (home / "server.log").read_text()[-4000:]
+            if "Address already in use" in text and not pinned:
+                raise PortTaken(text)
+            raise RuntimeError("twin service did not start:\n" + text)
         time.sleep(0.3)
 
 
