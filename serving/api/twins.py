@@ -69,16 +69,9 @@ async def bulk(request: Request, service: Service,
             ingest_bundle, service, bundle, caller, access_of(request),
             max_events=cfg.max_bulk_events, max_patients=cfg.max_bulk_twins))
         pats = fhir["patients"]
-        return json_response({
-            "twins": [{"subject_id": p["subject_id"], "added": p["added"],
-                       "duplicates": p["duplicates"], "created": p["created"],
-                       "forecast_id": p["forecast"]["forecast_id"],
-                       "status": p["forecast"]["status"], "reason": p["forecast"]["reason"],
-                       "as_of": p["forecast"]["as_of"], "risks": p["forecast"]["risks"]}
-                      for p in pats],
-            "events_added": sum(p["added"] for p in pats),
-            "model": pats[0]["forecast"]["model"],
-            "report": fhir["report"]})
+        return json_response(bulk_answer(
+            [(p["subject_id"], p["added"], p["duplicates"], p["created"], p["forecast"])
+             for p in pats], report=fhir["report"]))
     try:
         body = S.BulkIn.model_validate_json(raw)
     except ValidationError as exc:
@@ -94,14 +87,21 @@ async def bulk(request: Request, service: Service,
                         as_of=S.naive_utc(t.as_of)) for t in body.twins]
     outs = await anyio.to_thread.run_sync(service.writer.write, inputs, caller,
                                           access_of(request))
-    return json_response({
-        "twins": [{"subject_id": o.subject_id, "added": o.added, "duplicates": o.duplicates,
-                   "created": o.created, "forecast_id": o.forecast["forecast_id"],
-                   "status": o.forecast["status"], "reason": o.forecast["reason"],
-                   "as_of": o.forecast["as_of"], "risks": o.forecast["risks"]}
-                  for o in outs],
-        "events_added": sum(o.added for o in outs),
-        "model": outs[0].forecast["model"]})  # one transaction: one model for all
+    return json_response(bulk_answer([(o.subject_id, o.added, o.duplicates, o.created,
+                                       o.forecast) for o in outs]))
+
+
+def bulk_answer(twins: list[tuple], report: dict | None = None) -> dict:
+    """The bulk route's answer: each twin's new forecast in brief (subject id, added,
+    duplicates, created, forecast), one model for all (one transaction)."""
+    out = {"twins": [{"subject_id": sid, "added": added, "duplicates": dups,
+                      "created": created, "forecast_id": fc["forecast_id"],
+                      "status": fc["status"], "reason": fc["reason"], "as_of": fc["as_of"],
+                      "risks": fc["risks"]} for sid, added, dups, created, fc in twins],
+           "events_added": sum(t[1] for t in twins), "model": twins[0][4]["model"]}
+    if report is not None:
+        out["report"] = report
+    return out
 
 
 @router.get("/v1/twins/{subject_id}", response_model=S.TwinOut,

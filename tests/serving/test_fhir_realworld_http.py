@@ -147,3 +147,35 @@ def test_a_corrected_observation_replaces_its_value_and_a_retraction_takes_it_ba
         r = c.post("/v1/fhir", json=gone).json()["patients"][0]
         assert r["superseded"] == 1
         assert "LAB//EGFR" not in latest(c, sid)
+
+
+def test_hostile_ndjson_bodies_get_4xx_never_500(server):
+    patient = json.dumps({"resourceType": "Patient", "id": "h1",
+                          "identifier": [{"system": "urn:hostile", "value": "h1"}]})
+
+    def obs(**over):
+        res = {"resourceType": "Observation", "id": "o", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "98979-8"}]},
+               "subject": {"reference": "Patient/h1"},
+               "effectiveDateTime": "2020-01-01T00:00:00Z",
+               "valueQuantity": {"value": 40, "system": "http://unitsofmeasure.org",
+                                 "code": "mL/min/{1.73_m2}"}}
+        res.update(over)
+        return json.dumps(res)
+
+    bodies = [
+        patient + "\n" + "[" * 5000 + "]" * 5000,  # nested far too deep
+        patient + "\n" + obs(effectiveDateTime="9999-12-31T23:59:59-23:59"),  # huge offset
+        patient + "\n" + obs(effectiveDateTime="0001-01-01T00:00:00+23:59"),
+        patient + "\n" + obs(valueQuantity={"value": 1e308 * 10}),
+        patient + "\n[1, 2]",
+        patient + "\n" + obs(subject={"reference": "Patient/" + "9" * 5000}),
+        b"\xff\xfe not utf-8",
+    ]
+    with server.client() as c:
+        for route in ("/v1/fhir", "/v1/twins:bulk"):
+            for body in bodies:
+                raw = body if isinstance(body, bytes) else body.encode()
+                r = c.post(route, content=raw, headers=NDJSON)
+                assert 400 <= r.status_code < 500, (route, r.status_code, r.text[:200])
+                assert r.headers["content-type"].startswith("application/json")
