@@ -16,11 +16,13 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from serving.errors import BadInput, Unavailable
@@ -33,6 +35,7 @@ from serving.store.identity import Claim, Ident
 from serving.store.twins import (
     LOGICAL_ID_MAX,
     Appended,
+    EventColumns,
     EventRow,
     History,
     TwinRow,
@@ -123,6 +126,58 @@ class Activity:
 
 
 NEW_ID = 2**62  # ids of events not stored yet: after every stored one, in arrival order
+HISTORY_CACHE_EVENTS = 250_000  # per worker: about 100 bytes an event
+
+
+class HistoryCache:
+    """Each twin's live events as this worker last wrote them, so that a twin's next
+    write need not read its whole history again.
+
+    An entry is keyed by the twin row's event count and forecast chain head, which every
+    change to a twin's events moves (a write forecasts it and so moves the head; the
+    bulk import changes the count); it is used only when the row, read in the plan's own
+    snapshot, still shows that key, and the commit checks the same key again under the
+    twin's lock.  So an entry is either exactly what the store holds or not used: other
+    workers' writes, corrections, imports and restarts just make it miss.  Least
+    recently used entries go first beyond ``max_events`` events."""
+
+    def __init__(self, max_events: int = HISTORY_CACHE_EVENTS):
+        self.max_events = max_events
+        self._entries: OrderedDict[int, tuple[int, str | None, EventColumns,
+                                              datetime | None]] = OrderedDict()
+        self._events = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, twin: TwinRow) -> tuple[EventColumns, datetime | None] | None:
+        with self._lock:
+            entry = self._entries.get(twin.subject_id)
+            if entry is None or entry[0] != twin.event_count \
+                    or entry[1] != twin.forecast_head:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(twin.subject_id)
+            self.hits += 1
+            return entry[2], entry[3]
+
+    def put(self, subject_id: int, count: int, head: str | None, cols: EventColumns,
+            superseded: datetime | None) -> None:
+        if len(cols) != count or count > self.max_events // 4:
+            self.drop(subject_id)
+            return
+        with self._lock:
+            old = self._entries.pop(subject_id, None)
+            self._events -= len(old[2]) if old is not None else 0
+            self._entries[subject_id] = (count, head, cols, superseded)
+            self._events += count
+            while self._events > self.max_events:
+                _, gone = self._entries.popitem(last=False)
+                self._events -= len(gone[2])
+
+    def drop(self, subject_id: int) -> None:
+        with self._lock:
+            old = self._entries.pop(subject_id, None)
+            self._events -= len(old[2]) if old is not None else 0
 
 
 class StalePlan(Exception):
@@ -142,6 +197,8 @@ class _Plan:
     views: list[dict[str, Any]]
     out: dict[int, tuple[dict[str, Any], str]]
     heads: dict[int, str | None]  # each twin's forecast chain head when read
+    history: dict[int, tuple[EventColumns, datetime | None]]  # forecast twins' events
+    new_heads: dict[int, str] = field(default_factory=dict)  # set by the commit
 
 
 class ModelBehind(Exception):
@@ -159,6 +216,7 @@ class TwinWriter:
         self.models = models
         self.failpoints = failpoints
         self.activity = Activity()
+        self.cache = HistoryCache()
 
     # ------------------------------------------------------------------ writes
     def write(self, inputs: list[TwinInput], caller: Caller, access: AccessInfo | None,
@@ -190,10 +248,13 @@ class TwinWriter:
                     if len(known) == len(inputs) and not revises:
                         plan = self._plan(model, inputs, source)
                         try:
-                            return self.store.db.transact(
+                            out = self.store.db.transact(
                                 lambda s, m=model, p=plan: self._commit(s, m, p, inputs))
                         except StalePlan:
                             pass  # a concurrent write to one of the twins: under the locks
+                        else:
+                            self._keep(plan)
+                            return out
                     return self.store.db.transact(
                         lambda s, m=model: self._write(s, m, inputs, source))
                 except ModelBehind as behind:
@@ -217,19 +278,25 @@ class TwinWriter:
             redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
                     if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
                                                           model)]
-            stored = self.store.twins.history_rows(s, [sid for sid, _ in redo])
-            superseded = self.store.twins.last_superseded(s, [sid for sid, _ in redo])
+            kept = {sid: hit for sid, _ in redo if sid in twins
+                    and (hit := self.cache.get(twins[sid])) is not None}
+            read = [sid for sid, _ in redo if sid not in kept]
+            stored = EventColumns.from_rows(self.store.twins.history_rows(s, read))
+            superseded = self.store.twins.last_superseded(s, read)
         counts = {sid: t.event_count for sid, t in twins.items()}
-        for sid, _ in redo:
+        for sid in read:
             counts[sid] = 0
-        for r in stored:
-            counts[r[0]] += 1
+        for sid, n in zip(*np.unique(stored.sid, return_counts=True), strict=True):
+            counts[int(sid)] = int(n)
         again = {sid for sid, _ in redo}
         stamp = now.isoformat()  # times as text, as the store's rows come (parsed faster)
-        new = [(r["subject_id"], r["time"] and r["time"].isoformat(), r["code"],
-                r["numeric_value"], r["text_value"], NEW_ID + k, stamp)
-               for k, r in enumerate(fresh) if r["subject_id"] in again]
-        history = History.from_rows([*stored, *new], superseded)
+        new = EventColumns.from_rows(
+            [(r["subject_id"], r["time"] and r["time"].isoformat(), r["code"],
+              r["numeric_value"], r["text_value"], NEW_ID + k, stamp)
+             for k, r in enumerate(fresh) if r["subject_id"] in again])
+        superseded.update({sid: sup for sid, (_, sup) in kept.items() if sup is not None})
+        cols = EventColumns.concat([stored, *(c for c, _ in kept.values()), new])
+        history = History.from_columns(cols, superseded)
         results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
                                  [inp.as_of for _, inp in redo])
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
@@ -237,7 +304,9 @@ class TwinWriter:
                                            _callers(ids, inputs), now)
         return _Plan(ids, now, {sid: sid in twins for sid in ids}, counts, fresh, added,
                      sent, forecasts, views, out,
-                     {sid: twins[sid].forecast_head if sid in twins else None for sid in ids})
+                     {sid: twins[sid].forecast_head if sid in twins else None for sid in ids},
+                     {sid: (part, superseded.get(sid)) for sid, part
+                      in cols.by_subject().items() if sid in again})
 
     def _commit(self, s: Session, model: LoadedModel, plan: _Plan, inputs: list[TwinInput]
                 ) -> list[TwinOutcome]:
@@ -257,8 +326,25 @@ class TwinWriter:
         self.store.twins.write_views(s, plan.views, heads)
         self._log(s, plan.ids, inputs)
         self._failpoint("before_commit")
+        plan.new_heads = heads
         return [_outcome(sid, "", Appended(added[sid], plan.sent[sid] - added[sid]),
                          twins[sid], twins[sid].created, plan.out) for sid in plan.ids]
+
+    def _keep(self, plan: _Plan) -> None:
+        """After the commit: the forecast twins' events, under their new key."""
+        for sid, (cols, superseded) in plan.history.items():
+            renumbered = cols
+            if len(cols) and cols.eid.max() >= NEW_ID:
+                # the new events after the stored ones, in arrival order (as the store's
+                # ids put them): ids below NEW_ID, so the next write's new ones come last
+                eid = cols.eid.copy()
+                fresh = eid >= NEW_ID
+                base = int(eid[~fresh].max(initial=0)) + 1
+                eid[fresh] = base + np.argsort(np.argsort(eid[fresh]))
+                renumbered = EventColumns(cols.sid, cols.t, cols.code, cols.value, cols.text,
+                                          eid, cols.rec)
+            self.cache.put(sid, plan.counts[sid] + plan.added[sid], plan.new_heads.get(sid),
+                           renumbered, superseded)
 
     def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:
         """Each part's access row (who asked, through which request), in the write's

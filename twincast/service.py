@@ -29,6 +29,8 @@ patch_bentoml_metrics(app)
     workers=SETTINGS.workers,
     traffic={"timeout": 120},
     logging={"access": {"enabled": False}},
+    # without tracing, every URL is excluded: the middleware passes requests straight on
+    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),
 )
 @bentoml.asgi_app(app, path="/")
 class Twincast:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     model_poll_seconds: float = 30.0
     open_docs: bool = False
     open_metrics: bool = False
+    # BentoML's OpenTelemetry spans per request (configure an exporter in BentoML's own
+    # configuration); off, requests skip the tracing middleware (~0.2 ms each)
+    tracing: bool = False
     # the service's public base URL, e.g. https://twincast.example.org (CDS Hooks tokens
     # name its endpoints as their audience)
     public_url: str | None = None

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -52,7 +53,7 @@ def make_engine(url: str) -> Engine:
         # hide_parameters: a database error's text never carries patient values into logs
         engine = create_engine(url, connect_args={"timeout": WRITE_WAIT_SECONDS,
                                                    "check_same_thread": False},
-                               hide_parameters=True)
+                               hide_parameters=True, json_serializer=json_text)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record) -> None:
@@ -78,7 +79,13 @@ def make_engine(url: str) -> Engine:
     # JIT off: it compiles queries whose estimated cost looks high (a twin's history with
     # stale statistics) for milliseconds, on a service whose queries take microseconds
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         hide_parameters=True, connect_args={"options": "-c jit=off"})
+                         hide_parameters=True, json_serializer=json_text,
+                         connect_args={"options": "-c jit=off"})
+
+
+def json_text(value) -> str:
+    """JSON columns' text (orjson; the standard library's parser reads it back)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -648,32 +648,40 @@ class History:
         return history
 
     @classmethod
+    def from_columns(cls, cols: EventColumns, superseded: dict[int, datetime] | None = None
+                     ) -> History:
+        """As :meth:`from_rows`, from events already in columns."""
+        history = cls._from_columns(cols)
+        for sid, t in (superseded or {}).items():
+            wm = history.watermark.get(sid)
+            history.watermark[sid] = t if wm is None else max(wm, t)
+        return history
+
+    @classmethod
     def _from_rows(cls, rows: Sequence[tuple]) -> History:
-        n = len(rows)
+        return cls._from_columns(EventColumns.from_rows(rows))
+
+    @classmethod
+    def _from_columns(cls, cols: EventColumns) -> History:
+        n = len(cols)
         if n == 0:
             return cls(event_arrays(()), {}, {}, {}, {})
-        # column by column (zip(*rows) of 10^5 tuples costs 5x more)
-        sid_l, t_l, code_l, value_l, text_l, id_l, rec_l = (
-            list(map(itemgetter(k), rows)) for k in range(7))
-        sid = np.array(sid_l, dtype=np.int64)
-        t = np.array(t_l, dtype="datetime64[us]").view(np.int64)  # None → NaT (int64 min)
-        code, cats = _codes(code_l)
-        value = np.array(value_l, dtype=np.float64).astype(np.float32)  # None → NaN
-        eid = np.array(id_l, dtype=np.int64)
-        rec = np.array(rec_l, dtype="datetime64[us]").view(np.int64)
-        arrays = _canonical(sid, t, code, cats, value)
+        sid, t, value, eid, rec = cols.sid, cols.t, cols.value, cols.eid, cols.rec
+        code, cats = _codes(cols.code)
+        arrays = _canonical(sid, t, code, cats, value.astype(np.float32))
         # latest per (subject, code): by time (static facts first), then by arrival
         order = np.lexsort((eid, t, code, sid))
         s_o, c_o = sid[order], code[order]
         last = np.r_[(s_o[1:] != s_o[:-1]) | (c_o[1:] != c_o[:-1]), True]
         latest: dict[int, list[dict[str, Any]]] = {}
         pick = order[last]  # ascending subject, then code
-        for i, s_i, c_i, t_i in zip(pick.tolist(), sid[pick].tolist(),
-                                    cats[code[pick]].tolist(), datetimes_of(t[pick]),
-                                    strict=True):
-            text = text_l[i]
+        texts = cols.text
+        for i, s_i, c_i, t_i, v_i in zip(pick.tolist(), sid[pick].tolist(),
+                                         cats[code[pick]].tolist(), datetimes_of(t[pick]),
+                                         value[pick].tolist(), strict=True):
+            text = texts[i] if texts is not None else None
             latest.setdefault(s_i, []).append({
-                "code": c_i, "time": t_i, "numeric_value": value_l[i],
+                "code": c_i, "time": t_i, "numeric_value": None if v_i != v_i else v_i,
                 "text_value": text if isinstance(text, str) else None})
         subjects = np.unique(sid)
         grouped = np.argsort(sid, kind="stable")
@@ -687,6 +695,72 @@ class History:
                    {k: x for k, x in zip(keys, datetimes_of(tl), strict=True)
                     if x is not None},
                    dict(zip(keys, counts.tolist(), strict=True)))
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """Stored events as columns: what a history is built from, and what a worker keeps of
+    a twin between its writes (a few NumPy arrays, not one object per value, so a large
+    cache adds next to nothing to the garbage collector's work)."""
+
+    sid: np.ndarray  # int64
+    t: np.ndarray  # int64 microseconds since the epoch, naive UTC; NaT (int64 min): static
+    code: np.ndarray  # str
+    value: np.ndarray  # float64, NaN: no value
+    text: np.ndarray | None  # object (str or None) — None when no event has a text
+    eid: np.ndarray  # int64: arrival order
+    rec: np.ndarray  # int64 microseconds: recorded_at
+
+    def __len__(self) -> int:
+        return len(self.sid)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple]) -> EventColumns:
+        """From (subject_id, time, code, value, text, id, recorded_at) rows (times naive
+        UTC, as datetimes or ISO strings) — column by column (zip(*rows) of 10^5 tuples
+        costs 5x more)."""
+        sid_l, t_l, code_l, value_l, text_l, id_l, rec_l = (
+            list(map(itemgetter(k), rows)) for k in range(7))
+        texts = None
+        if any(x is not None for x in text_l):
+            texts = np.empty(len(text_l), dtype=object)
+            texts[:] = text_l
+        return cls(np.array(sid_l, dtype=np.int64),
+                   np.array(t_l, dtype="datetime64[us]").view(np.int64),
+                   np.array(code_l, dtype=str).reshape(-1),
+                   np.array(value_l, dtype=np.float64).reshape(-1),  # None → NaN
+                   texts, np.array(id_l, dtype=np.int64),
+                   np.array(rec_l, dtype="datetime64[us]").view(np.int64))
+
+    @classmethod
+    def concat(cls, parts: Sequence[EventColumns]) -> EventColumns:
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.from_rows([])
+        texts = None
+        if any(p.text is not None for p in parts):
+            texts = np.concatenate([p.text if p.text is not None
+                                    else np.full(len(p), None, dtype=object) for p in parts])
+        return cls(*(np.concatenate([getattr(p, k) for p in parts])
+                     for k in ("sid", "t", "code", "value")), texts,
+                   np.concatenate([p.eid for p in parts]),
+                   np.concatenate([p.rec for p in parts]))
+
+    def by_subject(self) -> dict[int, EventColumns]:
+        """Each twin's rows (in their order here)."""
+        if len(self) == 0:
+            return {}
+        order = np.argsort(self.sid, kind="stable")
+        subjects, starts = np.unique(self.sid[order], return_index=True)
+        out = {}
+        for sid, part in zip(subjects.tolist(), np.split(order, starts[1:]), strict=True):
+            out[sid] = EventColumns(self.sid[part], self.t[part], self.code[part],
+                                    self.value[part],
+                                    None if self.text is None else self.text[part],
+                                    self.eid[part], self.rec[part])
+        return out
 
 
 def datetime_of(us: int) -> datetime:

@@ -244,3 +244,91 @@ def test_concurrent_one_twin_writes_go_as_one_batch_and_keep_their_own_callers(
             assert results[sid].forecast["subject_id"] == sid
             assert results[sid].forecast["risks"] == alone["risks"]
     svc.store.dispose()
+
+
+def _same_history(got, want) -> None:
+    """Two histories of one twin: the model's input and the view's parts alike."""
+    import numpy as np
+
+    for k in ("subject_id", "time_us", "code", "value"):
+        assert np.array_equal(getattr(got.arrays, k), getattr(want.arrays, k),
+                              equal_nan=k == "value"), k
+    assert got.arrays.categories == want.arrays.categories
+    assert got.latest == want.latest and got.watermark == want.watermark
+    assert got.count == want.count and got.last_time == want.last_time
+
+
+def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
+        database, tracker, trained, small_cohort):
+    """The history cache: what a worker keeps of a twin after each write equals what the
+    store then holds (new events last, a later value at the same time winning); another
+    worker's write, a correction and an import each make it miss, never serve stale
+    events; every forecast equals the stateless one over the whole history."""
+    from datetime import timedelta
+
+    import pandas as pd
+
+    from serving.imports import import_events
+    from serving.store.twins import EventRow, History
+
+    events = event_rows(history(small_cohort, trained, 3))
+    sid, caller = 4_300_001, Caller("ward")
+    one, other = service(database, tracker), service(database, tracker)
+    last = max(e.time for e in events if e.time is not None)
+    sent: list = []
+
+    def post(svc, evs):
+        sent.extend(e for e in evs if e.logical_id is None)
+        return svc.writer.write([TwinInput(sid, events=evs)], caller, None)[0]
+
+    def check(svc, out):
+        kept = svc.writer.cache._entries.get(sid)
+        with svc.store.read() as s:
+            want = svc.store.twins.histories(s, [sid])
+        if kept is not None:
+            _same_history(History.from_columns(kept[2], {sid: kept[3]} if kept[3] else {}),
+                          want)
+        full = svc.writer.stateless(sid, sent, None)
+        assert out.forecast["risks"] == full["risks"]
+        assert json.loads(out.view)["event_count"] == want.count[sid]
+
+    check(one, post(one, events[:-6]))
+    for k in range(3):  # one event a write: each plan reads the twin from the cache
+        check(one, post(one, [events[-6 + k]]))
+    assert one.writer.cache.hits == 3
+    # the same code at the same time, a new value: the later arrival is the latest value
+    t = last + timedelta(days=1)
+    check(one, post(one, [EventRow(t, "LAB//EGFR", 31.0, None)]))
+    out = post(one, [EventRow(t, "LAB//EGFR", 29.5, None)])
+    check(one, out)
+    egfr = [v for v in json.loads(out.view)["latest_values"] if v["code"] == "LAB//EGFR"]
+    assert egfr[0]["numeric_value"] == 29.5
+    hits = one.writer.cache.hits
+    # another worker writes the twin: the first one's entry is stale and must miss
+    check(other, post(other, [events[-3]]))
+    check(one, post(one, [events[-2]]))
+    assert one.writer.cache.hits == hits
+    # the bulk import appends behind every worker's back: the count moves, a miss
+    import_events(one.store, pd.DataFrame({
+        "subject_id": [sid], "time": [last + timedelta(days=2)], "code": ["VITAL//SBP"],
+        "numeric_value": [140.0], "text_value": [None]}))
+    sent.append(EventRow(last + timedelta(days=2), "VITAL//SBP", 140.0, None))
+    check(one, post(one, [events[-1]]))
+    assert one.writer.cache.hits == hits
+    # a resource corrected: the count stays, the head moves — the kept entry (with the
+    # old value) must not be used
+    fixed = EventRow(last + timedelta(days=3), "LAB//UACR", 80.0, None,
+                     logical_id="Observation/u1")
+    post(one, [fixed])
+    sent.append(EventRow(last + timedelta(days=3), "LAB//UACR", 80.0, None))
+    check(one, post(one, [EventRow(last + timedelta(days=3, hours=1), "VITAL//SBP", 128.0,
+                                   None)]))
+    assert sid in one.writer.cache._entries  # the entry holds the value about to change
+    post(one, [EventRow(last + timedelta(days=3), "LAB//UACR", 60.0, None,
+                        logical_id="Observation/u1")])
+    sent[-2] = EventRow(last + timedelta(days=3), "LAB//UACR", 60.0, None)
+    hits = one.writer.cache.hits
+    check(one, post(one, [EventRow(last + timedelta(days=4), "VITAL//SBP", 133.0, None)]))
+    assert one.writer.cache.hits == hits
+    one.store.dispose()
+    other.store.dispose()
