@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -491,3 +492,16 @@ class EventArrays:
         hit = np.fromiter((bool(wanted(c)) for c in self.categories), dtype=bool,
                           count=len(self.categories))
         return hit[self.code] if hit.size else np.zeros(len(self), dtype=bool)
+
+
+def shortest_f32(values) -> list[float | None]:
+    """Values held as 32-bit floats (MEDS's type) as the Python floats of their shortest
+    decimals — what a person wrote, and what reads back to the same float32: 5.3, not
+    5.300000190734863.  NaN becomes None.
+
+    >>> shortest_f32(np.array([5.3, 88.1, np.nan], dtype=np.float32))
+    [5.3, 88.1, None]
+    """
+    a = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
+    return orjson.loads(orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY))
+

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.events import EventArrays
+from features.events import EventArrays, shortest_f32
 from features.featurize import build_features
 from features.spec import FeatureSpec
 from features.task import Task
@@ -63,15 +63,14 @@ class ModelBundle:
         out = []
         for r in range(x.shape[0]):
             items = []
+            values = shortest_f32(x[r])  # 88.1, as measured, not 88.0999984741211
             for h, contrib in zip(self.horizons, per_h, strict=True):
                 top = np.argsort(-np.abs(contrib[r]), kind="stable")[:top_k]
                 for j in top:
                     if contrib[r, j] == 0:
                         continue
-                    value = float(x[r, j])
                     items.append({
-                        "horizon_days": h, "feature": names[j],
-                        "value": None if np.isnan(value) else value,
+                        "horizon_days": h, "feature": names[j], "value": values[j],
                         "contribution": float(contrib[r, j]), "scale": RAW_SCALE,
                     })
             out.append(items)

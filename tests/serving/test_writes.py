@@ -332,3 +332,30 @@ def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
     assert one.writer.cache.hits == hits
     one.store.dispose()
     other.store.dispose()
+
+
+def test_float32_values_come_back_as_people_wrote_them(database, tracker, trained,
+                                                       small_cohort):
+    """MEDS holds values as float32: imported, stored and explained, 88.1 stays 88.1 in
+    the JSON (not 88.0999984741211), and still reads back to the same float32."""
+    import numpy as np
+
+    from serving.imports import import_events
+
+    svc = service(database, tracker)
+    frame = history(small_cohort, trained, 4).copy()
+    frame["subject_id"] = 4_400_001
+    frame["numeric_value"] = frame["numeric_value"].astype(np.float32)
+    frame["text_value"] = None
+    import_events(svc.store, frame)
+    out = svc.writer.write([TwinInput(4_400_001, events=event_rows(frame.tail(1)))],
+                           Caller("ward"), None)[0]
+    view = json.loads(out.view)
+    assert view["latest_values"] and out.forecast["contributions"]
+    shown = [v["numeric_value"] for v in view["latest_values"] if v["numeric_value"] is not None]
+    shown += [c["value"] for c in out.forecast["contributions"] if c["value"] is not None]
+    for v in shown:  # the shortest decimal of its float32: no digit can be dropped
+        assert repr(v) == str(np.float32(v)), v
+    # and some of them are not whole numbers, or the check above proves nothing
+    assert any(v != round(v) for v in shown)
+    svc.store.dispose()
