@@ -193,6 +193,15 @@ class LabelsFile(_Strict):
     path: Path
 
 
+class ReferenceScore(_Strict):
+    """A published score evaluated beside the candidates on the same held-out rows, with
+    the same metrics and intervals — never promoted (``training.references``)."""
+
+    name: Literal["kfre4"]
+    # the KFRE's baseline risk: recalibrated for North America or for elsewhere
+    region: Literal["north_america", "other"] = "north_america"
+
+
 class Task(_Strict):
     """A validated prediction task."""
 
@@ -207,6 +216,7 @@ class Task(_Strict):
     split: SplitSettings = Field(default_factory=SplitSettings)
     promotion: Promotion = Field(default_factory=Promotion)
     labels: LabelsFile | None = None
+    references: list[ReferenceScore] = Field(default_factory=list)
 
     @field_validator("horizons_days")
     @classmethod
@@ -254,7 +264,10 @@ class Task(_Strict):
         )
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if not data["references"]:  # tasks written before references keep their digest
+            del data["references"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         """SHA-256 of the task's canonical JSON (what a model version records)."""

@@ -32,16 +32,11 @@ class LightGBMHorizon:
     booster_: lgb.Booster | None = None
     best_iteration_: int = 0
 
-    family: ClassVar[str] = "lightgbm"
-    space: ClassVar[dict[str, list]] = {
-        "num_leaves": [7, 15, 31, 63],
-        "min_data_in_leaf": [20, 50, 100, 200],
-        "learning_rate": [0.03, 0.05, 0.1],
-        "feature_fraction": [0.6, 0.8, 1.0],
-        "lambda_l2": [0.0, 1.0, 10.0],
-    }
+    family: ClassVar[str] = "lightgbm"  # its search space: training.search
 
-    def fit(self, x, y, w, x_es, y_es, w_es) -> LightGBMHorizon:
+    def fit(self, x, y, w, x_es, y_es, w_es, pruner=None) -> LightGBMHorizon:
+        """``pruner``: called with (round, early-stopping loss) every 10 rounds; it may
+        stop the fit by raising (a search's pruned trial)."""
         params = {
             "objective": "binary", "verbose": -1, "deterministic": True,
             "force_row_wise": True, "num_threads": LGB_THREADS, "seed": self.seed,
@@ -50,9 +45,14 @@ class LightGBMHorizon:
         }
         train = lgb.Dataset(x, y, weight=w, free_raw_data=True)
         valid = lgb.Dataset(x_es, y_es, weight=w_es, reference=train)
+        callbacks = [lgb.early_stopping(50, verbose=False)]
+        if pruner is not None:
+            def report(env) -> None:
+                if env.iteration % 10 == 9:
+                    pruner(env.iteration + 1, env.evaluation_result_list[0][2])
+            callbacks.append(report)
         self.booster_ = lgb.train(
-            params, train, num_boost_round=2000, valid_sets=[valid],
-            callbacks=[lgb.early_stopping(50, verbose=False)],
+            params, train, num_boost_round=2000, valid_sets=[valid], callbacks=callbacks,
         )
         self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
         # keep only the trees that are used, so predict needs no iteration argument
@@ -95,9 +95,8 @@ class LogisticHorizon:
     n_features_: int = 0
 
     family: ClassVar[str] = "logistic"
-    space: ClassVar[dict[str, list]] = {"C": [0.01, 0.1, 1.0]}
 
-    def fit(self, x, y, w, x_es=None, y_es=None, w_es=None) -> LogisticHorizon:
+    def fit(self, x, y, w, x_es=None, y_es=None, w_es=None, pruner=None) -> LogisticHorizon:
         self.n_features_ = x.shape[1]
         self.pipeline_ = Pipeline([
             ("impute", SimpleImputer(strategy="median", add_indicator=True,
@@ -128,16 +127,6 @@ class LogisticHorizon:
 
 
 FAMILIES = {"lightgbm": LightGBMHorizon, "logistic": LogisticHorizon}
-
-
-def sample_configs(family: str, trials: int, seed: int) -> list[dict[str, Any]]:
-    """``trials`` distinct configurations drawn from the family's space (deterministic)."""
-    space = FAMILIES[family].space
-    keys = sorted(space)
-    grid = np.array(np.meshgrid(*[np.arange(len(space[k])) for k in keys])).reshape(len(keys), -1).T
-    rng = np.random.default_rng(seed)
-    picks = rng.permutation(len(grid))[: max(1, min(trials, len(grid)))]
-    return [{k: space[k][int(i)] for k, i in zip(keys, grid[p], strict=True)} for p in picks]
 
 
 @dataclass

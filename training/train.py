@@ -34,10 +34,12 @@ from training.card import model_card
 from training.censoring import CensoringSurvival, ipcw_weights
 from training.errors import TrainingError
 from training.evaluate import EvalFrame, evaluate, flat_metrics, paired_difference
-from training.models import FAMILIES, Candidate, sample_configs
+from training.models import FAMILIES, Candidate
 from training.package import PREDICT_CODE, log_package
 from training.plots import evaluation_plots
+from training.references import evaluate_references, reference_lines, reference_metrics
 from training.registry import CHAMPION, model_name
+from training.search import search
 from training.tracking import Tracker, code_version, package_versions
 
 Log = Callable[[str], None]
@@ -51,6 +53,8 @@ class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trials: int = Field(default=8, ge=1)
+    # stops the search early (the run says so); the trial count alone decides the result
+    search_seconds: float | None = Field(default=None, gt=0)
     n_bootstrap: int = Field(default=200, ge=10)
     seed: int = 0
     families: list[str] = Field(default_factory=lambda: ["lightgbm", "logistic"], min_length=1)
@@ -81,6 +85,7 @@ class TrainResult:
     promoted: bool
     reason: str
     heldout_rows: pd.DataFrame = field(repr=False)  # subject_id, prediction_time (tests)
+    references: dict = field(default_factory=dict)  # the task's reference scores, held out
 
 
 def _median_or_none(days: pd.Series) -> float | None:
@@ -113,7 +118,7 @@ def _xy(part: pd.DataFrame, names: list[str], h: int, g: CensoringSurvival):
 
 
 def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: list[str],
-                   seed: int) -> tuple[Candidate, np.ndarray]:
+                   seed: int, pruner_for=None) -> tuple[Candidate, np.ndarray]:
     """Per-horizon models (fit part, early stopping part) and tuning calibrators."""
     cls = FAMILIES[family]
     g = {k: CensoringSurvival.fit(p["event_time_days"].to_numpy(), p["event_type"].to_numpy())
@@ -122,12 +127,13 @@ def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: li
     x_tune = parts["tuning"][names].to_numpy(np.float32)
     t_tune = parts["tuning"]["event_time_days"].to_numpy()
     cal_risk = []
-    for h in task.horizons_days:
+    for i, h in enumerate(task.horizons_days):
         x, y, w = _xy(parts["fit"], names, h, g["fit"])
         xe, ye, we = _xy(parts["early_stopping"], names, h, g["early_stopping"])
         if len(np.unique(y)) < 2:
             raise TrainingError(f"no positive (or no negative) training rows at {h} days")
-        model = cls(params=params, seed=seed).fit(x, y, w, xe, ye, we)
+        model = cls(params=params, seed=seed).fit(
+            x, y, w, xe, ye, we, pruner=pruner_for(i) if pruner_for is not None else None)
         yt = parts["tuning"][label_column(h)].to_numpy(dtype=np.float64)
         wt = ipcw_weights(t_tune, yt, h, g["tuning"])
         raw = model.score(x_tune)
@@ -244,18 +250,19 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
             mlflow.log_dict(json.loads(spec.canonical_json()), "feature_spec.json")
             mlflow.log_dict(summary, "data_summary.json")
             for family in options.families:
-                log(f"  searching {family} ({options.trials} trials)")
-                best = None
-                search = []
-                for i, params in enumerate(sample_configs(family, options.trials, options.seed)):
+                log(f"  searching {family} ({options.trials} trials, Optuna TPE)")
+
+                def objective(params, pruner_for, family=family):
                     cand, tune_risk = _fit_candidate(family, params, parts, task, names,
-                                                     options.seed)
-                    score = _brier_all(tune_risk, parts["tuning"], task)
-                    search.append({"trial": i, **params, "tuning_brier": score})
-                    if best is None or score < best[0]:
-                        best = (score, cand, tune_risk)
-                _, cand, tune_risk = best
-                cand.search = search
+                                                     options.seed, pruner_for)
+                    return _brier_all(tune_risk, parts["tuning"], task), (cand, tune_risk)
+
+                found = search(family, options.trials, options.seed, objective,
+                               options.search_seconds)
+                cand, tune_risk = found.best
+                cand.search = found.trials
+                if found.stopped_early:
+                    log(f"  {family}: search stopped early: {found.stopped_early}")
                 bundle = ModelBundle(task, spec, family, cand.params, cand.models,
                                      cand.calibrators, metadata={"data_digest": digest,
                                                                  "code_version": code})
@@ -280,7 +287,17 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                                      **package_versions()})
                     mlflow.log_input(dataset_input, context="training", tags=input_tags)
                     mlflow.log_dict(report, "evaluation.json")
-                    mlflow.log_dict({"trials": search}, "search.json")
+                    mlflow.log_dict({"trials": found.trials, "sampler": "optuna TPE",
+                                     "seed": options.seed, "stopped_early":
+                                     found.stopped_early}, "search.json")
+                    mlflow.set_tags({"search.sampler": f"optuna TPE, seed {options.seed}",
+                                     "search.trials_completed": found.completed,
+                                     "search.trials_pruned": found.pruned,
+                                     "search.stopped_early": found.stopped_early or "no"})
+                    for t in found.trials:
+                        if t["tuning_brier"] is not None:
+                            mlflow.log_metric("search_tuning_brier", t["tuning_brier"],
+                                              step=t["trial"])
                     for p in evaluation_plots(risk, eval_frame, task.horizons_days,
                                               tmp / family / "plots", f"{task.name} {family}"):
                         mlflow.log_artifact(str(p), "plots")
@@ -297,6 +314,14 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
             best_family = sorted(candidates.values(),
                                  key=lambda c: -c.tuning_score if higher else c.tuning_score)[0]
             mlflow.set_tag("best_candidate", best_family.family)
+            references = evaluate_references(task, heldout, eval_frame,
+                                             best_family.heldout_risk,
+                                             n_boot=options.n_bootstrap, seed=options.seed)
+            if references:
+                mlflow.log_dict(references, "references.json")
+                mlflow.log_metrics(reference_metrics(references))
+                for line in reference_lines(references, task.promotion.primary_metric):
+                    log(line)
             version, promoted, reason = _register_and_gate(
                 tracker, task, best_family, eval_frame, dataset, heldout, options, name, log)
             mlflow.set_tags({"registered_version": version, "gate_decision":
@@ -305,7 +330,8 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
             mlflow.end_run()
     return TrainResult(parent.info.run_id, exp_id, digest, candidates, best_family.family,
                        version, promoted, reason,
-                       heldout[["subject_id", "prediction_time"]].reset_index(drop=True))
+                       heldout[["subject_id", "prediction_time"]].reset_index(drop=True),
+                       references)
 
 
 def _register_and_gate(tracker: Tracker, task: Task, best: CandidateResult, eval_frame: EvalFrame,

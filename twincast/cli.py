@@ -329,6 +329,9 @@ def train(
     families: Annotated[str, typer.Option(help="comma-separated: lightgbm,logistic")] =
     "lightgbm,logistic",
     promote: Annotated[bool, typer.Option(help="let the gate move 'champion'")] = True,
+    search_seconds: Annotated[float | None, typer.Option(
+        min=1, help="stop each family's search after this long (the run says so); the "
+                    "trial count alone decides the result otherwise")] = None,
 ) -> None:
     """Train and compare candidates, track them in MLflow, register the best, run the gate."""
     from features.task import load_task
@@ -343,7 +346,7 @@ def train(
             t = load_task(task)
             options = TrainOptions(trials=trials, n_bootstrap=bootstrap, seed=seed,
                                    families=[f.strip() for f in families.split(",")],
-                                   promote=promote)
+                                   promote=promote, search_seconds=search_seconds)
             result = run_training(events, t, _tracker(settings), options,
                                   log=lambda m: console.print(escape(m)))
     except TrainingError as exc:
