@@ -13,7 +13,12 @@ _AGG = {
     "std": "variability (SD)", "count": "number of records", "slope": "trend per year",
     "days_since_last": "days since last record", "ever": "ever recorded",
     "days_since_first": "days since first record", "static": "recorded",
+    "first": "first value", "change_since_first": "change since the first value",
+    "change_since_previous": "change since the previous value",
+    "time_weighted_mean": "time-weighted mean", "theil_sen_slope": "robust trend per year",
+    "level": "smoothed level", "trend": "smoothed trend per year",
 }
+_PER_YEAR = ("slope", "theil_sen_slope", "trend")
 
 
 def _code_words(code: str) -> str:
@@ -32,7 +37,12 @@ def describe_feature(name: str, unit: str | None = None) -> str:
     code, agg = parts[0], parts[-1]
     window = parts[1] if len(parts) == 3 else None
     text = f"{_code_words(code)}, {_AGG.get(agg, agg)}"
-    if window:
+    if window == "kalman":
+        text = f"{_code_words(code)}, {_AGG.get(agg, agg)} (Kalman filter)"
+        text = text.replace("smoothed ", "filtered ")
+    elif window and window.startswith("ewm"):
+        text += f" (half-life {window[3:].replace('d', ' days')})"
+    elif window:
         text += " in all history" if window == "all" else f" in {window.replace('d', ' days')}"
     return text.replace(" 1 days", " 1 day")
 
@@ -50,7 +60,7 @@ def describe_value(name: str, value: float | None, unit: str | None = None) -> s
     if agg.startswith("days_since"):
         return f"{value:.0f} days"
     shown = f"{value:.3g}"
-    if agg == "slope":
+    if agg in _PER_YEAR or name.endswith("__kalman__slope"):
         return f"{shown} {unit or 'units'}/year"
     if agg == "std":
         return f"{shown} {unit or ''}".strip()

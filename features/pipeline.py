@@ -30,7 +30,7 @@ from features.events import EventArrays, MedsDataset, subject_bounds
 from features.featurize import build_features
 from features.label_files import read_labels
 from features.labels import derive_labels, label_column
-from features.spec import CodeStats, FeatureSpec
+from features.spec import CodeStats, FeatureSpec, wants_kalman
 from features.splits import assign_splits
 from features.task import Task
 from features.timeindex import US_PER_DAY
@@ -83,7 +83,7 @@ class TrainingSetBuilder:
 
     def fit_spec(self, progress: Progress | None = None) -> FeatureSpec:
         """Pass 1: count codes among training subjects and freeze the FeatureSpec."""
-        stats, cache, total = CodeStats(), [], 0
+        stats, cache, total = CodeStats(kalman=wants_kalman(self.task)), [], 0
         for arrays in self.shards():
             stats.add(arrays, self.splits_of(arrays.subject_id) == "train")
             total += len(arrays)

@@ -46,6 +46,9 @@ _WINDOW = re.compile(r"^(?P<n>[1-9][0-9]*)(?P<unit>[dwy])$|^all$")
 _UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
 
 NUMERIC_AGGREGATIONS = ("last", "mean", "min", "max", "std", "count", "slope", "days_since_last")
+# opt-in per window: a patient's own trajectory (``features.featurize``)
+TRAJECTORY_AGGREGATIONS = ("first", "change_since_first", "change_since_previous",
+                           "time_weighted_mean", "theil_sen_slope")
 CATEGORICAL_AGGREGATIONS = ("ever", "count", "days_since_first")
 
 
@@ -119,9 +122,19 @@ class Eligibility(_Strict):
     max_age_years: Annotated[float, Field(gt=0)] | None = None
 
 
+class TrajectorySettings(_Strict):
+    """Per numeric code, over all history up to t: an exponentially weighted level and
+    trend for each half-life, and a local-linear-trend Kalman filter's level and slope
+    (filtering only; its noise variances estimated on the training split, frozen in the
+    FeatureSpec)."""
+
+    ewm_half_life_days: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    kalman: bool = False
+
+
 class FeatureSettings(_Strict):
     windows: list[str] = Field(default_factory=lambda: ["30d", "365d", "all"], min_length=1)
-    numeric_aggregations: list[Literal[NUMERIC_AGGREGATIONS]] = Field(  # type: ignore[valid-type]
+    numeric_aggregations: list[Literal[NUMERIC_AGGREGATIONS + TRAJECTORY_AGGREGATIONS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(NUMERIC_AGGREGATIONS), min_length=1
     )
     categorical_aggregations: list[Literal[CATEGORICAL_AGGREGATIONS]] = Field(  # type: ignore[valid-type]
@@ -130,6 +143,7 @@ class FeatureSettings(_Strict):
     min_code_subjects: Annotated[int, Field(ge=1)] = 20
     exclude_codes: list[str] = Field(default_factory=lambda: ["ADMIN//*"])
     units: dict[str, str] = Field(default_factory=dict)
+    trajectory: TrajectorySettings | None = None
 
     @field_validator("windows")
     @classmethod
@@ -267,6 +281,8 @@ class Task(_Strict):
         data = self.model_dump(mode="json")
         if not data["references"]:  # tasks written before references keep their digest
             del data["references"]
+        if data["features"]["trajectory"] is None:  # likewise
+            del data["features"]["trajectory"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
