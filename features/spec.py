@@ -16,7 +16,6 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
-from scipy.optimize import nnls
 
 from features.events import BIRTH_CODE, DEATH_CODE, NAT_US, EventArrays
 from features.task import Task
@@ -141,6 +140,8 @@ def kalman_noise(bins: np.ndarray) -> list[float] | None:
     which grows as the square of its expected value, so the fit is iterated three times
     — with the three variances kept non-negative.  The slope drifts by S/10 a year.
     Returns [R, Q, S/10, S], or None with fewer than 30 pairs."""
+    from scipy.optimize import nnls  # here: scipy.optimize costs a quarter second to import
+
     n = bins[:, 0]
     if n.sum() < 30:
         return None
