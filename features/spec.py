@@ -105,11 +105,12 @@ class FeatureSpec(BaseModel):
     def canonical_json(self) -> str:
         data = self.model_dump(mode="json")
         # specs without trajectory features keep the digest they had before them
-        if not data["ewm_half_life_days"]:
-            del data["ewm_half_life_days"]
+        # (and unpickled older specs, whose objects lack the fields, dump without them)
+        if not data.get("ewm_half_life_days"):
+            data.pop("ewm_half_life_days", None)
         for c in data["codes"]:
-            if c["kalman"] is None:
-                del c["kalman"]
+            if c.get("kalman") is None:
+                c.pop("kalman", None)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

@@ -131,6 +131,13 @@ class TrajectorySettings(_Strict):
     ewm_half_life_days: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
     kalman: bool = False
 
+    @field_validator("ewm_half_life_days")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("half-lives repeat")
+        return v
+
 
 class FeatureSettings(_Strict):
     windows: list[str] = Field(default_factory=lambda: ["30d", "365d", "all"], min_length=1)
@@ -279,10 +286,12 @@ class Task(_Strict):
 
     def canonical_json(self) -> str:
         data = self.model_dump(mode="json")
-        if not data["references"]:  # tasks written before references keep their digest
-            del data["references"]
-        if data["features"]["trajectory"] is None:  # likewise
-            del data["features"]["trajectory"]
+        # tasks written before references and trajectories keep their digest (unpickled
+        # older tasks, whose objects lack the fields, dump without them)
+        if not data.get("references"):
+            data.pop("references", None)
+        if data["features"].get("trajectory") is None:
+            data["features"].pop("trajectory", None)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

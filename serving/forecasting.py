@@ -12,6 +12,7 @@ wall clock, which would shift age and days-since features).
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -124,7 +125,13 @@ def explain(model: LoadedModel, x: np.ndarray) -> list[list[dict[str, Any]]]:
 
 def forecast_values(model: LoadedModel, result: ForecastResult, watermark: datetime | None,
                     requested_by: str, api_key_id: int | None) -> dict[str, Any]:
-    """The store row of a forecast."""
+    """The store row of a forecast (a non-finite number is refused: JSON cannot hold
+    it, and the row's digest must hash what is stored)."""
+    numbers = [*result.risks.values(),
+               *(c["contribution"] for c in result.contributions or ())]
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError(f"the model gave a non-finite risk or contribution for twin "
+                         f"{result.subject_id}")
     return {"forecast_id": result.forecast_id, "subject_id": result.subject_id,
             "as_of": result.as_of, "watermark": watermark, "status": result.status,
             "reason": result.reason, "risks": result.risks,

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import bindparam, func, select, update
 
-from features.events import shortest_f32
 from serving.errors import BadInput
 from serving.store import Store
 from serving.store.ids import CLIENT_ID_MAX
@@ -42,7 +41,6 @@ def import_events(store: Store, events: pd.DataFrame, *, source: str = "import",
     times = events["time"].to_numpy()
     codes = events["code"].astype(str).to_numpy(dtype=object)
     texts = events["text_value"].to_numpy(dtype=object)
-    stored = shortest_f32(values)  # MEDS values are float32: kept as their shortest decimals
     order = np.argsort(sids, kind="stable")
     uniq, starts = np.unique(sids[order], return_index=True)
     ends = np.r_[starts[1:], order.size]
@@ -56,7 +54,7 @@ def import_events(store: Store, events: pd.DataFrame, *, source: str = "import",
                 rows = order[starts[k]:ends[k]]
                 chunk[int(uniq[k])] = [EventRow(
                     None if np.isnat(times[i]) else pd.Timestamp(times[i]).to_pydatetime(),
-                    codes[i], stored[i],
+                    codes[i], None if np.isnan(values[i]) else float(values[i]),
                     texts[i] if isinstance(texts[i], str) else None) for i in rows]
             store.twins.lock(s, list(chunk), create=True)
             counts = store.twins.append_events(s, chunk, source=source, now=utcnow())

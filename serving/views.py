@@ -6,6 +6,7 @@ Shapes are documented by the pydantic models in ``serving.api.schemas`` (``Forec
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,5 +51,16 @@ def twin_json(subject_id: int, created_at: datetime, last_event_time: datetime |
 
 def dumps(data: Any) -> str:
     """Compact JSON (orjson: about 10x the standard library's speed on these shapes).
-    A NumPy float32 is written as its shortest decimal (120.3, not 120.30000305175781)."""
-    return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    A NumPy float32 is written as its shortest decimal (120.3, not 120.30000305175781).
+    What orjson refuses (a lone surrogate a client sent, an integer beyond 64 bits) is
+    written by the standard library instead; a non-finite number is an error either way."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # NumPy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -126,7 +126,7 @@ class Activity:
 
 
 NEW_ID = 2**62  # ids of events not stored yet: after every stored one, in arrival order
-HISTORY_CACHE_EVENTS = 250_000  # per worker: about 100 bytes an event
+HISTORY_CACHE_BYTES = 64 * 2**20  # per worker
 
 
 class HistoryCache:
@@ -139,13 +139,13 @@ class HistoryCache:
     snapshot, still shows that key, and the commit checks the same key again under the
     twin's lock.  So an entry is either exactly what the store holds or not used: other
     workers' writes, corrections, imports and restarts just make it miss.  Least
-    recently used entries go first beyond ``max_events`` events."""
+    recently used entries go first beyond ``max_bytes`` (arrays and texts counted)."""
 
-    def __init__(self, max_events: int = HISTORY_CACHE_EVENTS):
-        self.max_events = max_events
+    def __init__(self, max_bytes: int = HISTORY_CACHE_BYTES):
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[int, tuple[int, str | None, EventColumns,
-                                              datetime | None]] = OrderedDict()
-        self._events = 0
+                                              datetime | None, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
@@ -162,22 +162,23 @@ class HistoryCache:
 
     def put(self, subject_id: int, count: int, head: str | None, cols: EventColumns,
             superseded: datetime | None) -> None:
-        if len(cols) != count or count > self.max_events // 4:
+        size = cols.nbytes()
+        if len(cols) != count or size > self.max_bytes // 8:
             self.drop(subject_id)
             return
         with self._lock:
             old = self._entries.pop(subject_id, None)
-            self._events -= len(old[2]) if old is not None else 0
-            self._entries[subject_id] = (count, head, cols, superseded)
-            self._events += count
-            while self._events > self.max_events:
+            self._bytes -= old[4] if old is not None else 0
+            self._entries[subject_id] = (count, head, cols, superseded, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
                 _, gone = self._entries.popitem(last=False)
-                self._events -= len(gone[2])
+                self._bytes -= gone[4]
 
     def drop(self, subject_id: int) -> None:
         with self._lock:
             old = self._entries.pop(subject_id, None)
-            self._events -= len(old[2]) if old is not None else 0
+            self._bytes -= old[4] if old is not None else 0
 
 
 class StalePlan(Exception):
@@ -255,6 +256,9 @@ class TwinWriter:
                         else:
                             self._keep(plan)
                             return out
+                    for inp in inputs:  # written under the locks: their entries are stale
+                        if inp.subject_id is not None:
+                            self.cache.drop(inp.subject_id)
                     return self.store.db.transact(
                         lambda s, m=model: self._write(s, m, inputs, source))
                 except ModelBehind as behind:
@@ -331,7 +335,17 @@ class TwinWriter:
                          twins[sid], twins[sid].created, plan.out) for sid in plan.ids]
 
     def _keep(self, plan: _Plan) -> None:
-        """After the commit: the forecast twins' events, under their new key."""
+        """After the commit: the forecast twins' events, under their new key (the write
+        is stored whatever happens here: a failure only leaves the twins uncached)."""
+        try:
+            self._keep_all(plan)
+        except Exception as exc:
+            log.error("keeping the written histories failed (%s): not cached",
+                      type(exc).__name__)
+            for sid in plan.history:
+                self.cache.drop(sid)
+
+    def _keep_all(self, plan: _Plan) -> None:
         for sid, (cols, superseded) in plan.history.items():
             renumbered = cols
             if len(cols) and cols.eid.max() >= NEW_ID:

@@ -19,8 +19,9 @@ model for progression of chronic kidney disease to kidney failure.  JAMA 2011;30
 Multinational assessment of accuracy of equations for predicting risk of kidney failure:
 a meta-analysis.  JAMA 2016;315(2):164–174 — North America 0.9750 at 2 years and 0.9240
 at 5 years; elsewhere 0.9832 and 0.9365.  Defined at 2 and 5 years only, for patients
-with CKD G3–G5 (eGFR below 60, here at least 10) and a UACR: the eGFR measured within
-the year before the prediction time and the UACR within two years.
+with CKD G3–G5 (eGFR below 60, here at least 10) and a UACR: adults of recorded sex,
+the eGFR measured within the year before the prediction time and the UACR within two
+years.  UACR must be in mg/g: a task whose UACR is in another unit is refused.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def kfre4(rows: pd.DataFrame, horizon_days: int, region: str = "north_america"
     if s0 is None:
         return ReferenceRisk(np.full(n, np.nan), np.zeros(n, bool),
                              f"the KFRE is defined at 2 and 5 years, not {horizon_days} days")
+    # both sex codes are needed: with one, a patient without it could be the other sex
+    # or of unrecorded sex
     missing = [c for c in KFRE_INPUTS if c not in rows]
-    sex_known = [c for c in ("GENDER//M__static", "GENDER//F__static") if c in rows]
-    if not sex_known or any(c not in rows for c in KFRE_INPUTS if "GENDER" not in c):
+    if missing:
         return ReferenceRisk(np.full(n, np.nan), np.zeros(n, bool),
                              f"the task's features lack {', '.join(missing)}")
 
@@ -67,13 +69,10 @@ def kfre4(rows: pd.DataFrame, horizon_days: int, region: str = "north_america"
         return rows[name].to_numpy(np.float64)
 
     age, egfr, uacr = col("age_years"), col("LAB//EGFR__all__last"), col("LAB//UACR__all__last")
-    male = (col("GENDER//M__static") == 1) if "GENDER//M__static" in rows else \
-        (col("GENDER//F__static") == 0)
-    sex_seen = np.zeros(n, bool)
-    for c in sex_known:
-        sex_seen |= col(c) == 1
+    male, female = col("GENDER//M__static") == 1, col("GENDER//F__static") == 1
+    sex_seen = male ^ female
     with np.errstate(invalid="ignore"):
-        defined = (np.isfinite(age) & sex_seen & (egfr >= 10) & (egfr < 60)
+        defined = (np.isfinite(age) & (age >= 18) & sex_seen & (egfr >= 10) & (egfr < 60)
                    & (col("LAB//EGFR__all__days_since_last") <= 365)
                    & (uacr > 0) & (col("LAB//UACR__all__days_since_last") <= 730))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -88,6 +87,14 @@ def kfre4(rows: pd.DataFrame, horizon_days: int, region: str = "north_america"
 TITLES = {"kfre4": "Kidney Failure Risk Equation, 4 variables (Tangri 2011; 2016)"}
 
 
+def check_units(task: Task, units: dict[str, str | None]) -> None:
+    """A reference's inputs in the units its equation takes (here UACR in mg/g)."""
+    if any(r.name == "kfre4" for r in task.references):
+        unit = units.get("LAB//UACR")
+        if unit is not None and unit.replace(" ", "").lower() not in ("mg/g", "mg/gcreat"):
+            raise ValueError(f"the KFRE takes UACR in mg/g; LAB//UACR is in {unit}")
+
+
 def score(ref: ReferenceScore, rows: pd.DataFrame, horizon_days: int) -> ReferenceRisk:
     if ref.name == "kfre4":
         return kfre4(rows, horizon_days, ref.region)
@@ -96,10 +103,13 @@ def score(ref: ReferenceScore, rows: pd.DataFrame, horizon_days: int) -> Referen
 
 def evaluate_references(task: Task, rows: pd.DataFrame, data: EvalFrame,
                         model_risk: np.ndarray, *, n_boot: int, seed: int,
-                        min_rows: int = 50) -> dict:
+                        min_rows: int = 50, units: dict[str, str | None] | None = None
+                        ) -> dict:
     """Each of the task's reference scores on the held-out ``rows`` (features included),
     beside the model's ``model_risk`` (rows × horizons) on the same rows."""
     out: dict = {}
+    if units is not None:
+        check_units(task, units)
     metric = task.promotion.primary_metric if task.promotion.primary_metric != "uno_c" \
         else "auroc"
     for ref in task.references:

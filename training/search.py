@@ -19,11 +19,12 @@ from typing import Any
 import optuna
 
 STEPS_PER_HORIZON = 10_000  # a pruning step: horizon index x this + boosting round
+WARMUP_ROUNDS = 30
 
 
 def suggest(family: str, trial: optuna.Trial) -> dict[str, Any]:
     """A configuration of ``family`` from its search space."""
-    if family == "lightgbm":
+    if family in ("lightgbm", "hazard"):
         return {
             "num_leaves": trial.suggest_int("num_leaves", 7, 127, log=True),
             "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 10, 400, log=True),
@@ -45,7 +46,9 @@ class Pruner:
     def __call__(self, round_: int, loss: float) -> None:
         step = self.offset + round_
         self.trial.report(loss, step)
-        if self.trial.should_prune():
+        # no pruning in a horizon's first rounds (every horizon: the pruner's own warm-up
+        # would count the first one only)
+        if round_ >= WARMUP_ROUNDS and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at boosting round {round_}")
 
 
@@ -68,7 +71,7 @@ def search(family: str, trials: int, seed: int,
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                            n_startup_trials=min(10, max(trials // 3, 2))),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=30))
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     payloads: dict[int, Any] = {}
     rows: list[dict[str, Any]] = []
     start = time.monotonic()
@@ -82,7 +85,8 @@ def search(family: str, trials: int, seed: int,
             rows.append({"trial": trial.number, "state": "pruned", **params,
                          "tuning_brier": None, "seconds": time.monotonic() - t0})
             raise
-        payloads[trial.number] = payload
+        if not payloads or score < payloads["score"]:  # only the best so far is kept
+            payloads.update(score=score, trial=trial.number, payload=payload)
         rows.append({"trial": trial.number, "state": "complete", **params,
                      "tuning_brier": score, "seconds": time.monotonic() - t0})
         return score
@@ -95,5 +99,5 @@ def search(family: str, trials: int, seed: int,
     if len(study.trials) < trials:
         stopped = (f"time budget of {budget_seconds:g} s reached after {len(study.trials)} "
                    f"of {trials} trials ({time.monotonic() - start:.0f} s)")
-    return SearchResult(payloads[study.best_trial.number], rows, len(done),
+    return SearchResult(payloads["payload"], rows, len(done),
                         sum(r["state"] == "pruned" for r in rows), stopped)

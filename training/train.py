@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from features.digest import dataset_digest
 from features.events import open_meds
@@ -34,6 +34,7 @@ from training.card import model_card
 from training.censoring import CensoringSurvival, ipcw_weights
 from training.errors import TrainingError
 from training.evaluate import EvalFrame, evaluate, flat_metrics, paired_difference
+from training.hazard import HazardHorizon, HazardModel
 from training.models import FAMILIES, Candidate
 from training.package import PREDICT_CODE, log_package
 from training.plots import evaluation_plots
@@ -44,6 +45,7 @@ from training.tracking import Tracker, code_version, package_versions
 
 Log = Callable[[str], None]
 DIGEST_FIELD = 32  # MLflow's dataset digest holds 36 characters: the full one is a tag
+KNOWN_FAMILIES = ("lightgbm", "hazard", "logistic")
 HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "uno_c": True, "brier": False}
 
 
@@ -57,8 +59,18 @@ class TrainOptions(BaseModel):
     search_seconds: float | None = Field(default=None, gt=0)
     n_bootstrap: int = Field(default=200, ge=10)
     seed: int = 0
-    families: list[str] = Field(default_factory=lambda: ["lightgbm", "logistic"], min_length=1)
+    families: list[str] = Field(default_factory=lambda: ["lightgbm", "hazard", "logistic"],
+                                min_length=1)
     early_stopping_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, v: list[str]) -> list[str]:
+        unknown = [f for f in v if f not in KNOWN_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown model families {unknown}: choose from "
+                             f"{', '.join(KNOWN_FAMILIES)}")
+        return v
     min_subgroup: int = Field(default=100, ge=1)
     promote: bool = True
 
@@ -120,13 +132,15 @@ def _xy(part: pd.DataFrame, names: list[str], h: int, g: CensoringSurvival):
 def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: list[str],
                    seed: int, pruner_for=None) -> tuple[Candidate, np.ndarray]:
     """Per-horizon models (fit part, early stopping part) and tuning calibrators."""
-    cls = FAMILIES[family]
     g = {k: CensoringSurvival.fit(p["event_time_days"].to_numpy(), p["event_type"].to_numpy())
          for k, p in parts.items()}
     cand = Candidate(family, params)
     x_tune = parts["tuning"][names].to_numpy(np.float32)
     t_tune = parts["tuning"]["event_time_days"].to_numpy()
     cal_risk = []
+    if family == "hazard":  # one model for every horizon, from the event times
+        return _fit_hazard(cand, params, parts, task, names, seed, g["tuning"])
+    cls = FAMILIES[family]
     for i, h in enumerate(task.horizons_days):
         x, y, w = _xy(parts["fit"], names, h, g["fit"])
         xe, ye, we = _xy(parts["early_stopping"], names, h, g["early_stopping"])
@@ -139,6 +153,39 @@ def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: li
         raw = model.score(x_tune)
         cal = PlattCalibrator.fit(raw, np.nan_to_num(yt), wt)
         cand.models.append(model)
+        cand.calibrators.append(cal)
+        cal_risk.append(cal(raw))
+    return cand, monotone(np.column_stack(cal_risk))
+
+
+def _fit_hazard(cand: Candidate, params: dict, parts: dict, task: Task, names: list[str],
+                seed: int, g_tuning: CensoringSurvival) -> tuple[Candidate, np.ndarray]:
+    """The discrete-time hazard family (``training.hazard``): one model, a view and a
+    calibrator per horizon."""
+    if task.labels is not None:
+        raise TrainingError("the hazard family needs event times, which a MEDS label file "
+                            "does not carry")
+
+    def event_data(p: pd.DataFrame):
+        t = p["event_time_days"].to_numpy(np.float64)
+        return p[names].to_numpy(np.float32), np.nan_to_num(t, nan=np.inf), \
+            p["event_type"].to_numpy()
+
+    x, t, e = event_data(parts["fit"])
+    xe, te, ee = event_data(parts["early_stopping"])
+    try:
+        model = HazardModel(params, list(task.horizons_days), seed).fit(x, t, e, xe, te, ee)
+    except ValueError as exc:
+        raise TrainingError(f"hazard family: {exc}") from None
+    x_tune = parts["tuning"][names].to_numpy(np.float32)
+    t_tune = parts["tuning"]["event_time_days"].to_numpy()
+    cal_risk = []
+    for i, h in enumerate(task.horizons_days):
+        view = HazardHorizon(model, i)
+        yt = parts["tuning"][label_column(h)].to_numpy(dtype=np.float64)
+        raw = view.score(x_tune)
+        cal = PlattCalibrator.fit(raw, np.nan_to_num(yt), ipcw_weights(t_tune, yt, h, g_tuning))
+        cand.models.append(view)
         cand.calibrators.append(cal)
         cal_risk.append(cal(raw))
     return cand, monotone(np.column_stack(cal_risk))
@@ -314,9 +361,13 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
             best_family = sorted(candidates.values(),
                                  key=lambda c: -c.tuning_score if higher else c.tuning_score)[0]
             mlflow.set_tag("best_candidate", best_family.family)
-            references = evaluate_references(task, heldout, eval_frame,
-                                             best_family.heldout_risk,
-                                             n_boot=options.n_bootstrap, seed=options.seed)
+            try:
+                references = evaluate_references(
+                    task, heldout, eval_frame, best_family.heldout_risk,
+                    n_boot=options.n_bootstrap, seed=options.seed,
+                    units={c.code: c.unit for c in spec.codes})
+            except ValueError as exc:
+                raise TrainingError(f"references: {exc}") from None
             if references:
                 mlflow.log_dict(references, "references.json")
                 mlflow.log_metrics(reference_metrics(references))

@@ -350,8 +350,9 @@ def train(
     trials: Annotated[int, typer.Option(min=1, help="hyperparameter trials per family")] = 8,
     bootstrap: Annotated[int, typer.Option(min=10, help="subject-bootstrap resamples")] = 200,
     seed: int = 0,
-    families: Annotated[str, typer.Option(help="comma-separated: lightgbm,logistic")] =
-    "lightgbm,logistic",
+    families: Annotated[str, typer.Option(
+        help="comma-separated: lightgbm (one model per horizon), hazard (a discrete-time "
+             "competing-risks model), logistic")] = "lightgbm,hazard,logistic",
     promote: Annotated[bool, typer.Option(help="let the gate move 'champion'")] = True,
     search_seconds: Annotated[float | None, typer.Option(
         min=1, help="stop each family's search after this long (the run says so); the "
@@ -837,7 +838,7 @@ def demo(
         summary = build_training_set(cohort, task_file, home / "demo" / "eskd_training.parquet")
         _print_summary(summary)
     train(events=cohort, task=task_file, trials=trials, bootstrap=bootstrap, seed=seed,
-          families="lightgbm,logistic", promote=True)
+          families="lightgbm,hazard,logistic", promote=True)
     from training.registry import CHAMPION, model_name
 
     tracker = _tracker(settings)

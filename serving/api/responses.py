@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi.responses import Response
 
 from serving.api import schemas as S
+from serving.views import dumps
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": S.ErrorOut, "description": "a body that cannot be read (not UTF-8 JSON) "
@@ -26,5 +26,4 @@ TOO_LARGE: dict[int | str, dict[str, Any]] = {
 
 
 def json_response(data: Any) -> Response:
-    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
-                    media_type="application/json")
+    return Response(dumps(data), media_type="application/json")

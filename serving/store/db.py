@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
+import json
 import os
 import random
 import threading
@@ -84,8 +85,13 @@ def make_engine(url: str) -> Engine:
 
 
 def json_text(value) -> str:
-    """JSON columns' text (orjson; the standard library's parser reads it back)."""
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    """JSON columns' text (orjson; the standard library's parser reads it back).  Plain
+    Python values only — what the tamper-evidence digests hash — and never NaN: what
+    orjson refuses goes to the standard library, which refuses non-finite numbers."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, allow_nan=False)
 
 
 def is_sqlite(engine: Engine) -> bool:

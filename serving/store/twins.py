@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from features.events import EventArrays
+from features.events import EventArrays, shortest_f32
 from serving.store.models import Event, Forecast, Twin
 
 KEY_CHUNK = 20_000  # bound parameters per query
@@ -676,12 +676,15 @@ class History:
         latest: dict[int, list[dict[str, Any]]] = {}
         pick = order[last]  # ascending subject, then code
         texts = cols.text
+        # values as the model reads them (float32, MEDS's type), shown as their shortest
+        # decimal: an imported 88.1 is 88.1, not 88.0999984741211
+        shown = shortest_f32(value[pick])
         for i, s_i, c_i, t_i, v_i in zip(pick.tolist(), sid[pick].tolist(),
                                          cats[code[pick]].tolist(), datetimes_of(t[pick]),
-                                         value[pick].tolist(), strict=True):
+                                         shown, strict=True):
             text = texts[i] if texts is not None else None
             latest.setdefault(s_i, []).append({
-                "code": c_i, "time": t_i, "numeric_value": None if v_i != v_i else v_i,
+                "code": c_i, "time": t_i, "numeric_value": v_i,
                 "text_value": text if isinstance(text, str) else None})
         subjects = np.unique(sid)
         grouped = np.argsort(sid, kind="stable")
@@ -713,6 +716,14 @@ class EventColumns:
 
     def __len__(self) -> int:
         return len(self.sid)
+
+    def nbytes(self) -> int:
+        """Memory held: the arrays, and each text (a Python string) at its length."""
+        texts = 0 if self.text is None else sum(
+            56 + len(x) for x in self.text.tolist() if isinstance(x, str))
+        return (self.sid.nbytes + self.t.nbytes + self.code.nbytes + self.value.nbytes
+                + self.eid.nbytes + self.rec.nbytes + texts
+                + (0 if self.text is None else self.text.nbytes))
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple]) -> EventColumns:

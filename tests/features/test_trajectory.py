@@ -174,3 +174,54 @@ def test_the_kalman_noise_is_estimated_back_from_known_noise():
     assert abs(got[0] - r) < 0.05 * r and abs(got[3] - spread) < 0.15 * spread
     assert abs(got[1] - q) < 0.4 * q and got[2] == got[3] / 10
     assert kalman_noise(pair_bins(np.ones(5), np.ones(5))) is None  # too few pairs
+
+
+def test_the_embedded_cohort_freezes_plausible_noise_and_features_have_parity(small_cohort):
+    """With the trajectory task the spec carries each numeric code's Kalman noise, fitted
+    on training subjects (eGFR's measurement SD of a few ml/min, as simulated); one
+    subject's features alone equal its rows in the batch (the service's path)."""
+    from features.labels import derive_labels
+    from features.spec import fit_feature_spec
+    from features.splits import assign_splits
+    from features.task import load_task
+    from tests.conftest import ROOT
+
+    task = load_task(ROOT / "examples" / "tasks" / "eskd_trajectory.yaml")
+    arrays = EventArrays.from_events(small_cohort)
+    spec = fit_feature_spec(
+        [(arrays, assign_splits(arrays.subject_id, task.split) == "train")], task)
+    egfr = next(c for c in spec.codes if c.code == "LAB//EGFR")
+    assert egfr.kalman is not None and 1.0 < math.sqrt(egfr.kalman[0]) < 8.0
+    assert all(c.kalman is None for c in spec.codes if c.kind != "numeric")
+    rows = derive_labels(arrays, task)
+    t = rows["prediction_time"].to_numpy().view(np.int64)
+    batch = build_features(arrays, rows["subject_id"].to_numpy(), t, spec)
+    j = spec.feature_names.index("LAB//EGFR__kalman__slope")
+    assert np.isfinite(batch[:, j]).mean() > 0.9
+    one = int(rows["subject_id"].iloc[len(rows) // 2])
+    mine = (rows["subject_id"] == one).to_numpy()
+    sub = small_cohort[small_cohort["subject_id"] == one]
+    alone = build_features(EventArrays.from_events(sub), np.full(mine.sum(), one), t[mine],
+                           spec)
+    np.testing.assert_array_equal(alone, batch[mine])
+
+
+def test_specs_and_tasks_from_before_trajectories_keep_their_digests():
+    """A model pickled before these fields existed unpickles without them: its spec and
+    task still digest, to what they digested to then (the service checks both)."""
+    import pickle
+
+    from features.spec import FeatureSpec
+
+    task = parse_task({"name": "t", "outcome": {"codes": ["DX//ESKD"]}, "horizons_days": [365]})
+    spec = FeatureSpec.from_codes(task, [CodeFeature(code="LAB//A", kind="numeric")])
+    before = spec.digest(), task.digest()
+    old_spec, old_task = pickle.loads(pickle.dumps(spec)), pickle.loads(pickle.dumps(task))
+    del old_spec.__dict__["ewm_half_life_days"]
+    for c in old_spec.codes:
+        del c.__dict__["kalman"]
+    del old_task.__dict__["references"]
+    del old_task.features.__dict__["trajectory"]
+    assert (old_spec.digest(), old_task.digest()) == before
+    assert "ewm_half_life_days" not in spec.canonical_json()
+    assert "trajectory" not in task.canonical_json()

@@ -336,8 +336,9 @@ def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
 
 def test_float32_values_come_back_as_people_wrote_them(database, tracker, trained,
                                                        small_cohort):
-    """MEDS holds values as float32: imported, stored and explained, 88.1 stays 88.1 in
-    the JSON (not 88.0999984741211), and still reads back to the same float32."""
+    """MEDS holds values as float32: imported and explained, 88.1 shows as 88.1 in the
+    JSON (not 88.0999984741211), and still reads back to the same float32; the stored
+    values and their idempotency keys are as before, so a re-import adds nothing."""
     import numpy as np
 
     from serving.imports import import_events
@@ -348,6 +349,7 @@ def test_float32_values_come_back_as_people_wrote_them(database, tracker, traine
     frame["numeric_value"] = frame["numeric_value"].astype(np.float32)
     frame["text_value"] = None
     import_events(svc.store, frame)
+    assert import_events(svc.store, frame)[1] == 0
     out = svc.writer.write([TwinInput(4_400_001, events=event_rows(frame.tail(1)))],
                            Caller("ward"), None)[0]
     view = json.loads(out.view)

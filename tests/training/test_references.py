@@ -56,6 +56,23 @@ def test_kfre4_is_not_defined_outside_its_population_or_horizons():
     assert not one_year.defined.any() and "2 and 5 years" in one_year.why
     lacking = kfre4(rows().drop(columns=["LAB//UACR__all__last"]), 730)
     assert not lacking.defined.any() and "LAB//UACR__all__last" in lacking.why
+    # one sex code only: a patient without it is not known to be of the other sex
+    one_sex = kfre4(rows(**{"GENDER//M__static": [1.0, 0.0]}).drop(
+        columns=["GENDER//F__static"]), 730)
+    assert not one_sex.defined.any() and "GENDER//F__static" in one_sex.why
+    child = kfre4(rows(age_years=12.0), 730)
+    assert not child.defined.any()
+
+
+def test_a_uacr_in_another_unit_is_refused():
+    from features.task import parse_task
+    from training.references import check_units
+
+    task = parse_task({"name": "t", "outcome": {"codes": ["DX//ESKD"]},
+                       "horizons_days": [730], "references": [{"name": "kfre4"}]})
+    check_units(task, {"LAB//UACR": "mg/g"})
+    with pytest.raises(ValueError, match="mg/mmol"):
+        check_units(task, {"LAB//UACR": "mg/mmol"})
 
 
 def test_the_kfre_is_reported_beside_the_model_on_the_same_rows(trained, tracker):
