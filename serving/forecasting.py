@@ -127,7 +127,7 @@ def forecast_values(model: LoadedModel, result: ForecastResult, watermark: datet
                     requested_by: str, api_key_id: int | None) -> dict[str, Any]:
     """The store row of a forecast (a non-finite number is refused: JSON cannot hold
     it, and the row's digest must hash what is stored)."""
-    numbers = [*result.risks.values(),
+    numbers = [*(result.risks or {}).values(),
                *(c["contribution"] for c in result.contributions or ())]
     if not all(math.isfinite(v) for v in numbers):
         raise ValueError(f"the model gave a non-finite risk or contribution for twin "

@@ -708,7 +708,7 @@ class EventColumns:
 
     sid: np.ndarray  # int64
     t: np.ndarray  # int64 microseconds since the epoch, naive UTC; NaT (int64 min): static
-    code: np.ndarray  # str
+    code: np.ndarray  # object (str): no fixed width, and factorised without a copy
     value: np.ndarray  # float64, NaN: no value
     text: np.ndarray | None  # object (str or None) — None when no event has a text
     eid: np.ndarray  # int64: arrival order
@@ -718,10 +718,11 @@ class EventColumns:
         return len(self.sid)
 
     def nbytes(self) -> int:
-        """Memory held: the arrays, and each text (a Python string) at its length."""
+        """Memory held: the arrays, each code (a Python string: about 8 pointers' worth)
+        and each text at its length."""
         texts = 0 if self.text is None else sum(
             56 + len(x) for x in self.text.tolist() if isinstance(x, str))
-        return (self.sid.nbytes + self.t.nbytes + self.code.nbytes + self.value.nbytes
+        return (self.sid.nbytes + self.t.nbytes + self.code.nbytes * 9 + self.value.nbytes
                 + self.eid.nbytes + self.rec.nbytes + texts
                 + (0 if self.text is None else self.text.nbytes))
 
@@ -738,7 +739,7 @@ class EventColumns:
             texts[:] = text_l
         return cls(np.array(sid_l, dtype=np.int64),
                    np.array(t_l, dtype="datetime64[us]").view(np.int64),
-                   np.array(code_l, dtype=str).reshape(-1),
+                   _objects(code_l),
                    np.array(value_l, dtype=np.float64).reshape(-1),  # None → NaN
                    texts, np.array(id_l, dtype=np.int64),
                    np.array(rec_l, dtype="datetime64[us]").view(np.int64))
@@ -799,10 +800,18 @@ def event_arrays(rows: Sequence[tuple]) -> EventArrays:
                       np.array(value_l, dtype=np.float64).astype(np.float32))
 
 
-def _codes(codes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _objects(items: list) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _codes(codes) -> tuple[np.ndarray, np.ndarray]:
     """(index of each code in the sorted distinct codes, those codes): np.unique's
     answer, by hashing rather than sorting strings."""
-    index, cats = pd.factorize(np.array(codes, dtype=object), sort=True)
+    codes = codes if isinstance(codes, np.ndarray) and codes.dtype == object else \
+        np.array(codes, dtype=object)
+    index, cats = pd.factorize(codes, sort=True)
     return index, np.asarray(cats, dtype=str)
 
 
