@@ -296,7 +296,16 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
             mlflow.log_dict(json.loads(task.canonical_json()), "task.json")
             mlflow.log_dict(json.loads(spec.canonical_json()), "feature_spec.json")
             mlflow.log_dict(summary, "data_summary.json")
-            for family in options.families:
+            families = list(options.families)
+            if task.labels is not None and "hazard" in families:
+                # a label file has no event times for person-period rows
+                families.remove("hazard")
+                log("  hazard: skipped (a MEDS label file carries no event times)")
+                mlflow.set_tag("skipped_families", "hazard: labels from a MEDS label file")
+                if not families:
+                    raise TrainingError("the hazard family needs event times, which a MEDS "
+                                        "label file does not carry: choose another family")
+            for family in families:
                 log(f"  searching {family} ({options.trials} trials, Optuna TPE)")
 
                 def objective(params, pruner_for, family=family):

@@ -296,6 +296,13 @@ def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
     for k in range(3):  # one event a write: each plan reads the twin from the cache
         check(one, post(one, [events[-6 + k]]))
     assert one.writer.cache.hits == 3
+    # a write that fails before its commit leaves the kept entry as it was
+    kept = one.writer.cache._entries[sid][:2]
+    one.writer.failpoints = frozenset({"before_commit"})
+    with pytest.raises(RuntimeError, match="before_commit"):
+        one.writer.write([TwinInput(sid, events=[events[-3]])], caller, None)
+    one.writer.failpoints = frozenset()
+    assert one.writer.cache._entries[sid][:2] == kept
     # the same code at the same time, a new value: the later arrival is the latest value
     t = last + timedelta(days=1)
     check(one, post(one, [EventRow(t, "LAB//EGFR", 31.0, None)]))

@@ -43,7 +43,7 @@ def test_runs_params_metrics_tags_inputs_and_artifacts(trained, tracker, tiny_ta
     assert ds.dataset.digest == trained.data_digest[:32]
     children = client.search_runs([trained.experiment_id],
                                   f"tags.mlflow.parentRunId = '{trained.parent_run_id}'")
-    assert {r.data.tags["family"] for r in children} == {"lightgbm", "logistic"}
+    assert {r.data.tags["family"] for r in children} == {"lightgbm", "hazard", "logistic"}
     for r in children:
         m = r.data.metrics
         for h in tiny_task.horizons_days:
