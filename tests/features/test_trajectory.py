@@ -18,7 +18,7 @@ from features.featurize import THEIL_SEN_POINTS, build_features
 from features.spec import CodeFeature, FeatureSpec, kalman_noise, pair_bins
 from features.task import TRAJECTORY_AGGREGATIONS, parse_task
 from features.timeindex import DAYS_PER_YEAR, US_PER_DAY
-from tests.features.test_featurize import codes, streams
+from tests.features.test_featurize import assert_no_future_event_counts, codes, streams
 
 NOISE = [4.0, 9.0, 1.0, 25.0]
 TASK = parse_task({"name": "t", "outcome": {"codes": ["DX//ESKD"]}, "horizons_days": [365],
@@ -142,18 +142,7 @@ def test_trajectory_features_match_the_reference(data):
                            max_size=8))
 def test_no_trajectory_feature_reads_a_value_after_t(data, future):
     frame, queries = data
-    ev = events_from_frame(frame)
-    before = build_features(EventArrays.from_events(ev), np.array([q[0] for q in queries]),
-                            np.array([q[1] for q in queries]), SPEC)
-    for i, (s, t) in enumerate(queries):
-        extra = pd.DataFrame({
-            "subject_id": s, "time": (np.array([t + f[0] * 3_600_000 for f in future])
-                                      .astype(np.int64).view("datetime64[us]")),
-            "code": [f[1] for f in future], "numeric_value": [f[2] for f in future]})
-        grown = events_from_frame(pd.concat([frame, extra], ignore_index=True))
-        after = build_features(EventArrays.from_events(grown), np.array([s]), np.array([t]),
-                               SPEC)
-        np.testing.assert_array_equal(after[0], before[i])
+    assert_no_future_event_counts(frame, queries, future, SPEC)
 
 
 def test_the_kalman_noise_is_estimated_back_from_known_noise():
