@@ -82,9 +82,10 @@ class ModelBundle:
     @staticmethod
     def loads(data: bytes) -> ModelBundle:
         bundle = pickle.loads(data)
-        for m in bundle.models:  # explanation tables: built at load, not on a request
-            if hasattr(m, "explainer"):
-                m.explainer()
+        for m in bundle.models:  # tree walks and explanation tables: built at load,
+            for build in ("predictor", "explainer"):  # not on a request
+                if hasattr(m, build):
+                    getattr(m, build)()
         return bundle
 
     def digest(self) -> str:

@@ -187,15 +187,17 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
         return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                             status_code=200 if ok else 503)
 
-    # the bulk body is read by hand (its size first); document its schema all the same
+    # bodies read by hand (the bulk route's size first; the events route in its one
+    # hop off the event loop): document their schemas all the same
     generate = app.openapi
 
     def openapi_with_bodies() -> dict[str, Any]:
         if app.openapi_schema is None:
             comps = generate().setdefault("components", {}).setdefault("schemas", {})
-            schema = S.BulkIn.model_json_schema(ref_template="#/components/schemas/{model}")
-            comps.update(schema.pop("$defs", {}))
-            comps["BulkIn"] = schema
+            for model in (S.BulkIn, S.EventsIn):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(schema.pop("$defs", {}))
+                comps[model.__name__] = schema
         return app.openapi_schema
 
     app.openapi = openapi_with_bodies

@@ -11,12 +11,18 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from serving.api import schemas as S
-from serving.api.deps import Principal, Service, access_of, require
+from serving.api.deps import (
+    Credentials,
+    Principal,
+    Service,
+    access_of,
+    authorize,
+    parse_body,
+    require,
+)
 from serving.api.responses import ERRORS, NOT_FOUND, TOO_LARGE, json_response
 from serving.errors import BadInput, PayloadTooLarge
 from serving.fhir import ingest_bundle, is_ndjson, ndjson_bundle, risk_assessment
@@ -30,23 +36,38 @@ WriteId = Annotated[int, Path(ge=0, le=CLIENT_ID_MAX, description=(
 ReadId = Annotated[int, Path(ge=0, le=ASSIGNED_MAX, description="the twin's subject_id")]
 
 
+def body_of(schema: str) -> dict:
+    """The OpenAPI request body of a route that reads its JSON body by hand (the schema
+    is added to the components by ``serving.api.app``)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
+
+
 @router.post("/v1/twins/{subject_id}/events", response_model=S.IngestOut,
-             responses={**ERRORS})
-def ingest(request: Request, subject_id: WriteId, body: S.EventsIn, service: Service,
-           caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS, "ingest_events",
-                                                        twin=True))]) -> Response:
+             responses={**ERRORS}, openapi_extra=body_of("EventsIn"))
+async def ingest(request: Request, subject_id: WriteId, service: Service,
+                 credentials: Credentials) -> Response:
     """Store new events for a twin (re-sent events are ignored) and return its new
     forecast, computed in the same transaction."""
-    inp = TwinInput(subject_id, events=[e.to_row() for e in body.events],
-                    as_of=S.naive_utc(body.as_of), caller=caller, access=access_of(request))
-    out = service.coalescer.write(inp)  # batched with concurrent writes to other twins
-    return json_response({"added": out.added, "duplicates": out.duplicates,
-                          "forecast": out.forecast})
+    raw = await request.body()  # capped before it was read
+
+    def work() -> Response:  # one hop off the event loop: key, body, write, answer
+        caller = authorize(request, service, credentials, Action.WRITE_TWINS,
+                           "ingest_events", twin=True)
+        body = parse_body(S.EventsIn, raw)
+        inp = TwinInput(subject_id, events=[e.to_row() for e in body.events],
+                        as_of=S.naive_utc(body.as_of), caller=caller,
+                        access=access_of(request))
+        out = service.coalescer.write(inp)  # batched with concurrent writes to other twins
+        return json_response({"added": out.added, "duplicates": out.duplicates,
+                              "forecast": out.forecast})
+
+    return await anyio.to_thread.run_sync(work)
 
 
 @router.post("/v1/twins:bulk", response_model=S.BulkOut, responses={**ERRORS, **TOO_LARGE},
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"$ref": "#/components/schemas/BulkIn"}},
+                 **body_of("BulkIn")["requestBody"]["content"],
                  "application/fhir+ndjson": {"schema": {
                      "type": "string", "description": "FHIR Bulk Data NDJSON lines, "
                      "Patients included (as POST /v1/fhir takes them)"}}}}})
@@ -72,11 +93,7 @@ async def bulk(request: Request, service: Service,
         return json_response(bulk_answer(
             [(p["subject_id"], p["added"], p["duplicates"], p["created"], p["forecast"])
              for p in pats], report=fhir["report"]))
-    try:
-        body = S.BulkIn.model_validate_json(raw)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in
-                                      exc.errors(include_input=False)]) from None
+    body = parse_body(S.BulkIn, raw)
     n_events = sum(len(t.events) for t in body.twins)
     cfg = service.config
     if len(body.twins) > cfg.max_bulk_twins or n_events > cfg.max_bulk_events:
@@ -106,12 +123,16 @@ def bulk_answer(twins: list[tuple], report: dict | None = None) -> dict:
 
 @router.get("/v1/twins/{subject_id}", response_model=S.TwinOut,
             responses={**ERRORS, **NOT_FOUND})
-def get_twin(request: Request, subject_id: ReadId, service: Service,
-             caller: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_twin",
-                                                          twin=True))]) -> Response:
+async def get_twin(request: Request, subject_id: ReadId, service: Service,
+                   credentials: Credentials) -> Response:
     """The twin's latest value per code and its current forecast."""
-    return Response(service.twin_view(subject_id, caller, access_of(request)),
-                    media_type="application/json")
+    def work() -> Response:  # one hop off the event loop: the key, then the view
+        caller = authorize(request, service, credentials, Action.READ_TWINS, "read_twin",
+                           twin=True)
+        return Response(service.twin_view(subject_id, caller, access_of(request)),
+                        media_type="application/json")
+
+    return await anyio.to_thread.run_sync(work)
 
 
 @router.get("/v1/twins/{subject_id}/forecast", tags=["fhir"],

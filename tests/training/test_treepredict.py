@@ -1,0 +1,83 @@
+"""The compiled tree walk gives LightGBM's own probabilities, bit for bit."""
+
+from __future__ import annotations
+
+import pickle
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from tests.training.test_treeshap import booster, data
+from training.models import LightGBMHorizon
+from training.treepredict import TreePredictor
+
+
+def probe_rows(seed: int = 1) -> np.ndarray:
+    x, _ = data(2000, seed=seed)
+    x[:5] = np.nan  # every feature missing
+    x[5:10] = 0.0
+    x[10:20, :4] = 1e-36  # below LightGBM's zero threshold: read as 0.0
+    x[20:30, :4] = -1e-36
+    return x.astype(np.float32)  # as the service passes its features
+
+
+@pytest.mark.parametrize("params", [
+    {},                                    # missing type NaN
+    {"zero_as_missing": True},             # missing type Zero
+    {"use_missing": False},                # missing type None
+    {"num_leaves": 127, "max_depth": 14, "min_data_in_leaf": 2},
+    {"num_leaves": 2},
+    {"objective": "binary", "sigmoid": 0.7},  # another sigmoid scale
+])
+def test_walk_equals_booster_predict_bit_for_bit(params):
+    x, y = data()
+    b = booster(x, y, **params)
+    walk = TreePredictor.from_booster(b)
+    assert walk is not None
+    probe = probe_rows()
+    want = b.predict(probe, num_threads=1)
+    got = walk.predict(probe)
+    assert got.dtype == want.dtype == np.float64
+    assert np.array_equal(got, want), np.abs(got - want).max()
+    assert np.array_equal(walk.raw(probe), b.predict(probe, raw_score=True, num_threads=1))
+
+
+def test_categorical_and_other_objectives_are_left_to_lightgbm():
+    x, y = data()
+    x[:, 1] = np.abs(x[:, 1])  # non-negative integers: a categorical feature
+    cat = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                    lgb.Dataset(x, y, categorical_feature=[1]), num_boost_round=10)
+    assert any(n.get("decision_type") == "==" for n in _nodes(cat))
+    assert TreePredictor.from_booster(cat) is None
+    reg = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1},
+                    lgb.Dataset(x, y.astype(float)), num_boost_round=5)
+    assert TreePredictor.from_booster(reg) is None
+
+
+def test_wrong_width_is_refused():
+    x, y = data()
+    walk = TreePredictor.from_booster(booster(x, y))
+    with pytest.raises(ValueError, match="expected 8 features"):
+        walk.predict(np.zeros((1, 7), dtype=np.float32))
+
+
+def test_the_family_scores_with_the_walk_and_pickles_without_it():
+    x, y = data()
+    m = LightGBMHorizon({"num_leaves": 15, "learning_rate": 0.1}).fit(
+        x[:2000], y[:2000], np.ones(2000), x[2000:], y[2000:], np.ones(1000))
+    probe = probe_rows()
+    assert m.predictor() is not None
+    assert np.array_equal(m.score(probe), m.booster_.predict(probe, num_threads=1))
+    again = pickle.loads(pickle.dumps(m))
+    assert "_walk" not in again.__dict__
+    assert np.array_equal(again.score(probe), m.score(probe))
+
+
+def _nodes(b: lgb.Booster):
+    stack = [t["tree_structure"] for t in b.dump_model()["tree_info"]]
+    while stack:
+        n = stack.pop()
+        if "split_index" in n:
+            yield n
+            stack += [n["left_child"], n["right_child"]]
