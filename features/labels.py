@@ -177,6 +177,21 @@ def prediction_times(arrays: EventArrays, task: Task, summary: pd.DataFrame) -> 
     return pd.DataFrame({"subject_id": sid[keep], "time_us": t[keep], "summary_row": row[keep]})
 
 
+def policy_mask(subject_ids: np.ndarray, times_us: np.ndarray, task: Task) -> np.ndarray:
+    """Which of these (subject, time) pairs the task's prediction-time policy keeps (at
+    most one per ``min_gap_days``, at most ``max_per_subject``), greedily from each
+    subject's first — as :func:`prediction_times` chooses training rows; any order."""
+    sid = np.asarray(subject_ids, dtype=np.int64)
+    t = np.asarray(times_us, dtype=np.int64)
+    order = np.lexsort((t, sid))
+    pt = task.prediction_times
+    _, sidx = np.unique(sid[order], return_inverse=True)
+    keep = _thin(sidx, t[order], int(pt.min_gap_days * US_PER_DAY), pt.max_per_subject)
+    out = np.zeros(sid.size, dtype=bool)
+    out[order[keep]] = True
+    return out
+
+
 def _rank_within(sid: np.ndarray) -> np.ndarray:
     """1-based position of each row within its subject (rows sorted by subject)."""
     if sid.size == 0:
@@ -224,6 +239,31 @@ def derive_labels(arrays: EventArrays, task: Task) -> pd.DataFrame:
     """Prediction times and their labels for all subjects in ``arrays``."""
     summary = subject_summary(arrays, task)
     return label_rows(prediction_times(arrays, task, summary), summary, task.horizons_days)
+
+
+def labels_at(arrays: EventArrays, task: Task, subject_ids: np.ndarray, times_us: np.ndarray,
+              summary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The labels of given (subject, time) pairs — a stored forecast's realised outcome —
+    by the very rows :func:`label_rows` gives training (one row per pair, in the given
+    order).  A subject with no events in ``arrays`` is censored at ``t`` (nothing is
+    known after it)."""
+    summary = subject_summary(arrays, task) if summary is None else summary
+    subject_ids = np.asarray(subject_ids, dtype=np.int64)
+    times_us = np.asarray(times_us, dtype=np.int64)
+    subj = summary["subject_id"].to_numpy()
+    row = np.searchsorted(subj, subject_ids)
+    known = (row < subj.size) & (subj[np.minimum(row, max(subj.size - 1, 0))] == subject_ids) \
+        if subj.size else np.zeros(subject_ids.size, dtype=bool)
+    if not known.all():  # unknown subjects: followed up to t, nothing after
+        extra = pd.DataFrame({"subject_id": subject_ids[~known], "start": 0, "end": 0,
+                              "followup_end_us": times_us[~known],
+                              **{c: NEVER for c in ("outcome_us", "competing_us", "birth_us",
+                                                    "death_us", "first_visit_us")}})
+        row = row.copy()
+        row[~known] = subj.size + np.arange(int((~known).sum()))
+        summary = pd.concat([summary, extra], ignore_index=True)
+    times = pd.DataFrame({"subject_id": subject_ids, "time_us": times_us, "summary_row": row})
+    return label_rows(times, summary, task.horizons_days)
 
 
 def ineligibility_reasons(arrays: EventArrays, task: Task, subject_ids: np.ndarray,

@@ -49,9 +49,19 @@ the previous version of this simulator gave 0.98), and about a quarter of the pa
 reach kidney failure over up to 13 years of follow-up.
 
 Same seed, same events, same bytes on disk.
+
+**Shifts** (for monitoring: ``twincast simulate --shift egfr_assay:1.15@2021-01-01``):
+``egfr_assay`` — from the date on, the laboratory's eGFR assay reads ``factor`` times the
+value the old assay would have given (a recalibrated creatinine method; the patients'
+kidneys are unchanged, so a model trained before it under-estimates their risk).  A
+shift draws no random numbers: the same seed gives the same patients, and the same
+events before the date.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -121,8 +131,42 @@ class _Events:
         return df.iloc[canonical_order(df)].reset_index(drop=True)
 
 
-def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1) -> pd.DataFrame:
-    """Simulate ``n_subjects`` CKD patients as canonical MEDS events."""
+@dataclass(frozen=True)
+class Shift:
+    """A documented change from a date on (see the module's docstring)."""
+
+    kind: str
+    factor: float
+    start_day: int  # days since 1970-01-01
+
+    KINDS: ClassVar[tuple[str, ...]] = ("egfr_assay",)
+
+    @classmethod
+    def parse(cls, text: str) -> Shift:
+        """``KIND:FACTOR@YYYY-MM-DD``, e.g. ``egfr_assay:1.15@2021-01-01``."""
+        try:
+            head, date = text.split("@")
+            kind, factor = head.split(":")
+            day = int((np.datetime64(date, "D") - EPOCH).astype(int))
+            value = float(factor)
+        except ValueError:
+            raise ValueError(f"a shift is KIND:FACTOR@YYYY-MM-DD (e.g. "
+                             f"egfr_assay:1.15@2021-01-01), got {text!r}") from None
+        if kind not in cls.KINDS:
+            raise ValueError(f"unknown shift {kind!r}: one of {list(cls.KINDS)}")
+        if not (0.2 <= value <= 5.0):
+            raise ValueError(f"shift factor {value} is outside 0.2 to 5")
+        return cls(kind, value, day)
+
+    def describe(self) -> str:
+        date = str(EPOCH + np.timedelta64(self.start_day, "D"))
+        return f"{self.kind}: x{self.factor:g} from {date}"
+
+
+def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
+                    shift: Shift | None = None) -> pd.DataFrame:
+    """Simulate ``n_subjects`` CKD patients as canonical MEDS events (``shift``: a
+    documented change from a date on)."""
     rng = np.random.default_rng(seed)
     n = int(n_subjects)
     sid = np.arange(first_subject_id, first_subject_id + n, dtype=np.int64)
@@ -203,7 +247,10 @@ def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1) -
             ev.add(sid[idx[on_ace[idx]]], vt[on_ace[idx]], "RX//ACEI")
             ev.add(sid[idx[on_sglt2[idx]]], vt[on_sglt2[idx]], "RX//SGLT2")
         sel = v & (measure[0] < 0.92)
-        measured = np.round(egfr[idx] * np.exp(0.08 * noise[0]) * dip, 1)
+        measured = egfr[idx] * np.exp(0.08 * noise[0]) * dip
+        if shift is not None and shift.kind == "egfr_assay":
+            measured = np.where(vday >= shift.start_day, measured * shift.factor, measured)
+        measured = np.round(measured, 1)
         ev.add(sid[idx[sel]], vt[sel], "LAB//EGFR", measured[sel])
         prev = last_egfr[idx]
         recheck[idx] = False

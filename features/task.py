@@ -223,6 +223,41 @@ class ReferenceScore(_Strict):
     region: Literal["north_america", "other"] = "north_america"
 
 
+class MonitoringMargins(_Strict):
+    """How far a realised metric may stray from the version's held-out value before it
+    alerts (the bootstrap interval of the difference must lie beyond the margin)."""
+
+    auroc: Annotated[float, Field(gt=0)] = 0.05
+    brier: Annotated[float, Field(gt=0)] = 0.02
+    citl: Annotated[float, Field(gt=0)] = 0.25  # logit scale
+    calibration_slope: Annotated[float, Field(gt=0)] = 0.25
+    ece: Annotated[float, Field(gt=0)] = 0.03
+
+
+class Monitoring(_Strict):
+    """What ``twincast monitor`` checks and when it alerts (not part of the task's digest:
+    thresholds can change without retraining)."""
+
+    window_days: Annotated[int, Field(gt=0)] = 90
+    # a realised metric is judged only in windows with this many matured patients and
+    # outcome events at the horizon
+    min_patients: Annotated[int, Field(ge=10)] = 100
+    min_events: Annotated[int, Field(ge=1)] = 10
+    margins: MonitoringMargins = Field(default_factory=MonitoringMargins)
+    # drift alerts: on the model's top features, PSI above this and above its noise
+    # level for the window's size
+    psi_threshold: Annotated[float, Field(gt=0)] = 0.2
+    top_features: Annotated[int, Field(ge=1)] = 10
+    # the family-wise false-alarm rate of one monitoring run
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    n_bootstrap: Annotated[int, Field(ge=50)] = 200
+    # a forecast made longer than this after its as-of time (a refresh's re-forecast of
+    # an old as-of time) is not foresight and is not counted
+    max_forecast_delay_days: Annotated[float, Field(ge=0)] = 30.0
+    # drift is measured on at most this many patients per window (a seeded sample)
+    drift_sample: Annotated[int, Field(ge=100)] = 20_000
+
+
 class Task(_Strict):
     """A validated prediction task."""
 
@@ -238,6 +273,7 @@ class Task(_Strict):
     promotion: Promotion = Field(default_factory=Promotion)
     labels: LabelsFile | None = None
     references: list[ReferenceScore] = Field(default_factory=list)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
 
     @field_validator("horizons_days")
     @classmethod
@@ -285,7 +321,7 @@ class Task(_Strict):
         )
 
     def canonical_json(self) -> str:
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude={"monitoring"})  # not the model's
         # tasks written before references and trajectories keep their digest (unpickled
         # older tasks, whose objects lack the fields, dump without them)
         if not data.get("references"):

@@ -53,6 +53,29 @@ class TwinService:
     def task_name(self) -> str:
         return self.source.task_name
 
+    # ------------------------------------------------------------------ monitoring
+    def monitoring(self, since=None, until=None, window_days: int | None = None
+                   ) -> dict[str, Any]:
+        """The monitoring report of the served model's stored forecasts (as
+        ``twincast monitor`` computes it) and the alerts monitoring runs stored."""
+        from serving.monitoring import VersionData, monitor
+
+        model = self.models.current()
+
+        def version_data(version: str) -> VersionData | None:
+            try:
+                loaded = model if version == model.version else self.source.load(version)
+            except Exception as exc:  # a version gone from the registry: no reference
+                log.warning("monitoring: version %s could not be loaded (%s)", version,
+                            type(exc).__name__)
+                return None
+            return VersionData(loaded.bundle, loaded.metrics)
+
+        report = monitor(self.store, model.bundle.task, model.name, version_data,
+                         since=since, until=until, window_days=window_days)
+        report["stored_alerts"] = self.store.alerts.recent(model.name, 100)
+        return report
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Load the champion (if any), then watch in the background.  A registry that

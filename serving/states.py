@@ -16,6 +16,7 @@ class Action(StrEnum):
     READ_TWINS = "read twins"          # twins, forecasts, the model, docs
     FORECAST = "ask for a stateless forecast"
     AUDIT = "read the audit trail"     # access log, forecast chains
+    MONITOR = "read model monitoring"  # realised performance, drift, alerts
     ADMINISTER = "administer the service"
 
 
@@ -24,6 +25,7 @@ ALLOWED: dict[Action, frozenset[Role]] = {
     Action.READ_TWINS: frozenset({Role.CLINICAL, Role.AUDITOR, Role.ADMIN}),
     Action.FORECAST: frozenset({Role.CLINICAL, Role.ADMIN}),
     Action.AUDIT: frozenset({Role.AUDITOR, Role.ADMIN}),
+    Action.MONITOR: frozenset({Role.AUDITOR, Role.ADMIN}),
     Action.ADMINISTER: frozenset({Role.ADMIN}),
 }
 

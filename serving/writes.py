@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -212,10 +212,14 @@ class ModelBehind(Exception):
 
 class TwinWriter:
     def __init__(self, store: Store, models: ModelHolder, *,
-                 failpoints: frozenset[str] = frozenset()):
+                 failpoints: frozenset[str] = frozenset(),
+                 clock: Callable[[], datetime] = utcnow):
+        """``clock``: what "now" is for the rows a write stores (events' ``recorded_at``,
+        forecasts' ``created_at``) — the wall clock, or a replay's simulated one."""
         self.store = store
         self.models = models
         self.failpoints = failpoints
+        self.clock = clock
         self.activity = Activity()
         self.cache = HistoryCache()
 
@@ -269,7 +273,7 @@ class TwinWriter:
               ) -> _Plan:
         """Everything the write will store, computed from a read of the store."""
         ids = [inp.subject_id for inp in inputs]
-        now = utcnow()
+        now = self.clock()
         rows, sent = event_rows({sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
                                 source=_sources(ids, inputs, source), now=now)
         with self.store.read() as s:  # one snapshot on SQLite; counts are checked anyway
@@ -381,9 +385,9 @@ class TwinWriter:
         if len(set(ids)) != len(ids):
             raise BadInput("a twin appears twice in one request: send its events together",
                            ["body"])
-        twins = self.store.twins.lock(s, ids, create=True)
+        now = self.clock()
+        twins = self.store.twins.lock(s, ids, create=True, now=now)
         self._check_served(s, model)
-        now = utcnow()
         counts = self.store.twins.append_events(
             s, {sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
             source=_sources(ids, inputs, source), now=now)
@@ -472,7 +476,7 @@ class TwinWriter:
                     and twins[r.subject_id].forecast_head == heads.get(r.subject_id)]
             system = Caller(REFRESH_CALLER)
             self._persist(s, model, twins, history, keep, dict.fromkeys(twins, system),
-                          utcnow())
+                          self.clock())
             return len(keep)
         return self.store.db.transact(work, urgent=False)
 

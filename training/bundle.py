@@ -32,6 +32,9 @@ class ModelBundle:
     models: list[Any]
     calibrators: list[Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # what monitoring measures drift against (training.monitoring.reference_profile);
+    # None in bundles trained before monitoring
+    reference: dict[str, Any] | None = None
 
     @property
     def horizons(self) -> list[int]:

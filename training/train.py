@@ -36,6 +36,7 @@ from training.errors import TrainingError
 from training.evaluate import EvalFrame, evaluate, flat_metrics, paired_difference
 from training.hazard import HazardHorizon, HazardModel
 from training.models import FAMILIES, Candidate
+from training.monitoring import reference_profile, settings_of
 from training.package import PREDICT_CODE, log_package
 from training.plots import evaluation_plots
 from training.references import evaluate_references, reference_lines, reference_metrics
@@ -214,6 +215,24 @@ def _brier_all(risk: np.ndarray, tuning: pd.DataFrame, task: Task) -> float:
     return total / len(task.horizons_days)
 
 
+def drift_reference(bundle: ModelBundle, parts: dict[str, pd.DataFrame], names: list[str],
+                    x_held: np.ndarray, heldout_risk: np.ndarray, seed: int) -> dict:
+    """The reference monitoring measures drift against: the training split's feature
+    distributions (most important first: mean |contribution| at the primary horizon on
+    up to 2,000 held-out rows) and the held-out risks."""
+    task = bundle.task
+    train = pd.concat([parts["fit"], parts["early_stopping"]], ignore_index=True)
+    sample = np.random.default_rng(seed).permutation(x_held.shape[0])[:2000]
+    primary = task.horizons_days.index(task.primary_horizon)
+    importance = (np.abs(bundle.models[primary].contributions(x_held[sample])).mean(axis=0)
+                  if sample.size else np.zeros(len(names)))
+    return reference_profile(train[names].to_numpy(np.float32),
+                             train["subject_id"].to_numpy(), names, importance,
+                             heldout_risk, parts["held_out"]["subject_id"].to_numpy(),
+                             task.horizons_days, top=settings_of(task).top_features,
+                             seed=seed)
+
+
 def _calibration_ok(report: dict, task: Task) -> tuple[bool, str]:
     lo, hi = task.promotion.calibration_slope
     problems = []
@@ -323,6 +342,8 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                                      cand.calibrators, metadata={"data_digest": digest,
                                                                  "code_version": code})
                 risk = bundle.predict_features(x_held)
+                bundle.reference = drift_reference(bundle, parts, names, x_held, risk,
+                                                   options.seed)
                 report = evaluate(risk, eval_frame, task.horizons_days,
                                   n_boot=options.n_bootstrap, seed=options.seed,
                                   min_subgroup=options.min_subgroup)
@@ -343,6 +364,7 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                                      **package_versions()})
                     mlflow.log_input(dataset_input, context="training", tags=input_tags)
                     mlflow.log_dict(report, "evaluation.json")
+                    mlflow.log_dict(bundle.reference, "monitoring_reference.json")
                     mlflow.log_dict({"trials": found.trials, "sampler": "optuna TPE",
                                      "seed": options.seed, "stopped_early":
                                      found.stopped_early}, "search.json")

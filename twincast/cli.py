@@ -72,21 +72,34 @@ def simulate(
     subjects: Annotated[int, typer.Option(min=1, help="number of patients")] = 2000,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same bytes)")] = 0,
     shard_subjects: Annotated[int, typer.Option(min=1)] = 10_000,
+    first_subject_id: Annotated[int, typer.Option(min=0, help="the first patient's id")] = 1,
+    shift: Annotated[str | None, typer.Option(help=(
+        "a documented change from a date on, KIND:FACTOR@YYYY-MM-DD: egfr_assay:1.15@2021-01-01 "
+        "(the eGFR assay reads 15% high from 2021); for monitoring demos"))] = None,
     overwrite: bool = False,
 ) -> None:
     """Write a synthetic CKD cohort (the embedded default) as a MEDS directory."""
     from features.events import write_meds
-    from features.simulate import CODES, simulate_cohort
+    from features.simulate import CODES, Shift, simulate_cohort
 
     with _errors():
+        try:
+            change = None if shift is None else Shift.parse(shift)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--shift") from None
         t0 = time.perf_counter()
-        events = simulate_cohort(subjects, seed=seed)
+        events = simulate_cohort(subjects, seed=seed, first_subject_id=first_subject_id,
+                                 shift=change)
+        version = f"subjects={subjects},seed={seed}" + (
+            f",first={first_subject_id}" if first_subject_id != 1 else "") + (
+            f",shift={shift}" if change else "")
         write_meds(events, out_dir, shard_subjects=shard_subjects, codes=CODES,
                    overwrite=overwrite, dataset={
                        "dataset_name": "twincast-synthetic-ckd",
-                       "dataset_version": f"subjects={subjects},seed={seed}"})
+                       "dataset_version": version})
+        note = f" (shift {change.describe()})" if change else ""
         console.print(f"wrote {len(events):,} events of {subjects:,} subjects to {out_dir} "
-                      f"in {time.perf_counter() - t0:.1f}s")
+                      f"in {time.perf_counter() - t0:.1f}s{note}")
 
 
 @import_app.command("csv")
@@ -599,6 +612,161 @@ def twins_import(
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
     out.print(f"{twins:,} twins, {n:,} new events; the service forecasts them when it runs")
+
+
+@twins_app.command("replay")
+def twins_replay(
+    events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],
+    task: Annotated[str | None, typer.Option(help="task name (its champion forecasts)")] = None,
+    step_days: Annotated[float, typer.Option(min=0.01, help="events arrive in steps of "
+                                             "this many days")] = 7.0,
+    delay_hours: Annotated[float, typer.Option(min=0, help="reporting delay after each "
+                                               "step")] = 24.0,
+) -> None:
+    """Play a cohort through the write path in time order under a simulated clock: each
+    step's events arrive together and every twin is forecast at once, as a deployed
+    service would have — so monitoring has forecasts made before their outcomes."""
+    from features.events import read_events
+    from serving.bootstrap import build_service
+    from serving.playback import play, steps_of
+
+    _quiet_mlflow()
+    settings = _settings()
+    if task:
+        settings = settings.model_copy(update={"task": task})
+    with _errors():
+        ev = read_events(events)
+        service = build_service(settings.serving(), start=False)
+        service.models.follow_champion("replay")
+        with _progress("replaying", steps_of(ev, step_days)) as bar:
+            job = bar.add_task("replaying", total=steps_of(ev, step_days))
+            result = play(service.store, service.models, ev, step_days=step_days,
+                          delay_hours=delay_hours,
+                          progress=lambda n: bar.update(job, completed=n))
+        service.store.dispose()
+    out.print(f"replayed {result.events:,} events of {result.twins:,} twins in "
+              f"{result.steps:,} steps ({result.writes:,} writes), simulated "
+              f"{result.first:%Y-%m-%d} to {result.last:%Y-%m-%d}")
+
+
+def _days(text: str) -> int:
+    t = text.strip().lower()
+    try:
+        value = int(t[:-1]) if t.endswith("d") else int(t)
+    except ValueError:
+        raise typer.BadParameter(f"a window is a number of days such as 90d, got {text!r}",
+                                 param_hint="--window") from None
+    if value < 7:
+        raise typer.BadParameter("a window is at least 7 days", param_hint="--window")
+    return value
+
+
+@app.command()
+def monitor(
+    task: Annotated[str, typer.Option(help="task name")],
+    since: Annotated[dt.datetime | None, typer.Option(
+        formats=["%Y-%m-%d"], help="first as-of day of the forecasts to judge")] = None,
+    until: Annotated[dt.datetime | None, typer.Option(
+        formats=["%Y-%m-%d"], help="the day after the last one")] = None,
+    window: Annotated[str | None, typer.Option(
+        help="window of as-of times, e.g. 90d (default: the task's)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    log: Annotated[bool, typer.Option("--log/--no-log", help=(
+        "store the alerts and log the run to MLflow"))] = True,
+) -> None:
+    """Does the served model still keep its promise?  Realised metrics on matured
+    forecasts beside the held-out ones, metrics expected if calibration holds on the
+    rest, drift against the training reference, and alerts (exit 1 when one fires)."""
+    import tempfile
+
+    from serving.monitoring import VersionData
+    from serving.monitoring import monitor as run_monitor
+    from training.errors import RegistryUnreachable
+    from training.monitoring import log_run
+    from training.registry import model_name
+
+    _quiet_mlflow()
+    settings = _settings()
+    source = _source(settings, task)
+    name = model_name(task)
+    cache: dict[str, VersionData | None] = {}
+
+    def version_data(version: str) -> VersionData | None:
+        if version not in cache:
+            try:
+                m = source.load(version)
+                cache[version] = VersionData(m.bundle, m.metrics)
+            except (RegistryUnreachable, Exception) as exc:  # noqa: BLE001 - said below
+                console.print(f"[yellow]version {version}: not loaded ({type(exc).__name__})"
+                              "; judged without its held-out values or reference[/]")
+                cache[version] = None
+        return cache[version]
+
+    with _errors():
+        champion = source.champion_version()
+        if champion is None:
+            console.print(f"[bold red]error:[/] {name} has no champion: nothing is served")
+            raise typer.Exit(2)
+        task_obj = version_data(champion).bundle.task
+        store = _store()
+        report = run_monitor(store, task_obj, name, version_data, since=since, until=until,
+                             window_days=_days(window) if window else None,
+                             progress=lambda m: console.print(escape(m)))
+        if log:
+            with tempfile.TemporaryDirectory() as tmp:
+                report["mlflow_run_id"] = log_run(_tracker(settings), name, report, tmp)
+            store.alerts.add(name, report["mlflow_run_id"], report["alerts"])
+        store.dispose()
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1, default=str))
+    _print_monitoring(report)
+    if report["alerts"]:
+        raise typer.Exit(1)
+
+
+def _print_monitoring(report: dict) -> None:
+    fc = report.get("forecasts", {})
+    out.print(f"{report['model']}: {fc.get('counted', 0):,} of {fc.get('stored', 0):,} stored "
+              f"forecasts count (first per version, subject and as-of time; made as "
+              f"foresight); data as of {report.get('now')}; labels {report['labels']}")
+    for v, vr in report["versions"].items():
+        table = Table(title=f"version {v}: realised on matured forecasts (patient-weighted, "
+                            f"95% subject-bootstrap) · expected = {report['estimate_label']}")
+        for col in ("window", "horizon", "patients", "matured", "events", "AUROC",
+                    "held-out", "expected AUROC", "CITL", "slope", "ECE", "max PSI"):
+            table.add_column(col)
+        for w in vr["windows"]:
+            psis = [d["psi"] for d in w.get("drift", {}).get("features", {}).values()
+                    if d.get("psi") is not None]
+            for h, hw in w["horizons"].items():
+                r = hw.get("realised")
+                e = hw.get("expected")
+                held = (vr["heldout"].get(h) or {}).get("auroc")
+
+                def cell(part, m):
+                    if not isinstance(part, dict) or part.get(m) is None \
+                            or part[m].get("estimate") is None:
+                        return "—"
+                    return _fmt_ci(part[m]) if part[m].get("lower") is not None else \
+                        f"{part[m]['estimate']:.3f}"
+                table.add_row(w["start"][:10], f"{h} d", str(hw.get("patients", "<10")),
+                              str(hw.get("matured_patients", "—")), str(hw.get("events") or "—"),
+                              cell(r, "auroc"),
+                              f"{held['estimate']:.3f}" if held else "—", cell(e, "auroc"),
+                              cell(r, "citl"), cell(r, "calibration_slope"), cell(r, "ece"),
+                              f"{max(psis):.3f}" if psis else "—")
+        out.print(table)
+    if report["alerts"]:
+        out.print(f"[bold red]{len(report['alerts'])} alert(s)[/] ({report['tests']} tests, "
+                  f"family-wise false-alarm rate {report.get('alpha')}):")
+        for a in report["alerts"]:
+            what = (f"{a['name']} at {a['horizon_days']} d" if a["kind"] == "metric"
+                    else f"drift of {a['name']}")
+            out.print(f"  version {a['model_version']}, {a['window_start'][:10]} to "
+                      f"{a['window_end'][:10]}: {what}: {a['value']:.3f} against "
+                      f"{a['reference']:.3f}")
+    else:
+        out.print(f"no alerts ({report['tests']} tests)")
 
 
 def _demo_twin(ev) -> tuple[int, object, float]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime, time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import Response
 
 from serving.api import schemas as S
 from serving.api.deps import Principal, Service, require
-from serving.api.responses import ERRORS, NOT_FOUND
+from serving.api.responses import ERRORS, NOT_FOUND, json_response
+from serving.errors import BadInput
 from serving.states import Action
 
 router = APIRouter()
@@ -35,6 +38,26 @@ def refresh(service: Service,
             _: Annotated[Principal, Depends(require(Action.ADMINISTER, "refresh"))]):
     """Progress of the latest re-forecast job."""
     return service.refresh_status()
+
+
+@router.get("/v1/monitoring", tags=["monitoring"], responses={**ERRORS})
+def monitoring(service: Service,
+               _: Annotated[Principal, Depends(require(Action.MONITOR, "read_monitoring"))],
+               since: Annotated[date | None, Query(
+                   description="first as-of day (UTC) of the forecasts to judge")] = None,
+               until: Annotated[date | None, Query(
+                   description="the day after the last one")] = None,
+               window_days: Annotated[int | None, Query(ge=7, le=3650)] = None) -> Response:
+    """Does the served model keep its promise?  Per model version and window of as-of
+    times: realised metrics on matured forecasts beside the held-out ones, metrics
+    *expected if calibration holds* on all of them, drift against the reference stored
+    with the version, event volume per code, this computation's alerts and the alerts
+    stored by monitoring runs (``twincast monitor``).  Auditors and admins."""
+    if since is not None and until is not None and until <= since:
+        raise BadInput("until must be after since", ["query", "until"])
+    return json_response(service.monitoring(
+        None if since is None else datetime.combine(since, time.min),
+        None if until is None else datetime.combine(until, time.min), window_days))
 
 
 @router.get("/v1/access-log", response_model=list[S.AccessOut], tags=["audit"],

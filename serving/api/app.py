@@ -26,7 +26,7 @@ from serving.runtime import BENTO_PATHS
 from serving.states import Action
 from serving.store.access import access_row
 
-LOGGED_ACTIONS = {"fhir_bundle", "bulk_events", "cds_call", "cds_feedback",
+LOGGED_ACTIONS = {"fhir_bundle", "bulk_events", "cds_call", "cds_feedback", "read_monitoring",
                   "stateless_forecast", "read_access_log", "reload", "audit_forecast"}
 log = logging.getLogger("twincast.access")
 

@@ -3,12 +3,13 @@
 ``open_store(url)`` migrates and returns a :class:`Store` whose parts are ``twins``
 (twins, events, forecasts, views), ``identities`` (external identifiers), ``keys``,
 ``access`` (the access log), ``jobs`` (served version and refresh jobs) and ``replay``
-(CDS Hooks tokens seen) and ``leases``.
+(CDS Hooks tokens seen), ``leases`` and ``alerts`` (monitoring).
 """
 
 from __future__ import annotations
 
 from serving.store.access import Access
+from serving.store.alerts import Alerts
 from serving.store.db import Database, upgrade
 from serving.store.identity import Identities
 from serving.store.jobs import Jobs
@@ -28,6 +29,7 @@ class Store:
         self.jobs = Jobs(self.db, self.twins)
         self.replay = Replay(self.db)
         self.leases = Leases(self.db)
+        self.alerts = Alerts(self.db)
 
     @property
     def sqlite(self) -> bool:

@@ -242,3 +242,24 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class MonitoringAlert(Base):
+    """An alert a monitoring run raised, with its evidence (append-only)."""
+
+    __tablename__ = "monitoring_alerts"
+    __table_args__ = (Index("ix_monitoring_alerts_model", "model_name", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    run_id: Mapped[str] = mapped_column(String(64))  # the monitoring run (MLflow run id)
+    model_name: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))  # metric | drift
+    name: Mapped[str] = mapped_column(String(255))  # the metric or feature
+    horizon_days: Mapped[int | None] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    window_end: Mapped[datetime] = mapped_column(DateTime)
+    value: Mapped[float] = mapped_column(Float)
+    reference: Mapped[float] = mapped_column(Float)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -760,6 +760,14 @@ class EventColumns:
                    np.concatenate([p.eid for p in parts]),
                    np.concatenate([p.rec for p in parts]))
 
+    def canonical(self) -> tuple[EventArrays, np.ndarray]:
+        """The canonical arrays the feature and label code read, and each event's
+        arrival time (``recorded_at``, µs) in the same order."""
+        code, cats = _codes(self.code)
+        value = self.value.astype(np.float32)
+        order = np.lexsort((value, code, self.t, self.sid))
+        return _canonical(self.sid, self.t, code, cats, value), self.rec[order]
+
     def by_subject(self) -> dict[int, EventColumns]:
         """Each twin's rows (in their order here)."""
         if len(self) == 0:
