@@ -229,7 +229,7 @@ class MonitoringMargins(_Strict):
 
     auroc: Annotated[float, Field(gt=0)] = 0.05
     brier: Annotated[float, Field(gt=0)] = 0.02
-    citl: Annotated[float, Field(gt=0)] = 0.25  # logit scale
+    citl: Annotated[float, Field(gt=0)] = 0.2  # logit scale: odds 1.22 times
     calibration_slope: Annotated[float, Field(gt=0)] = 0.25
     ece: Annotated[float, Field(gt=0)] = 0.03
 
@@ -246,7 +246,7 @@ class Monitoring(_Strict):
     margins: MonitoringMargins = Field(default_factory=MonitoringMargins)
     # drift alerts: on the model's top features, PSI above this and above its noise
     # level for the window's size
-    psi_threshold: Annotated[float, Field(gt=0)] = 0.2
+    psi_threshold: Annotated[float, Field(gt=0)] = 0.1
     top_features: Annotated[int, Field(ge=1)] = 10
     # the family-wise false-alarm rate of one monitoring run
     alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -160,7 +160,7 @@ def monitor(store: Store, task: Task, model_name: str,
         keep[rows[~policy_mask(sid[rows], as_of[rows], task)]] = False
     report["now"] = _iso(now_us)
     report["since"], report["until"] = _iso(lo), _iso(hi)
-    report["forecasts"] = {"stored": int(len(fc)), "counted": int(keep.sum()),
+    report["forecasts"] = {"stored": len(fc), "counted": int(keep.sum()),
                            "not_counted": int((~keep).sum()),
                            "rule": "the first forecast per (version, subject, as-of time), "
                                    "made within max_forecast_delay_days of its as-of time "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from serving.store.twins import EventRow
 from serving.writes import Caller, TwinInput, TwinWriter
 
 PLAYBACK_CALLER = Caller("system:playback")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC).replace(tzinfo=None)  # naive UTC, as stored
 MAX_TWINS_PER_WRITE = 500
 
 
@@ -44,7 +45,7 @@ class PlaybackResult:
 
 class _Clock:
     def __init__(self) -> None:
-        self.now = datetime(1970, 1, 1)
+        self.now = EPOCH
 
     def __call__(self) -> datetime:
         return self.now
@@ -74,7 +75,7 @@ def play(store: Store, models: ModelHolder, events: pd.DataFrame, *, step_days: 
     bucket[keep] = (when[keep] - t0) // step_us
     frame = events.assign(_bucket=bucket)[keep]
     delay = timedelta(hours=delay_hours)
-    start = datetime(1970, 1, 1) + timedelta(microseconds=t0)
+    start = EPOCH + timedelta(microseconds=t0)
     writes = n_events = steps = 0
     for b, part in frame.groupby("_bucket", sort=True):
         clock.now = start + timedelta(microseconds=(int(b) + 1) * step_us) + delay

@@ -681,7 +681,6 @@ def monitor(
 
     from serving.monitoring import VersionData
     from serving.monitoring import monitor as run_monitor
-    from training.errors import RegistryUnreachable
     from training.monitoring import log_run
     from training.registry import model_name
 
@@ -696,7 +695,7 @@ def monitor(
             try:
                 m = source.load(version)
                 cache[version] = VersionData(m.bundle, m.metrics)
-            except (RegistryUnreachable, Exception) as exc:  # noqa: BLE001 - said below
+            except Exception as exc:  # unreachable, deleted or refused: said, then judged without
                 console.print(f"[yellow]version {version}: not loaded ({type(exc).__name__})"
                               "; judged without its held-out values or reference[/]")
                 cache[version] = None

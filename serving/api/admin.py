@@ -47,7 +47,7 @@ def monitoring(service: Service,
                    description="first as-of day (UTC) of the forecasts to judge")] = None,
                until: Annotated[date | None, Query(
                    description="the day after the last one")] = None,
-               window_days: Annotated[int | None, Query(ge=7, le=3650)] = None) -> Response:
+               window_days: Annotated[int | None, Query(ge=7, le=36_500)] = None) -> Response:
     """Does the served model keep its promise?  Per model version and window of as-of
     times: realised metrics on matured forecasts beside the held-out ones, metrics
     *expected if calibration holds* on all of them, drift against the reference stored

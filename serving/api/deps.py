@@ -67,7 +67,7 @@ def authorize(request: Request, service: TwinService,
 
 
 def require(action: Action, name: str, *, twin: bool = False):
-    """A dependency that :func:`authorize`\ s the request."""
+    r"""A dependency that :func:`authorize`\ s the request."""
 
     def dependency(request: Request, service: Service,
                    credentials: Credentials) -> Principal:
