@@ -50,10 +50,20 @@ reach kidney failure over up to 13 years of follow-up.
 
 Same seed, same events, same bytes on disk.
 
+**A steady population** (``steady=True``, ``twincast simulate --steady``): patients
+enrol uniformly from 1990 to 2024 and SGLT2 inhibitors are as common in every year, so
+that after the first years (about 2000, once enrolment and exits balance) every calendar
+window of visits is drawn from the same distribution as every other — the "unshifted"
+deployment that monitoring's false-alarm rate is measured on.  The default cohort is a
+closed one (enrolment 2012–2018, SGLT2 mostly from 2019): it ages, and its later years
+really do differ from its pooled rows.
+
 **Shifts** (for monitoring: ``twincast simulate --shift egfr_assay:1.15@2021-01-01``):
 ``egfr_assay`` — from the date on, the laboratory's eGFR assay reads ``factor`` times the
-value the old assay would have given (a recalibrated creatinine method; the patients'
-kidneys are unchanged, so a model trained before it under-estimates their risk).  A
+value the old assay would have given (a recalibrated creatinine method).  The kidneys'
+true course is unchanged, but the clinic acts on what it measures — fewer visits and
+re-checks, fewer SGLT2 starts for readings above 60 — so a model trained before the
+change reads the patients as healthier than they are and under-estimates their risk.  A
 shift draws no random numbers: the same seed gives the same patients, and the same
 events before the date.
 """
@@ -74,6 +84,7 @@ ENROL_FIRST = (np.datetime64("2012-01-01", "D") - EPOCH).astype(int)
 ENROL_LAST = (np.datetime64("2018-12-31", "D") - EPOCH).astype(int)
 STUDY_END = (np.datetime64("2024-12-31", "D") - EPOCH).astype(int)
 SGLT2_ERA = (np.datetime64("2019-01-01", "D") - EPOCH).astype(int)
+STEADY_FIRST = (np.datetime64("1990-01-01", "D") - EPOCH).astype(int)
 MONTH_DAYS = 30.4375
 
 CODES = pd.DataFrame(
@@ -164,16 +175,18 @@ class Shift:
 
 
 def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
-                    shift: Shift | None = None) -> pd.DataFrame:
+                    shift: Shift | None = None, steady: bool = False) -> pd.DataFrame:
     """Simulate ``n_subjects`` CKD patients as canonical MEDS events (``shift``: a
-    documented change from a date on)."""
+    documented change from a date on; ``steady``: an open cohort in a steady state)."""
     rng = np.random.default_rng(seed)
     n = int(n_subjects)
     sid = np.arange(first_subject_id, first_subject_id + n, dtype=np.int64)
     ev = _Events()
     day_us = US_PER_DAY
 
-    enrol = rng.integers(ENROL_FIRST, ENROL_LAST + 1, n)
+    enrol_first = STEADY_FIRST if steady else ENROL_FIRST
+    sglt2_era = STEADY_FIRST if steady else SGLT2_ERA
+    enrol = rng.integers(enrol_first, (STUDY_END if steady else ENROL_LAST + 1), n)
     age0 = np.clip(rng.normal(63, 12, n), 25, 90)
     female = rng.random(n) < 0.47
     diabetes = rng.random(n) < _sigmoid(-0.9 + 0.03 * (age0 - 60))
@@ -203,7 +216,7 @@ def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
 
     in_study = np.ones(n, dtype=bool)
     ended = np.zeros(n, dtype=bool)  # by ESKD, death or loss to follow-up
-    months = int(np.ceil((STUDY_END - ENROL_FIRST) / MONTH_DAYS)) + 1
+    months = int(np.ceil((STUDY_END - enrol_first) / MONTH_DAYS)) + 1
     for m in range(months):
         start = enrol + m * MONTH_DAYS
         active = in_study & (start <= STUDY_END)
@@ -267,7 +280,7 @@ def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
         if m > 0:
             u = rng.random((2, k))
             start_ace = v & ~on_ace[idx] & (htn[idx] | (log_uacr[idx] > np.log(30))) & (u[0] < 0.12)
-            era = np.where(vday >= SGLT2_ERA, 1.0, 0.2)
+            era = np.where(vday >= sglt2_era, 1.0, 0.2)
             start_sglt2 = (v & ~on_sglt2[idx] & (diabetes[idx] | (seen < 60))
                            & (u[1] < 0.06 * era))
             on_ace[idx[start_ace]] = True

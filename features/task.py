@@ -254,6 +254,9 @@ class Monitoring(_Strict):
     # a forecast made longer than this after its as-of time (a refresh's re-forecast of
     # an old as-of time) is not foresight and is not counted
     max_forecast_delay_days: Annotated[float, Field(ge=0)] = 30.0
+    # a forecast matures this long after its horizon ends: outcomes dated just before
+    # the end may still be on their way
+    outcome_lag_days: Annotated[float, Field(ge=0)] = 30.0
     # drift is measured on at most this many patients per window (a seeded sample)
     drift_sample: Annotated[int, Field(ge=100)] = 20_000
 

@@ -48,6 +48,7 @@ class TwinService:
         self.cds_verifier: Any = None  # serving.cds.Verifier, set by the wiring
         self.registry_state = "ok"  # or "unreachable", as the last look at the alias found
         self._next_anchor = time.monotonic() + config.anchor_seconds
+        self._monitored: dict[str, Any] = {}  # earlier versions' bundles, for monitoring
 
     @property
     def task_name(self) -> str:
@@ -61,15 +62,20 @@ class TwinService:
         from serving.monitoring import VersionData, monitor
 
         model = self.models.current()
+        cache = self._monitored  # versions do not change once registered
 
         def version_data(version: str) -> VersionData | None:
-            try:
-                loaded = model if version == model.version else self.source.load(version)
-            except Exception as exc:  # a version gone from the registry: no reference
-                log.warning("monitoring: version %s could not be loaded (%s)", version,
-                            type(exc).__name__)
-                return None
-            return VersionData(loaded.bundle, loaded.metrics)
+            if version == model.version:
+                return VersionData(model.bundle, model.metrics)
+            if version not in cache:
+                try:
+                    loaded = self.source.load(version)
+                    cache[version] = VersionData(loaded.bundle, loaded.metrics)
+                except Exception as exc:  # gone from the registry, or refused: no reference
+                    log.warning("monitoring: version %s could not be loaded (%s)", version,
+                                type(exc).__name__)
+                    return None
+            return cache[version]
 
         report = monitor(self.store, model.bundle.task, model.name, version_data,
                          since=since, until=until, window_days=window_days)

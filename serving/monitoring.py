@@ -25,6 +25,7 @@ import pandas as pd
 from features.events import NAT_US, EventArrays
 from features.labels import labels_at, policy_mask, subject_summary
 from features.task import Task
+from serving.errors import BadInput
 from serving.store import Store
 from serving.store.twins import EventColumns
 from training import monitoring as MON
@@ -100,16 +101,21 @@ def known_after(arrays: EventArrays, rec: np.ndarray, subject_id: np.ndarray,
         return out
     ev = pd.DataFrame({"subject_id": arrays.subject_id[timed], "t": arrays.time_us[timed],
                        "rec": rec[timed]})
-    # the earliest arrival from each event on (later-dated events included), per subject
+    # per (subject, time): the earliest arrival at that time; then, over a subject's
+    # distinct times from the last back, the earliest arrival from each time on
+    ev = ev.groupby(["subject_id", "t"], sort=True, as_index=False)["rec"].min()
     ev["later_rec"] = ev.iloc[::-1].groupby("subject_id")["rec"].cummin().iloc[::-1]
     q = pd.DataFrame({"subject_id": subject_id, "t": as_of_us, "row": np.arange(subject_id.size)})
-    merged = pd.merge_asof(q.sort_values("t"), ev.sort_values("t")[["subject_id", "t",
-                                                                     "later_rec"]],
+    merged = pd.merge_asof(q.sort_values("t", kind="stable"),
+                           ev.sort_values("t", kind="stable")[["subject_id", "t", "later_rec"]],
                            on="t", by="subject_id", direction="forward",
                            allow_exact_matches=False)
     hit = merged["later_rec"].notna().to_numpy()
     out[merged["row"].to_numpy()[hit]] = merged["later_rec"].to_numpy()[hit].astype(np.int64)
     return out
+
+
+MAX_WINDOWS = 2_000
 
 
 def windows_of(start_us: int, end_us: int, days: int) -> list[tuple[int, int]]:
@@ -151,45 +157,88 @@ def monitor(store: Store, task: Task, model_name: str,
     created = fc["created_us"].to_numpy()
     version = fc["version"].to_numpy(dtype=object)
     keep = MON.counted(version, sid, as_of, created, after, cfg.max_forecast_delay_days)
-    lo = _us(since) if since is not None else int(as_of[keep].min()) if keep.any() else 0
-    hi = _us(until) if until is not None else now_us + 1
-    keep &= (as_of >= lo) & (as_of < hi)
-    # the task's prediction-time policy, as training chose its rows (per version)
+    # eligible on the history as it stands: an outcome, competing event or death dated
+    # at or before the as-of time that arrived after the forecast leaves it out (training
+    # has no such row)
+    summary = subject_summary(arrays, task)
+    known = _eligible_now(summary, sid, as_of)
+    late_outcome = keep & ~known
+    keep &= known
+    # the task's prediction-time policy, as training chose its rows (per version, over
+    # all its forecasts: the choice does not depend on the window asked for)
     for v in set(version[keep].tolist()):
         rows = np.flatnonzero(keep & (version == v))
         keep[rows[~policy_mask(sid[rows], as_of[rows], task)]] = False
+    day = MON.US_PER_DAY
+    first = int(as_of[keep].min()) if keep.any() else now_us
+    lo = _us(since) if since is not None else first // day * day  # UTC midnight
+    hi = _us(until) if until is not None else now_us + 1
+    if hi <= lo:
+        raise BadInput("until must be after since", ["query", "until"])
+    if (hi - lo) / (window_days * day) > MAX_WINDOWS:
+        raise BadInput(f"more than {MAX_WINDOWS:,} windows of {window_days} days: choose a "
+                       "longer window or a shorter span", ["query", "window_days"])
+    in_span = (as_of >= lo) & (as_of < hi)
+    keep &= in_span
     report["now"] = _iso(now_us)
     report["since"], report["until"] = _iso(lo), _iso(hi)
     report["forecasts"] = {"stored": len(fc), "counted": int(keep.sum()),
                            "not_counted": int((~keep).sum()),
+                           "outcome_known_before_as_of": int(late_outcome.sum()),
                            "rule": "the first forecast per (version, subject, as-of time), "
                                    "made within max_forecast_delay_days of its as-of time "
-                                   "and before anything later was known; then the task's "
-                                   "prediction-time policy (min_gap_days), as training "
-                                   "chose its rows"}
+                                   "and before anything later was known, still eligible on "
+                                   "the history as it stands; then the task's prediction-"
+                                   "time policy (min_gap_days), as training chose its rows"}
     if not keep.any():
         return report
     idx = np.flatnonzero(keep)
-    sid, as_of, version = sid[idx], as_of[idx], version[idx]
     risks = fc["risks"].to_numpy(dtype=object)[idx]
-    say(f"labelling {idx.size:,} counted forecasts")
-    summary = subject_summary(arrays, task)
-    labels = labels_at(arrays, task, sid, as_of, summary)
     horizons = list(task.horizons_days)
     risk = np.array([[r.get(f"{h}d", np.nan) if isinstance(r, dict) else np.nan
                       for h in horizons] for r in risks], dtype=np.float64)
+    say(f"labelling {idx.size:,} counted forecasts")
+    report.update(judge(task, arrays, sid[idx], as_of[idx], version[idx], risk, version_data,
+                        lo=lo, hi=hi, now_us=now_us, window_days=window_days, say=say,
+                        summary=summary))
+    return report
+
+
+def judge(task: Task, arrays: EventArrays, sid: np.ndarray, as_of: np.ndarray,
+          version: np.ndarray, risk: np.ndarray,
+          version_data: Callable[[str], VersionData | None], *, lo: int, hi: int,
+          now_us: int, window_days: int, say: Callable[[str], None] = lambda _m: None,
+          summary: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The judged part of the report, from counted forecasts (subject, as-of time,
+    version, risks per horizon) and the histories: per version and window, realised,
+    expected and drift; then the run's alerts."""
+    cfg = MON.settings_of(task)
+    summary = subject_summary(arrays, task) if summary is None else summary
+    labels = labels_at(arrays, task, sid, as_of, summary)
+    horizons = list(task.horizons_days)
     tests: list[MON.Test] = []
+    versions = {}
     for v in sorted(set(version.tolist()), key=_version_key):
         data = version_data(v)
         in_v = version == v
-        report["versions"][v] = _version_report(
+        versions[v] = _version_report(
             v, data, task, cfg, arrays, sid[in_v], as_of[in_v], risk[in_v],
             labels[in_v].reset_index(drop=True), horizons, lo, hi, now_us, window_days,
             tests, say)
-    report["tests"] = len(tests)
-    report["alerts"] = MON.decide_alerts(tests, cfg)
-    report["alpha"] = cfg.alpha
-    return report
+    return {"versions": versions, "tests": len(tests),
+            "alerts": MON.decide_alerts(tests, cfg), "alpha": cfg.alpha}
+
+
+def _eligible_now(summary: pd.DataFrame, sid: np.ndarray, as_of: np.ndarray) -> np.ndarray:
+    """No outcome, competing event or death dated at or before each as-of time."""
+    subj = summary["subject_id"].to_numpy()
+    pos = np.minimum(np.searchsorted(subj, sid), max(subj.size - 1, 0))
+    if subj.size == 0:
+        return np.ones(sid.size, dtype=bool)
+    known = subj[pos] == sid
+    first = np.minimum.reduce([summary[c].to_numpy()[pos] for c in
+                               ("outcome_us", "competing_us", "death_us")])
+    return ~known | (first > as_of)
 
 
 def _version_key(v: str) -> tuple[int, str]:
@@ -202,18 +251,18 @@ def _version_report(v, data: VersionData | None, task: Task, cfg, arrays: EventA
     metrics = data.metrics if data is not None else {}
     reference = getattr(data.bundle, "reference", None) if data is not None else None
     out: dict[str, Any] = {
-        "forecasts": int(sid.size), "patients": int(np.unique(sid).size),
+        "forecasts": _count(int(sid.size)), "patients": _count(int(np.unique(sid).size)),
         "heldout": {str(h): {m: _heldout(metrics, m, h) for m in MON.REALISED_METRICS}
                     for h in horizons},
         "reference": "stored with the version" if reference else
                      "none: this version was trained before monitoring (no drift)",
         "windows": []}
     feats = None
-    first_rows = _one_per_patient(sid, as_of, lo, window_days, cfg.drift_sample)
+    first_rows = _drift_rows(sid, as_of, lo, window_days, cfg.drift_sample)
     if reference and data is not None and first_rows.size:
         names = data.bundle.spec.feature_names
         wanted = [n for n in reference["top_features"] if n in names]
-        say(f"version {v}: features of {first_rows.size:,} window patients for drift")
+        say(f"version {v}: features of {first_rows.size:,} forecasts for drift")
         x = data.bundle.features_for(arrays, sid[first_rows], as_of[first_rows])
         feats = {n: x[:, names.index(n)] for n in wanted}
         row_of = {int(r): k for k, r in enumerate(first_rows)}
@@ -222,12 +271,14 @@ def _version_report(v, data: VersionData | None, task: Task, cfg, arrays: EventA
         if not in_w.any():
             continue
         window: dict[str, Any] = {"start": _iso(w0), "end": _iso(w1),
-                                  "forecasts": int(in_w.sum()),
-                                  "patients": int(np.unique(sid[in_w]).size),
+                                  "forecasts": _count(int(in_w.sum())),
+                                  "patients": _count(int(np.unique(sid[in_w]).size)),
                                   "horizons": {}}
         rows = np.flatnonzero(in_w)
         for i, h in enumerate(horizons):
-            matured = as_of[rows] + h * MON.US_PER_DAY <= now_us
+            # matured: the horizon has passed, and the outcome lag after it (outcomes
+            # dated just before the horizon's end may still be on their way)
+            matured = as_of[rows] + (h + cfg.outcome_lag_days) * MON.US_PER_DAY <= now_us
             hw = MON.horizon_window(risk[rows, i], sid[rows], labels.iloc[rows], matured, h,
                                     n_boot=cfg.n_bootstrap, seed=w0 % (2**31) + h)
             window["horizons"][str(h)] = _horizon_json(hw)
@@ -250,28 +301,35 @@ def _version_report(v, data: VersionData | None, task: Task, cfg, arrays: EventA
         if feats is not None:
             pick = [row_of[int(r)] for r in first_rows if w0 <= as_of[r] < w1]
             window["drift"] = _drift(v, window, reference, feats, pick,
-                                     risk[first_rows][pick], horizons, cfg, tests)
+                                     risk[first_rows][pick],
+                                     int(np.unique(sid[first_rows][pick]).size), horizons,
+                                     cfg, tests)
         window["volume"] = _volume(arrays, w0, w1)
         out["windows"].append(window)
     return out
 
 
-def _one_per_patient(sid, as_of, lo, days, cap) -> np.ndarray:
-    """Per window, one counted forecast per patient, chosen at random (seeded) as the
-    reference chose one training row per patient, so the two compare like with like (at
-    most ``cap`` patients per window, a seeded sample): the rows drift is measured on."""
+def _drift_rows(sid, as_of, lo, days, cap) -> np.ndarray:
+    """The counted forecasts drift is measured on: all of a window's (rows, as the
+    reference's shares are of training rows), from at most ``cap`` of its patients (a
+    seeded sample)."""
     if sid.size == 0:
         return np.empty(0, dtype=np.int64)
     rng = np.random.default_rng(0)
     w = (as_of - lo) // (days * MON.US_PER_DAY)
-    order = np.lexsort((rng.random(sid.size), sid, w))
-    first = np.r_[True, (w[order][1:] != w[order][:-1]) | (sid[order][1:] != sid[order][:-1])]
-    rows = order[first]
     out = []
-    for k in np.unique(w[rows]):
-        r = rows[w[rows] == k]
-        out.append(r if r.size <= cap else rng.choice(r, cap, replace=False))
+    for k in np.unique(w):
+        rows = np.flatnonzero(w == k)
+        patients = np.unique(sid[rows])
+        if patients.size > cap:
+            rows = rows[np.isin(sid[rows], rng.choice(patients, cap, replace=False))]
+        out.append(rows)
     return np.sort(np.concatenate(out))
+
+
+def _count(n: int) -> int | str:
+    """A count as published: under 10 (and above 0) it says so, not how many."""
+    return n if n == 0 or n >= MON.MIN_CELL else f"<{MON.MIN_CELL}"
 
 
 def _heldout(metrics: dict[str, float], m: str, h: int) -> dict[str, float] | None:
@@ -285,34 +343,43 @@ def _heldout(metrics: dict[str, float], m: str, h: int) -> dict[str, float] | No
 def _horizon_json(hw: MON.HorizonWindow) -> dict[str, Any]:
     d = asdict(hw)
     if hw.patients < MON.MIN_CELL:
-        return {"horizon": hw.horizon, "result": INSUFFICIENT}
+        return {"horizon": hw.horizon, "result": INSUFFICIENT, "patients": _count(hw.patients)}
     if hw.matured_patients < MON.MIN_CELL:
         d["realised"] = d["realised_patients"] = INSUFFICIENT
         d["expected_on_matured"] = INSUFFICIENT
-        d["matured_patients"] = f"<{MON.MIN_CELL}" if hw.matured_patients else 0
-        d["matured_forecasts"] = d["events"] = None
+    for k in ("forecasts", "patients", "matured_forecasts", "matured_patients", "events"):
+        d[k] = _count(d[k])
     return MON._finite(d)
 
 
-def _drift(v, window, reference, feats, pick, risk, horizons, cfg, tests) -> dict[str, Any]:
-    n = len(pick)
+def _drift(v, window, reference, feats, pick, risk, n, horizons, cfg, tests
+           ) -> dict[str, Any]:
+    """Drift of the window's forecasts (``n`` patients: the noise level's sample size)."""
     if n < MON.MIN_CELL:
         return {"result": INSUFFICIENT}
     out: dict[str, Any] = {"patients": n, "features": {}, "risks": {}}
     span = (window["start"], window["end"])
     for name, col in feats.items():
-        d = MON.drift(col[pick], reference["features"][name])
-        out["features"][name] = MON._finite(d)
+        d = MON.drift(col[pick], reference["features"][name], n)
+        out["features"][name] = _published(d)
         if n >= cfg.min_patients:
             tests.append(MON.Test("drift", v, span, name, None, d["psi"], 0.0, d))
     for i, h in enumerate(horizons):
         prof = reference["risks"].get(str(h))
         if prof is None:
             continue
-        d = MON.drift(risk[:, i], prof)
-        out["risks"][str(h)] = MON._finite(d)
+        d = MON.drift(risk[:, i], prof, n)
+        out["risks"][str(h)] = _published(d)
         if n >= cfg.min_patients:
             tests.append(MON.Test("drift", v, span, f"risk_{h}d", h, d["psi"], 0.0, d))
+    return out
+
+
+def _published(d: dict[str, Any]) -> dict[str, Any]:
+    """A drift result as published: a missing share of fewer than 10 patients is not."""
+    out = MON._finite(d)
+    if out.get("missing_now") and 0 < out["missing_now"] * d["n"] < MON.MIN_CELL:
+        out["missing_now"] = f"<{MON.MIN_CELL} patients"
     return out
 
 

@@ -73,7 +73,10 @@ class LightGBMHorizon:
     def predictor(self) -> TreePredictor | None:
         """The tree walk, built once per loaded model (not pickled)."""
         if "_walk" not in self.__dict__:
-            self.__dict__["_walk"] = TreePredictor.from_booster(self.booster_)
+            walk = TreePredictor.from_booster(self.booster_)
+            if walk is not None:  # compiled (or its cache loaded) now, not on a request
+                walk.predict(np.zeros((1, walk.n_features), dtype=np.float32))
+            self.__dict__["_walk"] = walk
         return self.__dict__["_walk"]
 
     def contributions(self, x: np.ndarray) -> np.ndarray:

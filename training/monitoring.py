@@ -19,21 +19,24 @@ Pure computation over arrays (``serving.monitoring`` reads the store and calls i
   performance estimation"; AUPRC as a ratio of expectations).  Calibration itself is
   what this estimate assumes, so it is never estimated; no alert fires on an estimate.
 * **Drift**: per top feature, the population stability index (PSI) of the window's
-  patients (one counted forecast each, chosen at random as the reference chose one
-  training row per patient: rows independent, like compared with like)
+  counted forecasts (their shares, as the reference's are of training rows; the sample
+  size behind the noise level is the patients, since one patient's rows are not
+  independent)
   against the reference stored with the model version at training time (decile bins of
   the training split, plus a bin for missing), a chi-square two-sample test on the same
   bins, and the change in missingness; the same for each horizon's predicted risk
   against the held-out risks.
 * **Alerts** (:func:`decide_alerts`), Bonferroni-corrected over every test one run makes
   so that its family-wise false-alarm rate stays at ``alpha``:
-  a realised metric whose difference from the version's held-out value is beyond the
-  task's margin with confidence (a subject bootstrap of the window, the held-out
-  interval's spread, a normal interval at the corrected level), judged only in windows
+  a realised metric worse than the version's held-out value by more than the task's
+  margin (AUROC lower, Brier score or ECE higher, calibration either way) with
+  confidence (a subject bootstrap of the window, the held-out interval's spread, a
+  normal interval at the corrected level), judged only in windows
   with ``min_patients`` matured patients and ``min_events`` outcomes; a drift whose PSI
   is above ``psi_threshold`` *and* above the PSI that noise reaches at the corrected
   level for the two samples' sizes — PSI of pure noise is about (1/n1 + 1/n2) times a
-  chi-square with (bins − 1) degrees of freedom.
+  chi-square with (bins − 1) degrees of freedom.  The chi-square test's p-value and the
+  missingness are reported as evidence; the alert is the PSI's.
 """
 
 from __future__ import annotations
@@ -71,40 +74,43 @@ def reference_profile(x: np.ndarray, subject_id: np.ndarray, names: list[str],
                       seed: int = 0) -> dict[str, Any]:
     """What drift is measured against, stored with the model version: per feature (the
     ``top`` most important first, then the rest), decile edges of the training split's
-    values and each bin's share, missing included; the same for each horizon's held-out
-    risk.  One row per patient (a seeded choice), so the shares are of patients; edges
-    are rounded to 4 significant digits (no patient's exact value is stored)."""
-    rows = _one_per_subject(subject_id, seed)
+    rows and each bin's share of them, missing included; the same for each horizon's
+    held-out risk.  Shares are of rows — a window's patients, one forecast each, are
+    visits of the population as the training rows are — and the sample size that the
+    noise level uses is the number of patients (rows of one patient are not
+    independent), which errs on the side of fewer alarms.  No bin holds fewer than 10
+    rows (neighbours are merged; a missing share under 10 rows is stored as 10 rows),
+    and edges are rounded to 4 significant digits: quantiles, not patients' rows."""
     order = np.argsort(-np.asarray(importance, dtype=np.float64), kind="stable")
-    features = {}
-    for j in order:
-        features[names[j]] = _profile(x[rows, j])
-    risk_rows = _one_per_subject(heldout_subject, seed)
-    risks = {str(h): _profile(heldout_risk[risk_rows, i]) for i, h in enumerate(horizons)}
-    return {"version": 1, "n_patients": int(rows.size), "bins": REFERENCE_BINS,
+    n_subjects = int(np.unique(subject_id).size)
+    features = {names[j]: _profile(x[:, j], n_subjects) for j in order}
+    n_risk = int(np.unique(heldout_subject).size)
+    risks = {str(h): _profile(heldout_risk[:, i], n_risk) for i, h in enumerate(horizons)}
+    return {"version": 2, "n_patients": n_subjects, "bins": REFERENCE_BINS,
             "top_features": [names[j] for j in order[:top]], "features": features,
-            "risks": risks, "n_risk_patients": int(risk_rows.size)}
+            "risks": risks, "n_risk_patients": n_risk}
 
 
-def _one_per_subject(subject_id: np.ndarray, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(subject_id.size)
-    _, first = np.unique(np.asarray(subject_id)[shuffled], return_index=True)
-    return np.sort(shuffled[first])
-
-
-def _profile(values: np.ndarray) -> dict[str, Any]:
+def _profile(values: np.ndarray, n_patients: int) -> dict[str, Any]:
     v = np.asarray(values, dtype=np.float64)
     present = v[~np.isnan(v)]
-    bins = min(REFERENCE_BINS, present.size // MIN_CELL)  # no bin of fewer than 10
+    bins = min(REFERENCE_BINS, present.size // MIN_CELL)
+    edges = np.empty(0)
     if bins >= 2:
         q = np.quantile(present, np.linspace(0, 1, bins + 1)[1:-1])
         edges = np.unique(np.array([float(f"{e:.4g}") for e in q]))
-    else:
-        edges = np.empty(0)
+        # ties can leave a bin nearly empty: merge it into a neighbour
+        counts = _bin_counts(present, edges)[:-1]
+        while edges.size and counts.min() < MIN_CELL:
+            k = int(np.argmin(counts))
+            edges = np.delete(edges, min(k, edges.size - 1))
+            counts = _bin_counts(present, edges)[:-1]
     counts = _bin_counts(v, edges)
-    return {"edges": edges.tolist(), "shares": (counts / max(v.size, 1)).tolist(),
-            "missing": float(np.isnan(v).mean()) if v.size else 0.0, "n": int(v.size)}
+    if 0 < counts[-1] < MIN_CELL:
+        counts[-1] = MIN_CELL  # "fewer than 10": stored as 10
+    total = max(float(counts.sum()), 1.0)
+    return {"edges": edges.tolist(), "shares": (counts / total).tolist(),
+            "missing": float(counts[-1] / total), "rows": int(total), "n": int(n_patients)}
 
 
 def _bin_counts(v: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -132,7 +138,8 @@ def counted(version: np.ndarray, subject_id: np.ndarray, as_of_us: np.ndarray,
     c, s, a = codes[order], subject_id[order], as_of_us[order]
     first = np.r_[True, (c[1:] != c[:-1]) | (s[1:] != s[:-1]) | (a[1:] != a[:-1])]
     keep[order[first]] = True
-    keep &= created_us - as_of_us <= max_delay_days * US_PER_DAY
+    delay = created_us - as_of_us
+    keep &= (delay >= 0) & (delay <= max_delay_days * US_PER_DAY)
     keep &= created_us < known_after_us
     return keep
 
@@ -213,26 +220,29 @@ def horizon_window(risk: np.ndarray, subject_id: np.ndarray, labels, matured: np
 
 
 # ---------------------------------------------------------------------- drift
-def drift(values: np.ndarray, profile: dict[str, Any]) -> dict[str, float]:
-    """PSI, chi-square two-sample p-value and missingness of ``values`` (one per
-    patient) against a reference profile's bins."""
+def drift(values: np.ndarray, profile: dict[str, Any], n_patients: int | None = None
+          ) -> dict[str, float]:
+    """PSI, chi-square two-sample p-value and missingness of ``values`` (forecasts of
+    ``n_patients`` patients, default one each) against a reference profile's bins; the
+    samples' sizes are their patients (rows of one patient are not independent)."""
     v = np.asarray(values, dtype=np.float64)
     edges = np.asarray(profile["edges"], dtype=np.float64)
     cur = _bin_counts(v, edges)
-    n_ref, n_cur = int(profile["n"]), int(v.size)
+    n_ref = int(profile["n"])
+    n_cur = int(v.size if n_patients is None else n_patients)
     ref_share = np.asarray(profile["shares"], dtype=np.float64)
-    cur_share = cur / max(n_cur, 1)
+    cur_share = cur / max(v.size, 1)
     p, q = np.maximum(cur_share, PSI_FLOOR), np.maximum(ref_share, PSI_FLOOR)
     psi = float(((p - q) * np.log(p / q)).sum())
     used = (ref_share > 0) | (cur > 0)
-    table = np.vstack([ref_share[used] * n_ref, cur[used]])
+    table = np.vstack([ref_share[used] * n_ref, cur_share[used] * n_cur])
     if table.shape[1] > 1 and n_cur > 0:
         pval = stats.chi2_contingency(table, correction=False)[1]
     else:
         pval = 1.0
     return {"psi": psi, "chi2_p": float(pval), "bins": int(used.sum()),
             "missing_reference": float(profile["missing"]),
-            "missing_now": float(np.isnan(v).mean()) if n_cur else float("nan"),
+            "missing_now": float(np.isnan(v).mean()) if v.size else float("nan"),
             "n_reference": n_ref, "n": n_cur}
 
 
@@ -258,8 +268,23 @@ class Test:
     evidence: dict[str, Any]
 
 
+# which way a metric must move to be worse: +1 higher is worse, -1 lower, 0 either way
+WORSE = {"auroc": -1, "brier": 1, "ece": 1, "citl": 0, "calibration_slope": 0}
+
+
+def can_fire(t: Test) -> bool:
+    """A metric test without a standard error on either side cannot alert (nor count)."""
+    return t.kind != "metric" or bool(
+        np.isfinite(t.evidence["se_realised"]) and np.isfinite(t.evidence["se_reference"]))
+
+
 def decide_alerts(tests: list[Test], settings: Monitoring) -> list[dict[str, Any]]:
-    """The tests that alert, with their evidence, Bonferroni-corrected over ``tests``."""
+    """The tests that alert, with their evidence, Bonferroni-corrected over the tests
+    that can alert.  A metric alerts when it is worse than held-out by more than the
+    margin (AUROC lower; Brier score and ECE higher; calibration-in-the-large and slope
+    either way), with confidence; a drift when its PSI is above the threshold and above
+    the PSI of pure noise at the corrected level (its chi-square p-value is evidence)."""
+    tests = [t for t in tests if can_fire(t)]
     m = max(len(tests), 1)
     level = 1 - settings.alpha / m
     z = float(stats.norm.ppf(1 - settings.alpha / (2 * m)))
@@ -271,7 +296,8 @@ def decide_alerts(tests: list[Test], settings: Monitoring) -> list[dict[str, Any
             diff = t.value - t.reference
             se = float(np.hypot(e["se_realised"], e["se_reference"]))
             lo, hi = diff - z * se, diff + z * se
-            fire = np.isfinite(se) and (lo > margin or hi < -margin)
+            worse = WORSE[t.name]
+            fire = (lo > margin and worse >= 0) or (hi < -margin and worse <= 0)
             e.update({"difference": diff, "interval": [lo, hi], "margin": margin,
                       "confidence": level})
         else:

@@ -14,9 +14,11 @@ follows LightGBM's own code exactly, so the result is the same double:
   (``GBDT::PredictRaw``); the probability is ``1 / (1 + exp(-sigmoid * raw))``
   (``BinaryLogloss::ConvertOutput``).
 
-A booster with categorical or linear trees, or another objective, is left to LightGBM
-(``from_booster`` returns None).  ``tests/training/test_treepredict.py`` holds the two
-equal, bit for bit, on the served models and on random trees with missing values.
+A booster with categorical or linear trees, a random forest (averaged trees) or another
+objective is left to LightGBM (``from_booster`` returns None).
+``tests/training/test_treepredict.py`` holds the two equal, bit for bit, on trees with
+missing values of every missing type, zeros at LightGBM's zero threshold, deep paths and
+stumps.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class TreePredictor:
     def from_booster(cls, booster: Any) -> TreePredictor | None:
         dump = booster.dump_model()
         m = _BINARY.match(str(dump.get("objective", "")).strip())
-        if m is None or dump.get("num_tree_per_iteration", 1) != 1:
+        if m is None or dump.get("num_tree_per_iteration", 1) != 1 \
+                or dump.get("average_output"):  # a random forest averages its trees
             return None
         sigmoid = float(m.group("sigmoid") or 1.0)
         cols: dict[str, list] = {k: [] for k in ("feature", "threshold", "default_left",
@@ -53,6 +56,8 @@ class TreePredictor:
         def visit(node: dict) -> int:
             """The node's index (a leaf: ~its index among the leaves)."""
             if "split_index" not in node:
+                if "leaf_coeff" in node:  # a linear tree: its leaves are models
+                    raise _Unsupported
                 leaves.append(float(node["leaf_value"]))
                 return ~(len(leaves) - 1)
             if node.get("decision_type") != "<=":
@@ -70,8 +75,6 @@ class TreePredictor:
 
         try:
             for tree in dump["tree_info"]:
-                if tree.get("is_linear"):
-                    return None
                 roots.append(visit(tree["tree_structure"]))
         except (_Unsupported, KeyError):
             return None

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 MAX_TABLE_BYTES = 64 * 2**20
-ZERO_THRESHOLD = 1e-35  # LightGBM's kZeroThreshold
+ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM's kZeroThreshold, a float: 1e-35f
 MISSING = {"None": 0, "Zero": 1, "NaN": 2}
 
 

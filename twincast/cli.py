@@ -76,6 +76,9 @@ def simulate(
     shift: Annotated[str | None, typer.Option(help=(
         "a documented change from a date on, KIND:FACTOR@YYYY-MM-DD: egfr_assay:1.15@2021-01-01 "
         "(the eGFR assay reads 15% high from 2021); for monitoring demos"))] = None,
+    steady: Annotated[bool, typer.Option(help=(
+        "an open cohort in a steady state (enrolment 1990-2024): every calendar window "
+        "alike, as monitoring's false-alarm rate is measured on"))] = False,
     overwrite: bool = False,
 ) -> None:
     """Write a synthetic CKD cohort (the embedded default) as a MEDS directory."""
@@ -89,10 +92,10 @@ def simulate(
             raise typer.BadParameter(str(exc), param_hint="--shift") from None
         t0 = time.perf_counter()
         events = simulate_cohort(subjects, seed=seed, first_subject_id=first_subject_id,
-                                 shift=change)
+                                 shift=change, steady=steady)
         version = f"subjects={subjects},seed={seed}" + (
             f",first={first_subject_id}" if first_subject_id != 1 else "") + (
-            f",shift={shift}" if change else "")
+            f",shift={shift}" if change else "") + (",steady" if steady else "")
         write_meds(events, out_dir, shard_subjects=shard_subjects, codes=CODES,
                    overwrite=overwrite, dataset={
                        "dataset_name": "twincast-synthetic-ckd",
@@ -622,6 +625,9 @@ def twins_replay(
                                              "this many days")] = 7.0,
     delay_hours: Annotated[float, typer.Option(min=0, help="reporting delay after each "
                                                "step")] = 24.0,
+    into_existing: Annotated[bool, typer.Option(help=(
+        "play into a store that already holds twins (its rows would carry simulated "
+        "times beside real ones: for test stores only)"))] = False,
 ) -> None:
     """Play a cohort through the write path in time order under a simulated clock: each
     step's events arrive together and every twin is forecast at once, as a deployed
@@ -637,6 +643,13 @@ def twins_replay(
     with _errors():
         ev = read_events(events)
         service = build_service(settings.serving(), start=False)
+        with service.store.read() as s:
+            occupied = service.store.twins.any_twin(s)
+        if occupied and not into_existing:
+            console.print("[bold red]error:[/] the twin store is not empty: a replay writes "
+                          "simulated arrival and forecast times; use an empty store "
+                          "(TWINCAST_DATABASE_URL) or pass --into-existing")
+            raise typer.Exit(2)
         service.models.follow_champion("replay")
         with _progress("replaying", steps_of(ev, step_days)) as bar:
             job = bar.add_task("replaying", total=steps_of(ev, step_days))
@@ -706,7 +719,14 @@ def monitor(
         if champion is None:
             console.print(f"[bold red]error:[/] {name} has no champion: nothing is served")
             raise typer.Exit(2)
-        task_obj = version_data(champion).bundle.task
+        served = version_data(champion)
+        if served is None:
+            console.print(f"[bold red]error:[/] the champion ({name} version {champion}) "
+                          "could not be loaded: its task says what to monitor")
+            raise typer.Exit(2)
+        if since is not None and until is not None and until <= since:
+            raise typer.BadParameter("--until must be after --since", param_hint="--until")
+        task_obj = served.bundle.task
         store = _store()
         report = run_monitor(store, task_obj, name, version_data, since=since, until=until,
                              window_days=_days(window) if window else None,
@@ -729,8 +749,9 @@ def _print_monitoring(report: dict) -> None:
               f"forecasts count (first per version, subject and as-of time; made as "
               f"foresight); data as of {report.get('now')}; labels {report['labels']}")
     for v, vr in report["versions"].items():
-        table = Table(title=f"version {v}: realised on matured forecasts (patient-weighted, "
-                            f"95% subject-bootstrap) · expected = {report['estimate_label']}")
+        table = Table(title=f"version {v}: realised on matured forecasts (every forecast "
+                            f"weighing the same, as held-out rows; 95% subject-bootstrap) · "
+                            f"expected = {report['estimate_label']}")
         for col in ("window", "horizon", "patients", "matured", "events", "AUROC",
                     "held-out", "expected AUROC", "CITL", "slope", "ECE", "max PSI"):
             table.add_column(col)

@@ -40,24 +40,38 @@ def refresh(service: Service,
     return service.refresh_status()
 
 
+DAY = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+
+
 @router.get("/v1/monitoring", tags=["monitoring"], responses={**ERRORS})
 def monitoring(service: Service,
                _: Annotated[Principal, Depends(require(Action.MONITOR, "read_monitoring"))],
-               since: Annotated[date | None, Query(
-                   description="first as-of day (UTC) of the forecasts to judge")] = None,
-               until: Annotated[date | None, Query(
-                   description="the day after the last one")] = None,
+               since: Annotated[str | None, Query(
+                   pattern=DAY, json_schema_extra={"format": "date"},
+                   description="first as-of day (UTC, YYYY-MM-DD) of the forecasts to judge")
+               ] = None,
+               until: Annotated[str | None, Query(
+                   pattern=DAY, json_schema_extra={"format": "date"},
+                   description="the day after the last one (YYYY-MM-DD)")] = None,
                window_days: Annotated[int | None, Query(ge=7, le=36_500)] = None) -> Response:
     """Does the served model keep its promise?  Per model version and window of as-of
     times: realised metrics on matured forecasts beside the held-out ones, metrics
     *expected if calibration holds* on all of them, drift against the reference stored
     with the version, event volume per code, this computation's alerts and the alerts
     stored by monitoring runs (``twincast monitor``).  Auditors and admins."""
-    if since is not None and until is not None and until <= since:
+    first, last = _day(since, "since"), _day(until, "until")
+    if first is not None and last is not None and last <= first:
         raise BadInput("until must be after since", ["query", "until"])
-    return json_response(service.monitoring(
-        None if since is None else datetime.combine(since, time.min),
-        None if until is None else datetime.combine(until, time.min), window_days))
+    return json_response(service.monitoring(first, last, window_days))
+
+
+def _day(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.combine(date.fromisoformat(text), time.min)
+    except ValueError:
+        raise BadInput(f"{name} is not a calendar day (YYYY-MM-DD)", ["query", name]) from None
 
 
 @router.get("/v1/access-log", response_model=list[S.AccessOut], tags=["audit"],

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from serving.api import schemas as S
@@ -34,6 +35,23 @@ router = APIRouter(tags=["twins"])
 WriteId = Annotated[int, Path(ge=0, le=CLIENT_ID_MAX, description=(
     "the twin's subject_id, chosen by the client (0 to 2**52 - 1)"))]
 ReadId = Annotated[int, Path(ge=0, le=ASSIGNED_MAX, description="the twin's subject_id")]
+# the same, checked by hand after the key (routes that authorise in their own hop off
+# the event loop: a request without a valid key is 401 whatever its path)
+RawWriteId = Annotated[str, Path(description=WriteId.__metadata__[0].description,
+                                 json_schema_extra={"type": "integer", "minimum": 0,
+                                                    "maximum": CLIENT_ID_MAX})]
+RawReadId = Annotated[str, Path(description="the twin's subject_id",
+                                json_schema_extra={"type": "integer", "minimum": 0,
+                                                   "maximum": ASSIGNED_MAX})]
+
+
+def twin_id(raw: str, high: int) -> int:
+    """A path's twin id, checked as the ``Path`` bounds would (422, located)."""
+    if raw.isdigit() and len(raw) <= 20 and int(raw) <= high:
+        return int(raw)
+    raise RequestValidationError([{
+        "loc": ("path", "subject_id"), "type": "int_range",
+        "msg": f"Input should be a whole number from 0 to {high}", "input": None}])
 
 
 def body_of(schema: str) -> dict:
@@ -45,7 +63,7 @@ def body_of(schema: str) -> dict:
 
 @router.post("/v1/twins/{subject_id}/events", response_model=S.IngestOut,
              responses={**ERRORS}, openapi_extra=body_of("EventsIn"))
-async def ingest(request: Request, subject_id: WriteId, service: Service,
+async def ingest(request: Request, subject_id: RawWriteId, service: Service,
                  credentials: Credentials) -> Response:
     """Store new events for a twin (re-sent events are ignored) and return its new
     forecast, computed in the same transaction."""
@@ -54,8 +72,9 @@ async def ingest(request: Request, subject_id: WriteId, service: Service,
     def work() -> Response:  # one hop off the event loop: key, body, write, answer
         caller = authorize(request, service, credentials, Action.WRITE_TWINS,
                            "ingest_events", twin=True)
+        sid = twin_id(subject_id, CLIENT_ID_MAX)
         body = parse_body(S.EventsIn, raw)
-        inp = TwinInput(subject_id, events=[e.to_row() for e in body.events],
+        inp = TwinInput(sid, events=[e.to_row() for e in body.events],
                         as_of=S.naive_utc(body.as_of), caller=caller,
                         access=access_of(request))
         out = service.coalescer.write(inp)  # batched with concurrent writes to other twins
@@ -123,13 +142,14 @@ def bulk_answer(twins: list[tuple], report: dict | None = None) -> dict:
 
 @router.get("/v1/twins/{subject_id}", response_model=S.TwinOut,
             responses={**ERRORS, **NOT_FOUND})
-async def get_twin(request: Request, subject_id: ReadId, service: Service,
+async def get_twin(request: Request, subject_id: RawReadId, service: Service,
                    credentials: Credentials) -> Response:
     """The twin's latest value per code and its current forecast."""
     def work() -> Response:  # one hop off the event loop: the key, then the view
         caller = authorize(request, service, credentials, Action.READ_TWINS, "read_twin",
                            twin=True)
-        return Response(service.twin_view(subject_id, caller, access_of(request)),
+        sid = twin_id(subject_id, ASSIGNED_MAX)
+        return Response(service.twin_view(sid, caller, access_of(request)),
                         media_type="application/json")
 
     return await anyio.to_thread.run_sync(work)

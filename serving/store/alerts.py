@@ -20,7 +20,20 @@ class Alerts:
         self.db = db
 
     def add(self, model_name: str, run_id: str, alerts: list[dict[str, Any]]) -> int:
-        """Append a run's alerts (as :func:`training.monitoring.decide_alerts` gives them)."""
+        """Append a run's new alerts (as :func:`training.monitoring.decide_alerts` gives
+        them): one already stored for the same version, test and window is not stored
+        again (a later run re-judges the same windows).  Returns how many were stored."""
+        if not alerts:
+            return 0
+        with self.db.read() as s:
+            seen = {(str(v), k, n, h, ws.isoformat(), we.isoformat()) for v, k, n, h, ws, we in
+                    s.execute(select(MonitoringAlert.model_version, MonitoringAlert.kind,
+                                     MonitoringAlert.name, MonitoringAlert.horizon_days,
+                                     MonitoringAlert.window_start, MonitoringAlert.window_end)
+                              .where(MonitoringAlert.model_name == model_name))}
+        alerts = [a for a in alerts if (str(a["model_version"]), a["kind"], a["name"],
+                                        a["horizon_days"], a["window_start"],
+                                        a["window_end"]) not in seen]
         if not alerts:
             return 0
         now = utcnow()

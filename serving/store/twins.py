@@ -302,6 +302,9 @@ class Twins:
                 return True
         return False
 
+    def any_twin(self, s: Session) -> bool:
+        return s.execute(select(Twin.subject_id).limit(1)).first() is not None
+
     def count_stale(self, s: Session, name: str, version: str) -> int:
         return int(s.execute(select(func.count()).select_from(Twin)
                              .where(self._not_version(name, version))).scalar_one())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -97,6 +98,18 @@ def test_stored_forecasts_get_the_training_labels_of_their_histories(home, unshi
     # the store's history, played in, labels every forecast as the MEDS file does
     assert labels_at(arrays, task, sid, t).equals(
         labels_at(EventArrays.from_events(events), task, sid, t))
+    # and a forecast at one of training's prediction times gets training's label
+    from features.labels import derive_labels
+
+    train = derive_labels(EventArrays.from_events(events), task)
+    train_t = train["prediction_time"].to_numpy("datetime64[us]").view(np.int64)
+    both = pd.MultiIndex.from_arrays([sid, t]).isin(
+        pd.MultiIndex.from_arrays([train["subject_id"].to_numpy(), train_t]))
+    assert both.sum() > 1000
+    got = labels_at(arrays, task, sid[both], t[both]).set_index(["subject_id",
+                                                                 "prediction_time"])
+    want = train.set_index(["subject_id", "prediction_time"]).loc[got.index]
+    pd.testing.assert_frame_equal(got, want)
     # every forecast was made at most a step and the delay after its as-of time
     delay = (fc["created_us"] - fc["as_of_us"]) / 86_400e6
     assert delay.between(0, 28 + 1.01).all()
@@ -168,9 +181,50 @@ def test_monitor_stores_alerts_logs_mlflow_and_the_endpoint_serves_them(
             assert c.get("/v1/monitoring", params={"window_days": 1}).status_code == 422
         assert {a["name"] for a in body["alerts"]} == {a["name"] for a in report["alerts"]}
         assert len(body["stored_alerts"]) == len(stored)
-        # no patient's values: aggregates only, every cell of at least 10 patients
+        # no patient's id or values: aggregates only, no count of 1 to 9 patients
         text = json.dumps(body)
-        assert "1000001" not in text.replace("1000001T", "")
+        for sid in range(1_000_000, 1_000_000 + DEPLOY, 37):
+            assert f'"{sid}"' not in text and f": {sid}," not in text
+
+        def small(x):
+            return isinstance(x, int) and 0 < x < 10
+
         for v in body["versions"].values():
+            assert not small(v["patients"]) and not small(v["forecasts"])
             for w in v["windows"]:
+                assert not small(w["patients"]) and not small(w["forecasts"])
                 assert all(c["patients"] >= 10 for c in w["volume"].values())
+                for hw in w["horizons"].values():
+                    for k in ("patients", "matured_patients", "events", "forecasts"):
+                        assert not small(hw.get(k)), (k, hw.get(k))
+
+
+def test_known_after_takes_the_earliest_arrival_of_anything_later():
+    """Brute force on random histories with many events at the same time."""
+    from serving.monitoring import NEVER, known_after
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    sid = np.sort(rng.integers(0, 40, n))
+    t = rng.integers(0, 30, n) * 86_400_000_000  # days: many ties
+    order = np.lexsort((t, sid))
+    sid, t = sid[order], t[order]
+    rec = t + rng.integers(0, 60, n) * 86_400_000_000
+    arrays = EventArrays(sid, t, np.zeros(n, np.int32), ("A",), np.zeros(n))
+    qs, qt = rng.integers(0, 45, 500), rng.integers(-1, 31, 500) * 86_400_000_000
+    got = known_after(arrays, rec, qs, qt)
+    for k in range(500):
+        later = (sid == qs[k]) & (t > qt[k])
+        assert got[k] == (rec[later].min() if later.any() else NEVER)
+
+
+def test_outcomes_dated_before_the_as_of_time_leave_a_forecast_out(small_cohort, eskd_task):
+    from features.labels import subject_summary
+    from serving.monitoring import _eligible_now
+
+    arrays = EventArrays.from_events(small_cohort)
+    summary = subject_summary(arrays, eskd_task)
+    s = summary[summary["outcome_us"] < np.iinfo(np.int64).max].iloc[0]
+    sid = np.array([s["subject_id"]] * 3 + [10**9])
+    at = np.array([s["outcome_us"] - 1, s["outcome_us"], s["outcome_us"] + 1, 0])
+    assert _eligible_now(summary, sid, at).tolist() == [True, False, False, True]

@@ -106,7 +106,7 @@ def test_counted_forecasts():
 
 def test_psi_of_noise_stays_below_its_noise_level():
     rng = np.random.default_rng(0)
-    ref = MON._profile(rng.normal(50, 10, 5000))
+    ref = MON._profile(rng.normal(50, 10, 5000), 5000)
     fired = 0
     for _ in range(200):
         d = MON.drift(rng.normal(50, 10, 400), ref)
@@ -158,13 +158,16 @@ def test_the_monitoring_section_is_checked_and_outside_the_digest(eskd_task):
 
 def test_the_reference_holds_no_small_cells_and_ranks_features():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 3)).astype(np.float32)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
     x[:50, 2] = np.nan
+    x[:, 3] = (rng.random(300) < 0.02).astype(np.float32)  # a rare flag: ties, tiny bins
+    x[:5, 3] = np.nan  # 5 missing: fewer than 10
     sid = np.repeat(np.arange(100), 3)
-    ref = MON.reference_profile(x, sid, ["a", "b", "c"], np.array([0.1, 0.9, 0.5]),
+    ref = MON.reference_profile(x, sid, ["a", "b", "c", "d"], np.array([0.1, 0.9, 0.5, 0.2]),
                                 rng.random((80, 1)), np.arange(80), [365], top=2)
     assert ref["top_features"] == ["b", "c"] and ref["n_patients"] == 100
     for prof in [*ref["features"].values(), *ref["risks"].values()]:
-        counts = np.asarray(prof["shares"][:-1]) * prof["n"]
-        assert (counts[counts > 0] >= MON.MIN_CELL - 1e-9).all()
+        counts = np.asarray(prof["shares"]) * prof["rows"]
+        assert (counts[counts > 0] >= MON.MIN_CELL - 1e-6).all(), prof
         assert all(float(f"{e:.4g}") == e for e in prof["edges"])
+    assert ref["features"]["d"]["missing"] * ref["features"]["d"]["rows"] >= 10 - 1e-6

@@ -43,6 +43,19 @@ def test_walk_equals_booster_predict_bit_for_bit(params):
     assert np.array_equal(walk.raw(probe), b.predict(probe, raw_score=True, num_threads=1))
 
 
+def test_float64_values_at_the_zero_threshold():
+    """LightGBM's zero threshold is the float 1e-35f (1.00000002e-35 as a double)."""
+    x, y = data()
+    x[:, 3] = np.where(x[:, 3] == 0, 0.0, x[:, 3])
+    for params in ({}, {"zero_as_missing": True}):
+        b = booster(x, y, **params)
+        walk = TreePredictor.from_booster(b)
+        probe = probe_rows().astype(np.float64)
+        probe[30:60] = 1.000000005e-35  # above 1e-35, below 1e-35f: zero to LightGBM
+        probe[60:90] = -1.000000005e-35
+        assert np.array_equal(walk.predict(probe), b.predict(probe, num_threads=1))
+
+
 def test_categorical_and_other_objectives_are_left_to_lightgbm():
     x, y = data()
     x[:, 1] = np.abs(x[:, 1])  # non-negative integers: a categorical feature
@@ -53,6 +66,14 @@ def test_categorical_and_other_objectives_are_left_to_lightgbm():
     reg = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1},
                     lgb.Dataset(x, y.astype(float)), num_boost_round=5)
     assert TreePredictor.from_booster(reg) is None
+    x2 = np.nan_to_num(x)
+    linear = lgb.train({"objective": "binary", "linear_tree": True, "verbose": -1,
+                        "num_threads": 1}, lgb.Dataset(x2, y), num_boost_round=5)
+    assert TreePredictor.from_booster(linear) is None
+    forest = lgb.train({"objective": "binary", "boosting": "rf", "bagging_fraction": 0.5,
+                        "bagging_freq": 1, "verbose": -1, "num_threads": 1},
+                       lgb.Dataset(x, y), num_boost_round=5)
+    assert TreePredictor.from_booster(forest) is None
 
 
 def test_wrong_width_is_refused():

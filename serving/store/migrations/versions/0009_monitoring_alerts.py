@@ -34,8 +34,22 @@ def upgrade() -> None:
     )
     op.create_index("ix_monitoring_alerts_model", "monitoring_alerts",
                     ["model_name", "created_at"])
+    # append-only, as forecasts and the access log are (0002)
+    if op.get_bind().dialect.name == "sqlite":
+        for what in ("UPDATE", "DELETE"):
+            op.execute(f"CREATE TRIGGER monitoring_alerts_no_{what.lower()} BEFORE {what} "
+                       "ON monitoring_alerts BEGIN SELECT RAISE(ABORT, "
+                       "'monitoring_alerts is append-only'); END")
+    else:
+        op.execute("CREATE TRIGGER monitoring_alerts_append_only BEFORE UPDATE OR DELETE ON "
+                   "monitoring_alerts FOR EACH ROW EXECUTE FUNCTION twincast_append_only()")
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        for what in ("update", "delete"):
+            op.execute(f"DROP TRIGGER IF EXISTS monitoring_alerts_no_{what}")
+    else:
+        op.execute("DROP TRIGGER IF EXISTS monitoring_alerts_append_only ON monitoring_alerts")
     op.drop_index("ix_monitoring_alerts_model", "monitoring_alerts")
     op.drop_table("monitoring_alerts")
