@@ -58,10 +58,9 @@ def monitoring(service: Service,
     times: realised metrics on matured forecasts beside the held-out ones, metrics
     *expected if calibration holds* on all of them, drift against the reference stored
     with the version, event volume per code, this computation's alerts and the alerts
-    stored by monitoring runs (``twincast monitor``).  Auditors and admins."""
+    stored by monitoring runs (``twincast monitor``).  Auditors and admins.  A span that
+    holds no day (``until`` not after ``since``) holds no forecast: the answer says so."""
     first, last = _day(since, "since"), _day(until, "until")
-    if first is not None and last is not None and last <= first:
-        raise BadInput("until must be after since", ["query", "until"])
     return json_response(service.monitoring(first, last, window_days))
 
 

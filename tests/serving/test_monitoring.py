@@ -176,9 +176,14 @@ def test_monitor_stores_alerts_logs_mlflow_and_the_endpoint_serves_them(
             r = c.get("/v1/monitoring", params={"window_days": 5000})
             assert r.status_code == 200, r.text
             body = r.json()
-            assert c.get("/v1/monitoring", params={"since": "2020-01-01",
-                                                   "until": "2019-01-01"}).status_code == 422
-            assert c.get("/v1/monitoring", params={"window_days": 1}).status_code == 422
+            empty = c.get("/v1/monitoring", params={"since": "2020-01-01",
+                                                    "until": "2019-01-01"})
+            assert empty.status_code == 200 and empty.json()["versions"] == {}
+            assert "holds no day" in empty.json()["note"]
+            for bad in ({"window_days": 1}, {"since": "2020-13-01"}, {"until": "0"},
+                        {"since": "yesterday"}):
+                r = c.get("/v1/monitoring", params=bad)
+                assert r.status_code == 422 and r.json()["fields"], (bad, r.text)
         assert {a["name"] for a in body["alerts"]} == {a["name"] for a in report["alerts"]}
         assert len(body["stored_alerts"]) == len(stored)
         # no patient's id or values: aggregates only, no count of 1 to 9 patients
