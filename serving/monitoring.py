@@ -337,7 +337,7 @@ def _horizon_json(hw: MON.HorizonWindow) -> dict[str, Any]:
         return {"horizon": hw.horizon, "result": INSUFFICIENT, "patients": _count(hw.patients)}
     if hw.matured_patients < MON.MIN_CELL:
         d["realised"] = d["realised_patients"] = INSUFFICIENT
-        d["expected_on_matured"] = INSUFFICIENT
+        d["expected_on_matured"] = d["calibration"] = INSUFFICIENT
     for k in ("forecasts", "patients", "matured_forecasts", "matured_patients", "events"):
         d[k] = _count(d[k])
     return MON._finite(d)

@@ -185,6 +185,9 @@ class HorizonWindow:
     # … and every patient weighs the same (1 / their forecasts in the window)
     realised_patients: dict[str, dict[str, float]] = field(default_factory=dict)
     expected_patients: dict[str, dict[str, float]] = field(default_factory=dict)
+    # calibration now: per decile of risk, mean predicted and IPCW observed (bins of at
+    # least 10 forecasts; fewer are merged into their neighbour)
+    calibration: dict[str, list[float]] = field(default_factory=dict)
 
 
 def horizon_window(risk: np.ndarray, subject_id: np.ndarray, labels, matured: np.ndarray,
@@ -216,7 +219,31 @@ def horizon_window(risk: np.ndarray, subject_id: np.ndarray, labels, matured: np
             setattr(out, attr, {k: interval(cols[k]) for k in REALISED_METRICS})
         out.expected_on_matured = {k: interval(v) for k, v in
                                    expected_columns(risk[sub], mb).items()}
+        out.calibration = calibration_now(risk[sub], frame, horizon, g)
     return out
+
+
+def calibration_now(risk: np.ndarray, frame: EvalFrame, horizon: int,
+                    g: CensoringSurvival) -> dict[str, list[float]]:
+    """Mean predicted and IPCW observed risk per decile bin of the matured forecasts
+    (as the evaluation's calibration bins), no bin of fewer than 10 forecasts."""
+    from training.censoring import ipcw_weights
+
+    if risk.size < 2 * MIN_CELL:
+        return {}
+    edges = M.bin_edges(risk)
+    while True:
+        idx = np.searchsorted(edges, risk, side="right")
+        counts = np.bincount(idx, minlength=edges.size + 1)
+        small = np.flatnonzero((counts > 0) & (counts < MIN_CELL))
+        if not small.size or edges.size == 0:
+            break
+        edges = np.delete(edges, min(int(small[0]), edges.size - 1))
+    y = frame.labels[horizon]
+    weight, pred, obs = M.calibration_bins(risk, y, ipcw_weights(frame.time_days, y,
+                                                                 horizon, g), edges)
+    keep = weight[:, 0] > 0
+    return {"predicted": pred[keep, 0].tolist(), "observed": obs[keep, 0].tolist()}
 
 
 # ---------------------------------------------------------------------- drift

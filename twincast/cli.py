@@ -982,23 +982,68 @@ def audit_access(
 
 @app.command()
 def report(
-    run_id: Annotated[str, typer.Argument(help="a training job's run id (or a candidate's)")],
+    run_id: Annotated[str | None, typer.Argument(
+        help="a training job's run id (or a candidate's; with --monitoring: a monitoring "
+             "run's, default the latest)")] = None,
     out_file: Annotated[Path, typer.Option("--out", help="HTML file to write")] =
     Path("report.html"),
     log: Annotated[bool, typer.Option(help="also log it to the run")] = True,
+    monitoring: Annotated[bool, typer.Option(
+        "--monitoring", help="the monitoring report of --task instead")] = False,
+    task: Annotated[str | None, typer.Option(help="task name (with --monitoring)")] = None,
 ) -> None:
-    """A self-contained HTML report of a training job (plots embedded; no network)."""
+    """A self-contained HTML report of a training job, or (--monitoring) of the latest
+    monitoring run: metrics over time, calibration then and now, drift, alerts."""
     from mlflow.exceptions import MlflowException
 
-    from training.report import write_report
-
     _quiet_mlflow()
+    tracker = _tracker(_settings())
     try:
-        path = write_report(_tracker(_settings()), run_id, out_file, log=log)
+        if monitoring:
+            path = _monitoring_report(tracker, run_id, task, out_file, log)
+        else:
+            if run_id is None:
+                raise typer.BadParameter("give a training run's id (or --monitoring)",
+                                         param_hint="RUN_ID")
+            from training.report import write_report
+
+            path = write_report(tracker, run_id, out_file, log=log)
     except MlflowException as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc).splitlines()[0])}")
         raise typer.Exit(2) from None
     out.print(f"wrote {path}")
+
+
+def _monitoring_report(tracker, run_id: str | None, task: str | None, out_file: Path,
+                       log: bool) -> Path:
+    import mlflow
+
+    from training.monitoring_report import latest_run, write
+    from training.registry import model_name
+
+    if task is None:
+        raise typer.BadParameter("which task? --task NAME", param_hint="--task")
+    name = model_name(task)
+    run_id = run_id or latest_run(tracker, name)
+    if run_id is None:
+        console.print(f"[bold red]error:[/] no monitoring run of {name} yet: run "
+                      f"`twincast monitor --task {task}` first")
+        raise typer.Exit(2)
+
+    def heldout_calibration(version: str):
+        try:
+            mv = tracker.registry.version(name, version)
+            with tracker.active():
+                ev = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/evaluation.json")
+        except Exception:  # a version gone from the registry: no "then"
+            return None
+        return {h: e.get("calibration_bins") for h, e in ev["horizons"].items()}
+
+    path = write(tracker, run_id, out_file, heldout_calibration)
+    if log:
+        with tracker.active():
+            tracker.client.log_artifact(run_id, str(path))
+    return path
 
 
 @app.command()

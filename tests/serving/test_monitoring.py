@@ -167,6 +167,22 @@ def test_monitor_stores_alerts_logs_mlflow_and_the_endpoint_serves_them(
     store.dispose()
     assert len(stored) == len(report["alerts"])
     assert {a["run_id"] for a in stored} == {report["mlflow_run_id"]}
+    # a second run judges the same windows: the same alerts are not stored again
+    again = CliRunner().invoke(app, ["monitor", "--task", "eskd", "--window", "5000d"],
+                               env=env)
+    assert again.exit_code == 1, again.output
+    store = open_store(url)
+    assert len(store.alerts.recent("twincast-eskd")) == len(stored)
+    store.dispose()
+    # the self-contained page: alerts, the retraining window, calibration then and now
+    page = tmp_path / "monitoring.html"
+    made = CliRunner().invoke(app, ["report", "--monitoring", "--task", "eskd", "--out",
+                                    str(page)], env=env)
+    assert made.exit_code == 0, made.output
+    html = page.read_text()
+    assert "citl" in html and "The data window a retraining should use" in html
+    assert "then (held-out)" in html and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched
     with start_server("monitor", tmp_path_factory, home, db_url=url) as srv:
         with srv.client("clinical") as c:
             assert c.get("/v1/monitoring").status_code == 403
