@@ -686,6 +686,9 @@ def monitor(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     log: Annotated[bool, typer.Option("--log/--no-log", help=(
         "store the alerts and log the run to MLflow"))] = True,
+    thresholds: Annotated[Path | None, typer.Option(help=(
+        "a task YAML whose monitoring: section is used instead of the one the champion "
+        "was trained with (thresholds change without retraining)"))] = None,
 ) -> None:
     """Does the served model still keep its promise?  Realised metrics on matured
     forecasts beside the held-out ones, metrics expected if calibration holds on the
@@ -727,6 +730,11 @@ def monitor(
         if since is not None and until is not None and until <= since:
             raise typer.BadParameter("--until must be after --since", param_hint="--until")
         task_obj = served.bundle.task
+        if thresholds is not None:
+            from features.task import load_task
+
+            task_obj = task_obj.model_copy(update={"monitoring": load_task(thresholds)
+                                                   .monitoring})
         store = _store()
         report = run_monitor(store, task_obj, name, version_data, since=since, until=until,
                              window_days=_days(window) if window else None,

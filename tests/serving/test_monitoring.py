@@ -174,6 +174,17 @@ def test_monitor_stores_alerts_logs_mlflow_and_the_endpoint_serves_them(
     store = open_store(url)
     assert len(store.alerts.recent("twincast-eskd")) == len(stored)
     store.dispose()
+    # thresholds from a task file, without retraining: a margin nothing can exceed
+    import yaml
+
+    loose = tmp_path / "loose.yaml"
+    data = yaml.safe_load(ESKD_TASK.read_text())
+    data["monitoring"] = {"margins": {"citl": 50, "auroc": 1, "brier": 1, "ece": 1,
+                                      "calibration_slope": 50}, "psi_threshold": 1000}
+    loose.write_text(yaml.safe_dump(data))
+    calm = CliRunner().invoke(app, ["monitor", "--task", "eskd", "--window", "5000d",
+                                    "--no-log", "--thresholds", str(loose)], env=env)
+    assert calm.exit_code == 0 and "no alerts" in calm.output, calm.output
     # the self-contained page: alerts, the retraining window, calibration then and now
     page = tmp_path / "monitoring.html"
     made = CliRunner().invoke(app, ["report", "--monitoring", "--task", "eskd", "--out",
