@@ -250,7 +250,9 @@ class Monitoring(_Strict):
     top_features: Annotated[int, Field(ge=1)] = 10
     # the family-wise false-alarm rate of one monitoring run
     alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
-    n_bootstrap: Annotated[int, Field(ge=50)] = 200
+    # subject-bootstrap replicates per window (the alerts use their standard error,
+    # which 100 estimate to within about 7%)
+    n_bootstrap: Annotated[int, Field(ge=50)] = 100
     # a forecast made longer than this after its as-of time (a refresh's re-forecast of
     # an old as-of time) is not foresight and is not counted
     max_forecast_delay_days: Annotated[float, Field(ge=0)] = 30.0

@@ -52,7 +52,8 @@ def _iso(us: int) -> str:
 
 
 def load_forecasts(store: Store, model_name: str) -> pd.DataFrame:
-    """Every stored forecast of the model that has risks (one row each)."""
+    """Every stored forecast of the model that has risks (one row each; the risks as
+    stored, parsed by :func:`monitor` for the forecasts that count)."""
     text = "" if store.sqlite else "::text"
     sql = (f"SELECT forecast_id, subject_id, as_of{text}, created_at{text}, model_version, "
            f"risks{text} FROM forecasts WHERE model_name = ? AND status = 'ok' "
@@ -73,7 +74,7 @@ def load_forecasts(store: Store, model_name: str) -> pd.DataFrame:
         "as_of_us": np.array(as_of, dtype="datetime64[us]").view(np.int64),
         "created_us": np.array(created, dtype="datetime64[us]").view(np.int64),
         "version": [str(v) for v in version],
-        "risks": [orjson.loads(r) if isinstance(r, str | bytes) else r for r in risks]})
+        "risks": list(risks)})  # JSON text (dicts on PostgreSQL): parsed when counted
 
 
 def load_events(store: Store, subject_ids: np.ndarray,
@@ -186,7 +187,8 @@ def monitor(store: Store, task: Task, model_name: str,
     if not keep.any():
         return report
     idx = np.flatnonzero(keep)
-    risks = fc["risks"].to_numpy(dtype=object)[idx]
+    risks = [orjson.loads(r) if isinstance(r, str | bytes) else r
+             for r in fc["risks"].to_numpy(dtype=object)[idx]]
     horizons = list(task.horizons_days)
     risk = np.array([[r.get(f"{h}d", np.nan) if isinstance(r, dict) else np.nan
                       for h in horizons] for r in risks], dtype=np.float64)
@@ -258,7 +260,8 @@ def _version_report(v, data: VersionData | None, task: Task, cfg, arrays: EventA
         say(f"version {v}: features of {first_rows.size:,} forecasts for drift")
         x = data.bundle.features_for(arrays, sid[first_rows], as_of[first_rows])
         feats = {n: x[:, names.index(n)] for n in wanted}
-        row_of = {int(r): k for k, r in enumerate(first_rows)}
+        drift_as_of, drift_sid, drift_risk = as_of[first_rows], sid[first_rows], \
+            risk[first_rows]
     for w0, w1 in windows_of(as_of, lo, hi, window_days):
         in_w = (as_of >= w0) & (as_of < w1)
         window: dict[str, Any] = {"start": _iso(w0), "end": _iso(w1),
@@ -266,12 +269,13 @@ def _version_report(v, data: VersionData | None, task: Task, cfg, arrays: EventA
                                   "patients": _count(int(np.unique(sid[in_w]).size)),
                                   "horizons": {}}
         rows = np.flatnonzero(in_w)
+        boot = MON.bootstrap_weights(sid[rows], cfg.n_bootstrap, w0 % (2**31))
         for i, h in enumerate(horizons):
             # matured: the horizon has passed, and the outcome lag after it (outcomes
             # dated just before the horizon's end may still be on their way)
             matured = as_of[rows] + (h + cfg.outcome_lag_days) * MON.US_PER_DAY <= now_us
             hw = MON.horizon_window(risk[rows, i], sid[rows], labels.iloc[rows], matured, h,
-                                    n_boot=cfg.n_bootstrap, seed=w0 % (2**31) + h)
+                                    n_boot=cfg.n_bootstrap, seed=w0 % (2**31), boot=boot)
             window["horizons"][str(h)] = _horizon_json(hw)
             judged = hw.matured_patients >= cfg.min_patients and hw.events >= cfg.min_events
             window["horizons"][str(h)]["judged"] = judged
@@ -290,11 +294,10 @@ def _version_report(v, data: VersionData | None, task: Task, cfg, arrays: EventA
         window["judged"] = any(
             window["horizons"][str(h)].get("judged") for h in horizons)
         if feats is not None:
-            pick = [row_of[int(r)] for r in first_rows if w0 <= as_of[r] < w1]
-            window["drift"] = _drift(v, window, reference, feats, pick,
-                                     risk[first_rows][pick],
-                                     int(np.unique(sid[first_rows][pick]).size), horizons,
-                                     cfg, tests)
+            pick = np.flatnonzero((drift_as_of >= w0) & (drift_as_of < w1))
+            window["drift"] = _drift(v, window, reference, feats, pick, drift_risk[pick],
+                                     int(np.unique(drift_sid[pick]).size), horizons, cfg,
+                                     tests)
         window["volume"] = _volume(arrays, w0, w1)
         out["windows"].append(window)
     return out

@@ -191,11 +191,14 @@ class HorizonWindow:
 
 
 def horizon_window(risk: np.ndarray, subject_id: np.ndarray, labels, matured: np.ndarray,
-                   horizon: int, *, n_boot: int, seed: int) -> HorizonWindow:
+                   horizon: int, *, n_boot: int, seed: int,
+                   boot: np.ndarray | None = None) -> HorizonWindow:
     """Realised metrics (subject bootstrap) on the matured forecasts, the expected ones
-    on all of them and on the matured ones (to compare) — every forecast weighing the
-    same, and every patient."""
-    boot = bootstrap_weights(subject_id, n_boot, seed)
+    on all of them and on the matured ones (to compare), every forecast weighing the
+    same; and the patient-weighted values (estimates).  ``boot``: the window's subject
+    bootstrap (:func:`training.evaluate.bootstrap_weights`), shared by its horizons — the
+    matured rows' replicates are the same draws restricted to them."""
+    boot = bootstrap_weights(subject_id, n_boot, seed) if boot is None else boot
     pw = patient_weights(subject_id)
     y = labels[label_column(horizon)].to_numpy(np.float64)
     out = HorizonWindow(horizon, int(subject_id.size), int(np.unique(subject_id).size),
@@ -204,19 +207,21 @@ def horizon_window(risk: np.ndarray, subject_id: np.ndarray, labels, matured: np
     if subject_id.size:
         out.expected = {k: interval(v) for k, v in expected_columns(risk, boot).items()}
         out.expected_patients = {k: interval(v) for k, v in
-                                 expected_columns(risk, boot * pw[:, None]).items()}
+                                 expected_columns(risk, pw[:, None]).items()}
     if out.matured_forecasts:
         sub = np.flatnonzero(matured)
         frame = EvalFrame(subject_id[sub],
                           labels["event_time_days"].to_numpy(np.float64)[sub],
                           labels["event_type"].to_numpy()[sub], {horizon: y[sub]}, {})
-        mb = bootstrap_weights(frame.subject_id, n_boot, seed)
-        mpw = patient_weights(frame.subject_id)
+        mb = boot[sub]
         g = CensoringSurvival.fit(frame.time_days, frame.event_type)
-        for attr, m in (("realised", mb), ("realised_patients", mb * mpw[:, None])):
-            cols = metric_columns(risk[sub], frame, horizon, m, g, with_uno=False,
-                                  only=REALISED_METRICS)
-            setattr(out, attr, {k: interval(cols[k]) for k in REALISED_METRICS})
+        cols = metric_columns(risk[sub], frame, horizon, mb, g, with_uno=False,
+                              only=REALISED_METRICS)
+        out.realised = {k: interval(cols[k]) for k in REALISED_METRICS}
+        mpw = patient_weights(frame.subject_id)[:, None]
+        cols = metric_columns(risk[sub], frame, horizon, mpw, g, with_uno=False,
+                              only=REALISED_METRICS)
+        out.realised_patients = {k: interval(cols[k]) for k in REALISED_METRICS}
         out.expected_on_matured = {k: interval(v) for k, v in
                                    expected_columns(risk[sub], mb).items()}
         out.calibration = calibration_now(risk[sub], frame, horizon, g)
