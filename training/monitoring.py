@@ -376,7 +376,6 @@ def log_run(tracker, model_name: str, report: dict[str, Any], work_dir) -> str:
     """Log a monitoring run under the model's experiment: metrics over time (one step
     per window, timestamped at its start), the report and its alerts as JSON, and a plot
     per version and horizon.  Returns the run id."""
-    import json
     from pathlib import Path
 
     import mlflow
@@ -407,8 +406,6 @@ def log_run(tracker, model_name: str, report: dict[str, Any], work_dir) -> str:
             mlflow.log_dict({"alerts": report["alerts"]}, "alerts.json")
             for path in plot_over_time(report, work_dir):
                 mlflow.log_artifact(str(path), "plots")
-            (work_dir / "summary.txt").write_text(json.dumps(
-                {"alerts": len(report["alerts"]), "tests": report["tests"]}))
         finally:
             mlflow.end_run()
     return run.info.run_id
@@ -417,8 +414,6 @@ def log_run(tracker, model_name: str, report: dict[str, Any], work_dir) -> str:
 def _window_metrics(v: str, w: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for h, hw in w["horizons"].items():
-        if not isinstance(hw.get("realised"), dict) and not isinstance(hw.get("expected"), dict):
-            continue
         for kind in ("realised", "expected"):
             part = hw.get(kind)
             if not isinstance(part, dict):
