@@ -7,7 +7,8 @@ nothing).  Chunks are independent given the spec, so they can be spread over pro
 
 Output columns follow the MEDS label schema's names: ``subject_id``, ``prediction_time``,
 then ``split``, ``event_type``, ``event_time_days``, ``label_<H>d``, ``censored_<H>d``,
-and the features (float32) in ``spec.feature_names`` order.  A task whose labels come
+the task's trajectory targets (``target_<code>_<H>d``, :mod:`features.targets`), and the
+features (float32) in ``spec.feature_names`` order.  A task whose labels come
 from a MEDS label file or directory (:mod:`features.label_files`) uses its prediction
 times and labels as given, and a directory's own split wins over the dataset's.
 """
@@ -32,6 +33,7 @@ from features.label_files import read_labels
 from features.labels import derive_labels, label_column
 from features.spec import CodeStats, FeatureSpec, wants_kalman
 from features.splits import assign_splits
+from features.targets import trajectory_targets
 from features.task import Task
 from features.timeindex import US_PER_DAY
 
@@ -124,6 +126,9 @@ class TrainingSetBuilder:
         t_us = labels["prediction_time"].to_numpy().view(np.int64)
         x = build_features(arrays, labels["subject_id"].to_numpy(), t_us, spec)
         feats = pd.DataFrame(x, columns=spec.feature_names, index=labels.index)
+        targets = trajectory_targets(arrays, self.task, labels["subject_id"].to_numpy(), t_us)
+        if targets:
+            labels = pd.concat([labels, pd.DataFrame(targets, index=labels.index)], axis=1)
         return pd.concat([labels, feats], axis=1)
 
     def _temporal(self, labels: pd.DataFrame) -> pd.DataFrame:

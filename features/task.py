@@ -263,6 +263,67 @@ class Monitoring(_Strict):
     drift_sample: Annotated[int, Field(ge=100)] = 20_000
 
 
+class TrajectoryTarget(_Strict):
+    """A numeric code's future value to forecast as quantiles (``training.trajectory``).
+
+    The estimand at prediction time *t* and horizon *H*: the measured value nearest to
+    t+H within ``tolerance_days``, among patients alive and free of the outcome (and of
+    the competing events) by then — a patient who reaches the outcome or dies has no such
+    value, so a trajectory is always read beside the risk of the outcome.  ``quantiles``
+    hold 0.5 and mirrored pairs (0.1 with 0.9: an 80% interval), each pair conformalised
+    on the tuning split."""
+
+    code: str
+    horizons_days: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    quantiles: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.1, 0.5, 0.9])
+    tolerance_days: Annotated[int, Field(gt=0)] = 90
+    # the gate: each interval's held-out coverage within this of its nominal level
+    max_coverage_error: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+
+    @field_validator("horizons_days")
+    @classmethod
+    def _sorted_horizons(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("horizons repeat")
+        return sorted(v)
+
+    @field_validator("quantiles")
+    @classmethod
+    def _mirrored(cls, v: list[float]) -> list[float]:
+        q = sorted(round(x, 6) for x in v)
+        if len(set(q)) != len(q):
+            raise ValueError("quantiles repeat")
+        if 0.5 not in q:
+            raise ValueError("quantiles must include 0.5 (the median)")
+        missing = [x for x in q if x != 0.5 and round(1 - x, 6) not in q]
+        if missing:
+            raise ValueError(f"quantile {missing[0]} has no mirror {round(1 - missing[0], 6)}:"
+                             " intervals are central (0.1 with 0.9 is an 80% interval)")
+        return q
+
+    @model_validator(mode="after")
+    def _tolerance(self) -> TrajectoryTarget:
+        if self.tolerance_days >= self.horizons_days[0]:
+            raise ValueError(f"tolerance_days {self.tolerance_days} must be shorter than the "
+                             f"shortest horizon {self.horizons_days[0]} (a value at or before "
+                             "the prediction time is not a forecast)")
+        return self
+
+    @property
+    def intervals(self) -> list[tuple[float, float]]:
+        """The central intervals' (lower, upper) quantile pairs, widest first."""
+        return [(q, round(1 - q, 6)) for q in self.quantiles if q < 0.5]
+
+
+class WhatIf(_Strict):
+    """What-if scenarios (``POST /v1/twins/{id}/what-if``): treatment codes (``RX//…``) a
+    clinical client may put in a scenario; auditors and admins may use any code.  Not part
+    of the task's digest: a policy, not the model."""
+
+    allowed_codes: list[str] = Field(default_factory=list)
+
+
 class Task(_Strict):
     """A validated prediction task."""
 
@@ -279,6 +340,8 @@ class Task(_Strict):
     labels: LabelsFile | None = None
     references: list[ReferenceScore] = Field(default_factory=list)
     monitoring: Monitoring = Field(default_factory=Monitoring)
+    trajectories: list[TrajectoryTarget] = Field(default_factory=list)
+    what_if: WhatIf = Field(default_factory=WhatIf)
 
     @field_validator("horizons_days")
     @classmethod
@@ -308,6 +371,12 @@ class Task(_Strict):
             raise ValueError(f"promotion.horizon_days {h} is not one of {self.horizons_days}")
         if self.labels is not None and len(self.horizons_days) != 1:
             raise ValueError("a task that reads a MEDS label file has exactly one horizon")
+        codes = [t.code for t in self.trajectories]
+        if len(set(codes)) != len(codes):
+            raise ValueError("trajectories: a code is listed twice (give it several horizons)")
+        for code in codes:
+            if self.outcome.matches_code(code) or self.competing.matches_code(code):
+                raise ValueError(f"trajectories: {code} is an outcome or competing code")
         if self.labels is not None and self.promotion.primary_metric == "uno_c":
             raise ValueError("promotion.primary_metric: uno_c needs event times, which a MEDS "
                              "label file does not carry; use auroc, auprc or brier")
@@ -326,11 +395,12 @@ class Task(_Strict):
         )
 
     def canonical_json(self) -> str:
-        data = self.model_dump(mode="json", exclude={"monitoring"})  # not the model's
+        data = self.model_dump(mode="json", exclude={"monitoring", "what_if"})  # policies
         # tasks written before references and trajectories keep their digest (unpickled
         # older tasks, whose objects lack the fields, dump without them)
-        if not data.get("references"):
-            data.pop("references", None)
+        for key in ("references", "trajectories"):
+            if not data.get(key):
+                data.pop(key, None)
         if data["features"].get("trajectory") is None:
             data["features"].pop("trajectory", None)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

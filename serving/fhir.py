@@ -163,12 +163,28 @@ def risk_assessment(service: TwinService, subject_id: int) -> dict[str, Any]:
                                     "system": UCUM, "code": "d"}}}
             for h, p in (fc["risks"] or {}).items()]
         top = [c["text"] for c in (fc["contributions"] or [])[:5]]
+        notes = []
         if top:
-            ra["note"] = [{"text": "Top contributions (associational, raw model scale): "
-                                   + "; ".join(top)}]
+            notes.append({"text": "Top contributions (associational, raw model scale): "
+                                  + "; ".join(top)})
+        # forecast values go in the note only, never as Observations: a receiving system
+        # would file those as measurements
+        notes += [{"text": trajectory_text(t)} for t in fc.get("trajectories") or []]
+        if notes:
+            ra["note"] = notes
     else:
         ra["note"] = [{"text": f"Not eligible: {fc['reason']}"}]
     return ra
+
+
+def trajectory_text(t: dict[str, Any]) -> str:
+    """One trajectory in words (a forecast, not a measurement)."""
+    unit = f" {t['unit']}" if t.get("unit") else ""
+    spans = ", ".join(f"{round(i['level'] * 100)}% interval {i['lower']:g}–{i['upper']:g}"
+                      for i in t["intervals"])
+    return (f"Forecast, not a measurement: {t['code']} about {t['horizon_days']} days after "
+            f"the as-of time (within {t['tolerance_days']} days), median {t['median']:g}{unit}"
+            f" ({spans}), if {t['conditional_on']}.")
 
 
 def _naive(iso_z: str):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from features.describe import describe_feature, describe_value
-from features.events import NAT_US, EventArrays
+from features.events import NAT_US, EventArrays, shortest_f32
 from features.labels import ineligibility_reasons
 from serving.model_source import LoadedModel
 from serving.store.twins import datetime_of
@@ -40,6 +40,7 @@ class ForecastResult:
     risks: dict[str, float] | None
     contributions: list[dict[str, Any]] | None
     feature_digest: str | None
+    trajectories: list[dict[str, Any]] | None = None
 
 
 def _us(t: datetime) -> int:
@@ -81,10 +82,12 @@ def forecast_batch(model: LoadedModel, arrays: EventArrays, subject_ids: list[in
     ok = np.array([r is None for r in reasons], dtype=bool)
     x = risks = None
     contributions: list[list[dict[str, Any]]] = []
+    paths: list[list[dict[str, Any]] | None] = []
     if ok.any():
         x = model.bundle.features_for(arrays, sids[ok], t[ok])
         risks = model.bundle.predict_features(x)
         contributions = explain(model, x)
+        paths = trajectories(model, x)
     horizons = model.bundle.horizons
     out, k = [], 0
     for i in range(sids.size):
@@ -97,8 +100,36 @@ def forecast_batch(model: LoadedModel, arrays: EventArrays, subject_ids: list[in
         out.append(ForecastResult(
             fid, int(sids[i]), when, "ok", None,
             {f"{h}d": float(r) for h, r in zip(horizons, risks[k], strict=True)},
-            contributions[k], hashlib.sha256(x[k:k + 1].tobytes()).hexdigest()))
+            contributions[k], hashlib.sha256(x[k:k + 1].tobytes()).hexdigest(), paths[k]))
         k += 1
+    return out
+
+
+def trajectories(model: LoadedModel, x: np.ndarray) -> list[list[dict[str, Any]] | None]:
+    """Per feature row, the bundle's trajectories (None when the model has none): the
+    median and each central interval, in the code's unit, conditional on survival free
+    of the outcome (``features.targets``)."""
+    fitted = model.bundle.trajectory_models
+    if not fitted:
+        return [None] * x.shape[0]
+    outcome = ", ".join(model.bundle.task.outcome.all_codes()) or "the outcome"
+    preds = model.bundle.predict_trajectories(x)
+    out = []
+    for r in range(x.shape[0]):
+        items = []
+        for t, q in zip(fitted, preds, strict=True):
+            row = shortest_f32(q[r].astype(np.float32))  # 41.2, not 41.19999885559082
+            at = dict(zip(t.quantiles, row, strict=True))
+            items.append({
+                "code": t.code, "unit": t.unit, "horizon_days": t.horizon_days,
+                "median": at[0.5],
+                "intervals": [{"level": round(hi - lo, 6), "lower": at[lo], "upper": at[hi]}
+                              for lo, hi in sorted(((q_, round(1 - q_, 6)) for q_ in
+                                                    t.quantiles if q_ < 0.5), reverse=True)],
+                "tolerance_days": t.tolerance_days,
+                "conditional_on": f"alive and free of {outcome} at the horizon",
+            })
+        out.append(items)
     return out
 
 
@@ -128,14 +159,17 @@ def forecast_values(model: LoadedModel, result: ForecastResult, watermark: datet
     """The store row of a forecast (a non-finite number is refused: JSON cannot hold
     it, and the row's digest must hash what is stored)."""
     numbers = [*(result.risks or {}).values(),
-               *(c["contribution"] for c in result.contributions or ())]
-    if not all(math.isfinite(v) for v in numbers):
+               *(c["contribution"] for c in result.contributions or ()),
+               *(v for t in result.trajectories or () for v in
+                 (t["median"], *(b for i in t["intervals"] for b in (i["lower"], i["upper"]))))]
+    if not all(v is not None and math.isfinite(v) for v in numbers):
         raise ValueError(f"the model gave a non-finite risk or contribution for twin "
                          f"{result.subject_id}")
     return {"forecast_id": result.forecast_id, "subject_id": result.subject_id,
             "as_of": result.as_of, "watermark": watermark, "status": result.status,
             "reason": result.reason, "risks": result.risks,
-            "contributions": result.contributions, "model_name": model.name,
+            "contributions": result.contributions, "trajectories": result.trajectories,
+            "model_name": model.name,
             "model_version": model.version, "run_id": model.run_id,
             "feature_spec_digest": model.spec_digest, "task_digest": model.task_digest,
             "feature_digest": result.feature_digest, "code_version": model.code_version,

@@ -38,7 +38,7 @@ FORECAST_FIELDS = (
     "forecast_id", "subject_id", "as_of", "watermark", "status", "reason", "risks",
     "contributions", "model_name", "model_version", "run_id", "feature_spec_digest",
     "task_digest", "feature_digest", "code_version", "requested_by", "api_key_id",
-    "created_at", "prev_digest", "digest_version")
+    "created_at", "prev_digest", "digest_version", "trajectories")
 ACCESS_FIELDS = ("id", "time", "api_key_id", "key_name", "role", "method", "path", "action",
                  "subject_id", "status_code")
 

@@ -33,6 +33,7 @@ def forecast_json(row: Any, stored: bool = True) -> dict[str, Any]:
     return {"forecast_id": get("forecast_id"), "subject_id": get("subject_id"),
             "as_of": iso(get("as_of")), "status": get("status"), "reason": get("reason"),
             "risks": get("risks"), "contributions": get("contributions"),
+            "trajectories": get("trajectories"),
             "model": {"name": get("model_name"), "version": get("model_version"),
                       "run_id": get("run_id")},
             "watermark": iso(get("watermark")), "created_at": iso(get("created_at")),

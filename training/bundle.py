@@ -35,6 +35,9 @@ class ModelBundle:
     # what monitoring measures drift against (training.monitoring.reference_profile);
     # None in bundles trained before monitoring
     reference: dict[str, Any] | None = None
+    # the task's trajectory models (training.trajectory), one per (code, horizon); empty
+    # in bundles trained before trajectories
+    trajectories: list[Any] = field(default_factory=list)
 
     @property
     def horizons(self) -> list[int]:
@@ -48,6 +51,14 @@ class ModelBundle:
         raw = self.raw_scores(x)
         cal = np.column_stack([c(raw[:, i]) for i, c in enumerate(self.calibrators)])
         return monotone(cal)
+
+    def predict_trajectories(self, x: np.ndarray) -> list[np.ndarray]:
+        """Per trajectory model (``trajectory_models`` order): rows × its quantiles."""
+        return [t.predict(x) for t in self.trajectory_models]
+
+    @property
+    def trajectory_models(self) -> list[Any]:
+        return self.__dict__.get("trajectories") or []
 
     def features_for(self, arrays: EventArrays, subject_ids: np.ndarray,
                      times_us: np.ndarray) -> np.ndarray:
@@ -89,6 +100,8 @@ class ModelBundle:
             for build in ("predictor", "explainer"):  # not on a request
                 if hasattr(m, build):
                     getattr(m, build)()
+        for t in bundle.trajectory_models:
+            t.prepare()
         return bundle
 
     def digest(self) -> str:

@@ -80,9 +80,17 @@ def predict_frame(bundle: ModelBundle, frame: pd.DataFrame, contributions: int =
                         "prediction_time": times.view("datetime64[us]")})
     for i, h in enumerate(bundle.horizons):
         out[f"risk_{h}d"] = risks[:, i]
+    for t, q in zip(bundle.trajectory_models, bundle.predict_trajectories(x), strict=True):
+        for j, level in enumerate(t.quantiles):
+            out[trajectory_output(t.code, t.horizon_days, level)] = q[:, j]
     if contributions > 0:
         out["contributions"] = [json.dumps(c) for c in bundle.contributions(x, contributions)]
     return out
+
+
+def trajectory_output(code: str, horizon_days: int, quantile: float) -> str:
+    """The pyfunc's column of a trajectory quantile: ``LAB//EGFR_365d_q0.1``."""
+    return f"{code}_{horizon_days}d_q{quantile:g}"
 
 
 def synthetic_example(bundle: ModelBundle) -> pd.DataFrame:

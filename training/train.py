@@ -43,6 +43,13 @@ from training.references import evaluate_references, reference_lines, reference_
 from training.registry import CHAMPION, model_name
 from training.search import search
 from training.tracking import Tracker, code_version, package_versions
+from training.trajectory import (
+    TrajectoryError,
+    coverage_ok,
+    evaluate_target,
+    fit_trajectories,
+    flat_trajectory_metrics,
+)
 
 Log = Callable[[str], None]
 DIGEST_FIELD = 32  # MLflow's dataset digest holds 36 characters: the full one is a tag
@@ -236,6 +243,10 @@ def drift_reference(bundle: ModelBundle, parts: dict[str, pd.DataFrame], names: 
 def _calibration_ok(report: dict, task: Task) -> tuple[bool, str]:
     lo, hi = task.promotion.calibration_slope
     problems = []
+    if report.get("trajectories"):
+        ok, why = coverage_ok(report["trajectories"], task)
+        if not ok:
+            problems.append(why)
     for h, e in report["horizons"].items():
         slope = e["rows"]["calibration_slope"]["estimate"]
         ece = e["rows"]["ece"]["estimate"]
@@ -243,7 +254,26 @@ def _calibration_ok(report: dict, task: Task) -> tuple[bool, str]:
             problems.append(f"{h}-day calibration slope {slope:.3f} outside [{lo}, {hi}]")
         if ece > task.promotion.max_ece:
             problems.append(f"{h}-day ECE {ece:.4f} above {task.promotion.max_ece}")
-    return (not problems, "; ".join(problems) or "calibration within limits")
+    if problems:
+        return False, "; ".join(problems)
+    return True, "calibration within limits" + (
+        "; trajectory coverage within limits" if report.get("trajectories") else "")
+
+
+def _fit_trajectories(task: Task, parts: dict[str, pd.DataFrame], names: list[str], spec,
+                      options: TrainOptions, log: Log) -> tuple[list, list]:
+    """The task's trajectory models (LightGBM quantiles, conformalised on tuning) and the
+    linear baseline beside them; shared by every candidate (they need no risk model)."""
+    if not getattr(task, "trajectories", None):
+        return [], []
+    units = {c.code: c.unit for c in spec.codes}
+    log(f"  trajectories: {', '.join(t.code for t in task.trajectories)} "
+        "(LightGBM quantiles, conformalised on tuning; linear baseline)")
+    try:
+        return (fit_trajectories(task, parts, names, units, options.seed),
+                fit_trajectories(task, parts, names, units, options.seed, family="linear"))
+    except TrajectoryError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def heldout_request(events: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
@@ -324,6 +354,7 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                 if not families:
                     raise TrainingError("the hazard family needs event times, which a MEDS "
                                         "label file does not carry: choose another family")
+            trajectories, baseline = _fit_trajectories(task, parts, names, spec, options, log)
             for family in families:
                 log(f"  searching {family} ({options.trials} trials, Optuna TPE)")
 
@@ -340,13 +371,23 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                     log(f"  {family}: search stopped early: {found.stopped_early}")
                 bundle = ModelBundle(task, spec, family, cand.params, cand.models,
                                      cand.calibrators, metadata={"data_digest": digest,
-                                                                 "code_version": code})
+                                                                 "code_version": code},
+                                     trajectories=trajectories)
                 risk = bundle.predict_features(x_held)
                 bundle.reference = drift_reference(bundle, parts, names, x_held, risk,
                                                    options.seed)
                 report = evaluate(risk, eval_frame, task.horizons_days,
                                   n_boot=options.n_bootstrap, seed=options.seed,
                                   min_subgroup=options.min_subgroup)
+                if trajectories:
+                    report["trajectories"] = [
+                        evaluate_target(t, heldout, x_held, risk, task.horizons_days,
+                                        eval_frame.groups, options.n_bootstrap, options.seed)
+                        for t in trajectories]
+                    report["trajectory_baseline"] = [
+                        evaluate_target(t, heldout, x_held, risk, task.horizons_days,
+                                        eval_frame.groups, options.n_bootstrap, options.seed)
+                        for t in baseline]
                 tscore = _tuning_score(tune_risk, parts["tuning"], task,
                                        task.promotion.primary_metric)
                 with mlflow.start_run(experiment_id=exp_id, run_name=family, nested=True) as run:
@@ -356,6 +397,10 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                                        for h, m in zip(task.horizons_days, bundle.models,
                                                        strict=True)})
                     mlflow.log_metrics(flat_metrics(report))
+                    if trajectories:
+                        mlflow.log_metrics(flat_trajectory_metrics(report["trajectories"]))
+                        mlflow.log_metrics(flat_trajectory_metrics(
+                            report["trajectory_baseline"], "trajectory_baseline"))
                     mlflow.log_metric(f"tuning_{task.promotion.primary_metric}", tscore)
                     mlflow.set_tags({"twincast.kind": "candidate", "family": family,
                                      "task": task.name, "data_digest": digest,

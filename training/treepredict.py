@@ -32,10 +32,12 @@ import numpy as np
 from training.treeshap import MISSING, ZERO_THRESHOLD
 
 _BINARY = re.compile(r"^binary(?: sigmoid:(?P<sigmoid>[0-9.eE+-]+))?$")
+# objectives whose output is the raw score itself (``ConvertOutput`` is the identity)
+_IDENTITY = re.compile(r"^(?:quantile|regression|regression_l1|huber|fair)(?: .*)?$")
 
 
 class TreePredictor:
-    def __init__(self, arrays: dict[str, np.ndarray], sigmoid: float, n_features: int):
+    def __init__(self, arrays: dict[str, np.ndarray], sigmoid: float | None, n_features: int):
         self.arrays = arrays
         self.sigmoid = sigmoid
         self.n_features = n_features
@@ -43,11 +45,13 @@ class TreePredictor:
     @classmethod
     def from_booster(cls, booster: Any) -> TreePredictor | None:
         dump = booster.dump_model()
-        m = _BINARY.match(str(dump.get("objective", "")).strip())
-        if m is None or dump.get("num_tree_per_iteration", 1) != 1 \
+        objective = str(dump.get("objective", "")).strip()
+        m = _BINARY.match(objective)
+        if (m is None and not _IDENTITY.match(objective)) \
+                or dump.get("num_tree_per_iteration", 1) != 1 \
                 or dump.get("average_output"):  # a random forest averages its trees
             return None
-        sigmoid = float(m.group("sigmoid") or 1.0)
+        sigmoid = float(m.group("sigmoid") or 1.0) if m else None  # None: identity output
         cols: dict[str, list] = {k: [] for k in ("feature", "threshold", "default_left",
                                                  "missing", "left", "right")}
         leaves: list[float] = []
@@ -101,9 +105,11 @@ class TreePredictor:
         return out
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """The probability, as ``Booster.predict`` gives it."""
+        """The probability (a binary booster) or the value (a regression or quantile
+        booster), as ``Booster.predict`` gives it."""
         raw = self.raw(x)
-        _sigmoid(raw, self.sigmoid)
+        if self.sigmoid is not None:
+            _sigmoid(raw, self.sigmoid)
         return raw
 
 

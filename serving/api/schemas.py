@@ -144,6 +144,25 @@ class ModelRef(_Out):
     run_id: str
 
 
+class TrajectoryInterval(_Out):
+    level: float = Field(description="nominal coverage, e.g. 0.8 for the 10th to 90th "
+                         "percentile (conformalised on the tuning split)")
+    lower: float
+    upper: float
+
+
+class TrajectoryOut(_Out):
+    code: str
+    unit: str | None
+    horizon_days: int
+    median: float
+    intervals: list[TrajectoryInterval]
+    tolerance_days: int = Field(description="the forecast is of the value measured nearest "
+                                "as_of + horizon_days, within this many days")
+    conditional_on: str = Field(description="a patient who reaches the outcome or dies has "
+                                "no such value: read the trajectory beside the risk")
+
+
 class ForecastOut(_Out):
     forecast_id: str
     subject_id: int
@@ -153,6 +172,9 @@ class ForecastOut(_Out):
     risks: dict[str, float] | None = Field(
         default=None, description="Risk per horizon, e.g. {'365d': 0.04, '730d': 0.09}")
     contributions: list[Contribution] | None = None
+    trajectories: list[TrajectoryOut] | None = Field(
+        default=None, description="where each of the task's numeric codes is heading: a "
+        "forecast, never a measurement")
     model: ModelRef
     watermark: AwareDatetime | None = None
     created_at: AwareDatetime | None = None

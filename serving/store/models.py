@@ -101,6 +101,8 @@ class Forecast(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     risks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     contributions: Mapped[list[Any] | None] = mapped_column(JSON)
+    # version 3: biomarker trajectories (training.trajectory), covered by the digest
+    trajectories: Mapped[list[Any] | None] = mapped_column(JSON)
     model_name: Mapped[str] = mapped_column(String(255))
     model_version: Mapped[str] = mapped_column(String(32))
     run_id: Mapped[str] = mapped_column(String(64))

@@ -165,20 +165,24 @@ FORECAST_DIGEST_FIELDS = (
     "created_at")
 
 
-DIGEST_VERSION = 2  # 1: the row alone; 2: the row and its twin's previous row's digest
+# 1: the row alone; 2: the row and its twin's previous row's digest; 3: and trajectories
+DIGEST_VERSION = 3
 
 
 def forecast_digest(values: dict[str, Any]) -> str:
     """SHA-256 over a forecast row's content (tamper evidence).  From version 2 it also
     covers ``prev_digest``, the digest of the twin's previous forecast row, so each
     twin's forecasts form a chain: a row altered, re-digested or deleted breaks the
-    link to the next one."""
+    link to the next one.  From version 3 it covers the row's trajectories too."""
     def norm(v):
         return v.isoformat() if isinstance(v, datetime) else v
     payload = {k: norm(values.get(k)) for k in FORECAST_DIGEST_FIELDS}
-    if (values.get("digest_version") or 1) >= 2:
+    version = values.get("digest_version") or 1
+    if version >= 2:
         payload["prev_digest"] = values.get("prev_digest")
         payload["digest_version"] = values["digest_version"]
+    if version >= 3:
+        payload["trajectories"] = values.get("trajectories")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
                                      default=str).encode()).hexdigest()
 

@@ -10,7 +10,7 @@ import shutil
 from sqlalchemy import select, text
 
 from serving.store.models import Forecast
-from serving.store.twins import forecast_digest
+from serving.store.twins import DIGEST_VERSION, forecast_digest
 from serving.tamper import anchor, forecast_dict, verify_anchors, verify_chains
 from serving.writes import AccessInfo, Caller, TwinInput
 from tests.serving.conftest import event_rows
@@ -54,7 +54,7 @@ def test_every_rewrite_is_caught_by_the_chain_or_the_anchors(database, tracker, 
                                 Forecast.row_digest, Forecast.digest_version)
                          .order_by(Forecast.seq)).all()
     chain = [r for r in rows if r.subject_id == sids[0]]
-    assert len(chain) == 3 and all(r.digest_version == 2 for r in rows)
+    assert len(chain) == 3 and all(r.digest_version == DIGEST_VERSION for r in rows)
     assert chain[0].prev_digest is None and chain[1].prev_digest == chain[0].row_digest
     assert verify_chains(store) == (len(rows), [])
     first = anchor(store, copy, by="test", settle_seconds=0)
@@ -87,6 +87,30 @@ def test_every_rewrite_is_caught_by_the_chain_or_the_anchors(database, tracker, 
     with store.write() as s:
         s.execute(text("DELETE FROM forecasts WHERE seq = :q"), {"q": other[-1].seq})
     assert any(b.subject_id == sids[1] and "head" in b.reason for b in verify_chains(store)[1])
+    store.dispose()
+
+
+def test_a_trajectory_altered_is_caught(database, tracker, trained, small_cohort):  # noqa: F811
+    """From digest version 3 a row's digest covers its trajectories: a forecast eGFR
+    changed in the database no longer matches."""
+    svc = service(database, tracker)
+    store = svc.store
+    sid = 8_300_001
+    svc.writer.write([TwinInput(sid, events=event_rows(history(small_cohort, trained, 2)))],
+                     Caller("ward"), None)
+    with store.read() as s:
+        row = s.execute(select(Forecast).where(Forecast.subject_id == sid)).scalar_one()
+        seq, paths = row.seq, row.trajectories
+    assert paths and paths[0]["code"] == "LAB//EGFR"
+    assert verify_chains(store)[1] == []
+    with store.write() as s:
+        for stmt in TRIGGERS["sqlite" if store.sqlite else "postgresql"]:
+            s.execute(text(stmt))
+        paths[0]["median"] += 10
+        s.execute(text("UPDATE forecasts SET trajectories = :t WHERE seq = :q"),
+                  {"t": json.dumps(paths), "q": seq})
+    breaks = verify_chains(store)[1]
+    assert [(b.subject_id, "altered" in b.reason) for b in breaks] == [(sid, True)]
     store.dispose()
 
 
@@ -127,7 +151,8 @@ def test_rows_from_before_the_chains_still_verify(database, tracker, trained,  #
     with store.read() as s:
         newest = s.execute(select(Forecast).where(Forecast.subject_id == 8_200_002)
                            .order_by(Forecast.seq.desc()).limit(1)).scalar_one()
-    assert newest.digest_version == 2 and newest.prev_digest == old["row_digest"]
+    assert newest.digest_version == DIGEST_VERSION
+    assert newest.prev_digest == old["row_digest"]
     checked, breaks = verify_chains(store)
     assert checked == 3 and breaks == []
     store.dispose()

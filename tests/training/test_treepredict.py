@@ -63,9 +63,13 @@ def test_categorical_and_other_objectives_are_left_to_lightgbm():
                     lgb.Dataset(x, y, categorical_feature=[1]), num_boost_round=10)
     assert any(n.get("decision_type") == "==" for n in _nodes(cat))
     assert TreePredictor.from_booster(cat) is None
-    reg = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1},
-                    lgb.Dataset(x, y.astype(float)), num_boost_round=5)
-    assert TreePredictor.from_booster(reg) is None
+    multi = lgb.train({"objective": "multiclass", "num_class": 3, "verbose": -1,
+                       "num_threads": 1}, lgb.Dataset(x, (y + (x[:, 0] > 0)).astype(float)),
+                      num_boost_round=5)
+    assert TreePredictor.from_booster(multi) is None
+    pois = lgb.train({"objective": "poisson", "verbose": -1, "num_threads": 1},
+                     lgb.Dataset(x, y.astype(float)), num_boost_round=5)
+    assert TreePredictor.from_booster(pois) is None  # exp output: left to LightGBM
     x2 = np.nan_to_num(x)
     linear = lgb.train({"objective": "binary", "linear_tree": True, "verbose": -1,
                         "num_threads": 1}, lgb.Dataset(x2, y), num_boost_round=5)
@@ -74,6 +78,21 @@ def test_categorical_and_other_objectives_are_left_to_lightgbm():
                         "bagging_freq": 1, "verbose": -1, "num_threads": 1},
                        lgb.Dataset(x, y), num_boost_round=5)
     assert TreePredictor.from_booster(forest) is None
+
+
+@pytest.mark.parametrize("objective", [{"objective": "quantile", "alpha": 0.1},
+                                       {"objective": "quantile", "alpha": 0.9},
+                                       {"objective": "regression"}])
+def test_regression_and_quantile_values_bit_for_bit(objective):
+    """Trajectory models (``training.trajectory``) are quantile boosters: identity output."""
+    x, y = data()
+    target = x[:, 0] * 3 + np.nan_to_num(x[:, 2]) + y
+    b = lgb.train({"verbose": -1, "num_threads": 1, **objective},
+                  lgb.Dataset(x, target), num_boost_round=30)
+    walk = TreePredictor.from_booster(b)
+    assert walk is not None and walk.sigmoid is None
+    probe = probe_rows()
+    assert np.array_equal(walk.predict(probe), b.predict(probe, num_threads=1))
 
 
 def test_wrong_width_is_refused():
