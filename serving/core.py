@@ -187,6 +187,27 @@ class TwinService:
                          access: AccessInfo | None = None) -> dict[str, Any]:
         return json.loads(self.twin_view(subject_id, caller, access))["forecast"]
 
+    def what_if(self, subject_id: int, events: list, as_of, caller: Caller,
+                access: AccessInfo | None = None) -> dict[str, Any]:
+        """Risks and trajectories under hypothetical events beside the twin's own, at one
+        as-of time (``serving.whatif``); stores nothing but the access-log row, which is
+        committed before the answer exists."""
+        from serving.whatif import check_scenario, what_if
+
+        model = self.models.current_served()
+        check_scenario(model, events, caller.role)  # refused before anything is read
+        with self.store.read() as s:
+            if not self.store.twins.exists(s, subject_id):
+                raise NotFound(f"no twin with subject_id {subject_id}")
+            rows = self.store.twins.history_rows(s, [subject_id])
+        answer = what_if(model, subject_id, rows, events, as_of, caller.role)
+        if access is not None:
+            def log_it(s) -> None:
+                self.store.access.add(s, [access.row(caller, subject_id)])
+            self.store.db.transact(log_it)
+            access.written = True
+        return answer
+
     def forecasts(self, subject_id: int, limit: int, offset: int) -> dict[str, Any]:
         with self.store.read() as s:
             if not self.store.twins.exists(s, subject_id):

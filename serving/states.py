@@ -15,6 +15,7 @@ class Action(StrEnum):
     WRITE_TWINS = "write twins"        # events, FHIR bundles, bulk, CDS calls
     READ_TWINS = "read twins"          # twins, forecasts, the model, docs
     FORECAST = "ask for a stateless forecast"
+    WHAT_IF = "ask a what-if question"  # stores nothing; treatments: see serving.whatif
     AUDIT = "read the audit trail"     # access log, forecast chains
     MONITOR = "read model monitoring"  # realised performance, drift, alerts
     ADMINISTER = "administer the service"
@@ -24,6 +25,7 @@ ALLOWED: dict[Action, frozenset[Role]] = {
     Action.WRITE_TWINS: frozenset({Role.CLINICAL, Role.ADMIN}),
     Action.READ_TWINS: frozenset({Role.CLINICAL, Role.AUDITOR, Role.ADMIN}),
     Action.FORECAST: frozenset({Role.CLINICAL, Role.ADMIN}),
+    Action.WHAT_IF: frozenset({Role.CLINICAL, Role.AUDITOR, Role.ADMIN}),
     Action.AUDIT: frozenset({Role.AUDITOR, Role.ADMIN}),
     Action.MONITOR: frozenset({Role.AUDITOR, Role.ADMIN}),
     Action.ADMINISTER: frozenset({Role.ADMIN}),

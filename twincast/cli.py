@@ -674,6 +674,94 @@ def _days(text: str) -> int:
     return value
 
 
+@app.command("what-if")
+def what_if_cmd(
+    subject: Annotated[int, typer.Option(help="the subject_id in the MEDS data")],
+    events: Annotated[Path, typer.Option(help=(
+        "the scenario as JSON, as POST /v1/twins/{id}/what-if takes it: "
+        '{"events": [{"code": "RX//SGLT2"}, {"code": "VITAL//SBP", "numeric_value": 125}], '
+        '"as_of": "2024-01-01T00:00:00Z"} (as_of optional: the latest event)'))],
+    meds: Annotated[Path, typer.Option(help="the MEDS directory holding the subject")],
+    task: Annotated[str | None, typer.Option(help="task name (default: the only one)")] = None,
+    version: Annotated[str | None, typer.Option(help="model version (default: champion)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+) -> None:
+    """Risks and trajectories under hypothetical events beside the subject's own, at one
+    as-of time, offline from a MEDS directory — as the service answers it (nothing is
+    stored).  Associational: a difference is not the effect of a treatment."""
+    import numpy as np
+    from pydantic import ValidationError
+
+    from features.events import open_meds
+    from serving.api.schemas import WhatIfIn, naive_utc
+    from serving.errors import ServingError
+    from serving.whatif import ScenarioEvent, what_if
+
+    _quiet_mlflow()
+    try:
+        body = WhatIfIn.model_validate_json(events.read_bytes())
+    except FileNotFoundError:
+        console.print(f"[bold red]error:[/] {events}: no such file")
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        console.print(f"[bold red]error:[/] {events}: {escape(where)}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    settings = _settings()
+    source = _source(settings, task)
+    with _errors():
+        frame = open_meds(meds).read_all()
+    mine = frame[frame["subject_id"] == subject]
+    if mine.empty:
+        console.print(f"[bold red]error:[/] subject {subject} is not in {meds}")
+        raise typer.Exit(2)
+    rows = list(zip(mine["subject_id"].tolist(), mine["time"].to_numpy(),
+                    mine["code"].astype(str).tolist(),
+                    mine["numeric_value"].to_numpy(np.float64).tolist(), strict=True))
+    version = version or source.champion_version()
+    if version is None:
+        console.print("[bold red]error:[/] no champion: pass --version")
+        raise typer.Exit(2)
+    model = source.load(version)
+    scenario = [ScenarioEvent(e.code, e.numeric_value) for e in body.events]
+    try:  # offline, the user holds the data: no role limits treatment scenarios
+        answer = what_if(model, subject, rows, scenario, naive_utc(body.as_of), "admin")
+    except ServingError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if json_out:
+        out.print_json(json.dumps(answer))
+        return
+    out.print(what_if_table(answer))
+    out.print(f"[bold]{answer['interpretation']}:[/] {answer['interpretation_text']}")
+
+
+def what_if_table(answer: dict) -> Table:
+    """A what-if answer as a terminal table (risks, then trajectory medians)."""
+    table = Table(title=f"what-if for subject {answer['subject_id']} as of {answer['as_of']} "
+                        f"({answer['model']['name']} v{answer['model']['version']})")
+    for col in ("", "baseline", "scenario", "difference"):
+        table.add_column(col)
+    base, scen, diff = answer["baseline"], answer["scenario"], answer["difference"]
+    if diff is None:
+        table.add_row("status", f"{base['status']} {base['reason'] or ''}",
+                      f"{scen['status']} {scen['reason'] or ''}", "")
+        return table
+    for h in base["risks"]:
+        table.add_row(f"risk {h}", f"{base['risks'][h]:.3f}", f"{scen['risks'][h]:.3f}",
+                      f"{diff['risks'][h]:+.3f}")
+    for b, s_, d in zip(base["trajectories"] or [], scen["trajectories"] or [],
+                        diff["trajectories"], strict=True):
+        span = "; ".join(f"{round(i['level'] * 100)}% {i['lower']:g}–{i['upper']:g}"
+                         for i in b["intervals"])
+        span_s = "; ".join(f"{round(i['level'] * 100)}% {i['lower']:g}–{i['upper']:g}"
+                           for i in s_["intervals"])
+        table.add_row(f"{b['code']} in {b['horizon_days']} d ({b['unit'] or ''})",
+                      f"{b['median']:g} ({span})", f"{s_['median']:g} ({span_s})",
+                      f"{d['median']:+g}")
+    return table
+
+
 @app.command()
 def monitor(
     task: Annotated[str, typer.Option(help="task name")],

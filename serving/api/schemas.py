@@ -127,6 +127,33 @@ class StatelessIn(_In):
     _future = field_validator("as_of")(lambda cls, v: _not_future(v))
 
 
+class ScenarioEventIn(_In):
+    """A hypothetical event, placed at the what-if's as-of time."""
+
+    code: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^\S+$",
+                               examples=["RX//SGLT2", "VITAL//SBP"])]
+    numeric_value: float | None = Field(default=None, strict=True, description=(
+        "the value of a numeric code (in the code's unit), else null"))
+
+    @field_validator("numeric_value")
+    @classmethod
+    def _float32(cls, v: float | None) -> float | None:
+        if not storable(v):
+            raise ValueError("outside the float32 range that MEDS values are stored in")
+        return v
+
+
+class WhatIfIn(_In):
+    """Hypothetical events at one as-of time; the answer stores nothing."""
+
+    events: Annotated[list[ScenarioEventIn], Field(min_length=1, max_length=50)]
+    as_of: Rfc3339 | None = Field(default=None, description=(
+        "the time of the scenario and of both forecasts (default: the twin's latest "
+        "event; never 'now', which would also move age and days-since features)"))
+
+    _future = field_validator("as_of")(lambda cls, v: _not_future(v))
+
+
 class Contribution(_Out):
     horizon_days: int
     feature: str
@@ -179,6 +206,45 @@ class ForecastOut(_Out):
     watermark: AwareDatetime | None = None
     created_at: AwareDatetime | None = None
     stored: bool = True
+
+
+class WhatIfAnswer(_Out):
+    status: Literal["ok", "not_eligible"]
+    reason: str | None
+    risks: dict[str, float] | None
+    trajectories: list[TrajectoryOut] | None
+
+
+class TrajectoryDifference(_Out):
+    code: str
+    unit: str | None
+    horizon_days: int
+    median: float
+
+
+class WhatIfDifference(_Out):
+    risks: dict[str, float]
+    trajectories: list[TrajectoryDifference]
+
+
+class ScenarioEventOut(_Out):
+    code: str
+    numeric_value: float | None
+    time: AwareDatetime
+
+
+class WhatIfOut(_Out):
+    subject_id: int
+    as_of: AwareDatetime
+    model: ModelRef
+    scenario_events: list[ScenarioEventOut]
+    baseline: WhatIfAnswer
+    scenario: WhatIfAnswer
+    difference: WhatIfDifference | None = Field(description=(
+        "scenario minus baseline (null when either is not eligible)"))
+    interpretation: Literal["associational"]
+    interpretation_text: str = Field(description="show it with every difference")
+    stored: Literal[False]
 
 
 class IngestOut(_Out):

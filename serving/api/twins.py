@@ -29,6 +29,7 @@ from serving.errors import BadInput, PayloadTooLarge
 from serving.fhir import ingest_bundle, is_ndjson, ndjson_bundle, risk_assessment
 from serving.states import Action
 from serving.store.ids import ASSIGNED_MAX, CLIENT_ID_MAX
+from serving.whatif import ScenarioEvent
 from serving.writes import TwinInput
 
 router = APIRouter(tags=["twins"])
@@ -153,6 +154,20 @@ async def get_twin(request: Request, subject_id: RawReadId, service: Service,
                         media_type="application/json")
 
     return await anyio.to_thread.run_sync(work)
+
+
+@router.post("/v1/twins/{subject_id}/what-if", response_model=S.WhatIfOut,
+             responses={**ERRORS, **NOT_FOUND})
+def what_if(request: Request, subject_id: ReadId, body: S.WhatIfIn, service: Service,
+            caller: Annotated[Principal, Depends(require(Action.WHAT_IF, "what_if",
+                                                         twin=True))]) -> Response:
+    """The twin's risks and trajectories under hypothetical events placed at one as-of
+    time, beside its own at the same time, and their differences.  Stores no forecast
+    and changes no twin.  **Associational**: a difference is what similar patients'
+    records show, not the effect of a treatment (see ``interpretation_text``)."""
+    events = [ScenarioEvent(e.code, e.numeric_value) for e in body.events]
+    return json_response(service.what_if(subject_id, events, S.naive_utc(body.as_of), caller,
+                                         access_of(request)))
 
 
 @router.get("/v1/twins/{subject_id}/forecast", tags=["fhir"],
