@@ -34,7 +34,7 @@ def last_egfr(ev: pd.DataFrame) -> float:
 def test_what_if_stores_nothing_and_its_baseline_is_the_twins_forecast(server, small_cohort,
                                                                        trained):
     sid = SUBJECT + 1
-    ev, fc = twin(server, small_cohort, trained, sid, 0)
+    _, fc = twin(server, small_cohort, trained, sid, 0)
     assert fc["status"] == "ok" and fc["trajectories"]
     before = counts(server, sid)
     with server.client("auditor") as c:
@@ -61,7 +61,7 @@ def test_what_if_stores_nothing_and_its_baseline_is_the_twins_forecast(server, s
 def test_a_much_lower_egfr_raises_the_risk_and_lowers_the_egfr_trajectory(
         server, small_cohort, trained):
     sid = SUBJECT + 2
-    ev, fc = twin(server, small_cohort, trained, sid, 1)
+    ev, _ = twin(server, small_cohort, trained, sid, 1)
     low = max(5.0, last_egfr(ev) * 0.3)
     with server.client() as c:
         body = c.post(f"/v1/twins/{sid}/what-if", json={"events": [
@@ -77,7 +77,7 @@ def test_a_much_lower_egfr_raises_the_risk_and_lowers_the_egfr_trajectory(
 
 def test_an_explicit_as_of_moves_both_answers_together(server, small_cohort, trained):
     sid = SUBJECT + 3
-    ev, fc = twin(server, small_cohort, trained, sid, 2)
+    ev, _ = twin(server, small_cohort, trained, sid, 2)
     times = sorted(ev["time"].dropna().unique())
     earlier = pd.Timestamp(times[len(times) // 2]).isoformat() + "Z"
     with server.client() as c:
