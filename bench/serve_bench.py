@@ -8,7 +8,8 @@ Per database, one worker (pinned to core 0; the load generator, wrk, to core 1):
 1. re-forecast of every twin (``--twins``, the synthetic cohort's histories) by the
    refresh, in process, as a worker runs it after a reload;
 2. latency and throughput at concurrency 1 and 16 of GET /v1/twins/{id} and of a
-   one-event POST /v1/twins/{id}/events to twins with ~150 events — medians of
+   one-event POST /v1/twins/{id}/events to twins with ~150 events, and of a what-if
+   (one hypothetical blood pressure) on the same twins — medians of
    ``--runs`` runs — each beside two baselines measured in the same run: a bare FastAPI
    + LightGBM endpoint, and one that also reads the twin's row and commits an access
    row on the same database;
@@ -250,6 +251,10 @@ def run_db(kind: str, home: Path, events, args) -> dict:
     (home / "base_paths.txt").write_text("\n".join(f"/twin/{rng.choice(hot)}"
                                                    for _ in range(10_000)))
     (home / "predict.txt").write_text("/predict\n")
+    scenario = json.dumps({"events": [{"code": "VITAL//SBP", "numeric_value": 125.0}]})
+    whatif = [f"/v1/twins/{rng.choice(hot)}/what-if" for _ in range(10_000)]
+    (home / "whatif_paths.txt").write_text("\n".join(whatif))
+    (home / "whatif_bodies.txt").write_text("\n".join([scenario] * len(whatif)))
     cds_private, cds_public = cds_keypair()
     env = {**os.environ, "TWINCAST_HOME": str(home), "TWINCAST_TASK": "eskd",
            "TWINCAST_MLFLOW_URI": f"sqlite:///{home / 'mlflow.db'}",
@@ -274,6 +279,9 @@ def run_db(kind: str, home: Path, events, args) -> dict:
                                   last + np.timedelta64((r * 2 + (c > 1)) * 60_000, "m"))
                 runs.setdefault(("POST one event", c), []).append(
                     wrk(url, "POST", c, args.seconds, auth, p, b))
+                runs.setdefault(("POST what-if", c), []).append(
+                    wrk(url, "POST", c, args.seconds, auth, home / "whatif_paths.txt",
+                        home / "whatif_bodies.txt"))
         for (name, c), rs in runs.items():
             m = median_of(rs)
             print(f"  {name} c={c}: p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, "
@@ -373,6 +381,11 @@ def report(kind: str, res: dict) -> None:
         print(f"{name:<36}{c:>5}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['rps']:>8.0f}"
               f"{r['errors']:>7.0f}{r['p50_ms'] / bare['p50_ms']:>10.2f}"
               f"{r['p50_ms'] / db['p50_ms']:>8.2f}{r['rps'] / bare['rps']:>10.2f}")
+    for c in (1, 16):
+        w, g = res["service"][("POST what-if", c)], res["service"][("GET twin", c)]
+        print(f"what-if at concurrency {c}: p50 {w['p50_ms']:.2f} ms, "
+              f"{w['p50_ms'] / g['p50_ms']:.1f}x a GET of the twin in the same run "
+              f"({g['p50_ms']:.2f} ms)")
     n, wall = res["refresh"]
     print(f"re-forecast of {n:,} twins after a reload (in process): {wall:.1f}s "
           f"({n / wall:,.0f} twins/s)")

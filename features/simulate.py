@@ -174,10 +174,26 @@ class Shift:
         return f"{self.kind}: x{self.factor:g} from {date}"
 
 
+@dataclass(frozen=True)
+class Intervention:
+    """The same patients in two worlds (the true effect a what-if is measured against):
+    in month ``month`` of each patient's follow-up everyone still followed has a visit,
+    at which an SGLT2 inhibitor is started for those not on one (``start=True``) or is
+    not (``start=False``: then the natural course, later starts included).  Until that
+    visit both worlds draw the same random numbers, so the histories are the same up to
+    it; afterwards they differ by the treatment and what follows from it."""
+
+    month: int
+    start: bool
+
+
 def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
-                    shift: Shift | None = None, steady: bool = False) -> pd.DataFrame:
+                    shift: Shift | None = None, steady: bool = False,
+                    intervention: Intervention | None = None) -> pd.DataFrame:
     """Simulate ``n_subjects`` CKD patients as canonical MEDS events (``shift``: a
-    documented change from a date on; ``steady``: an open cohort in a steady state)."""
+    documented change from a date on; ``steady``: an open cohort in a steady state;
+    ``intervention``: a treatment decided for everyone at one month, see
+    :class:`Intervention`)."""
     rng = np.random.default_rng(seed)
     n = int(n_subjects)
     sid = np.arange(first_subject_id, first_subject_id + n, dtype=np.int64)
@@ -245,6 +261,9 @@ def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
         p_visit = (0.18 + 0.12 * (seen < 45) + 0.25 * (seen < 30) + 0.2 * (seen < 20))
         p_visit = np.where(recheck[idx], np.maximum(p_visit, 0.6), p_visit)
         visit = (rng.random(k) < p_visit) | (m == 0)
+        forced = intervention is not None and m == intervention.month
+        if forced:
+            visit[:] = True
         vday = np.floor(start[idx] + rng.random(k) * MONTH_DAYS).astype(np.int64)
         vday = np.minimum(vday, STUDY_END)
         vt = vday * day_us + (8 * 60 + rng.integers(0, 540, k)) * 60_000_000
@@ -283,6 +302,8 @@ def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
             era = np.where(vday >= sglt2_era, 1.0, 0.2)
             start_sglt2 = (v & ~on_sglt2[idx] & (diabetes[idx] | (seen < 60))
                            & (u[1] < 0.06 * era))
+            if forced:  # the decision at the intervention's visit
+                start_sglt2 = v & ~on_sglt2[idx] & intervention.start
             on_ace[idx[start_ace]] = True
             on_sglt2[idx[start_sglt2]] = True
             ev.add(sid[idx[start_ace]], vt[start_ace], "RX//ACEI")

@@ -20,7 +20,7 @@ import jwt
 
 from serving.core import TwinService
 from serving.errors import BadInput, ServingError, Unauthorized
-from serving.fhir import bundle_inputs, convert
+from serving.fhir import bundle_inputs, convert, trajectory_text
 from serving.jwtkeys import client_keys
 from serving.store.identity import MAX_VALUE, scoped_system
 from serving.store.models import CdsFeedback
@@ -209,6 +209,10 @@ def _card(service: TwinService, fc: dict[str, Any], warning: float, critical: fl
              f"version {model['version']}).", "", "Top contributions (associational, "
              "raw model scale):", ""]
     lines += [f"- {c['text']}" for c in (fc["contributions"] or [])[:5]]
+    paths = fc.get("trajectories") or []
+    if paths:
+        lines += ["", "Where it is heading (forecasts, not measurements):", ""]
+        lines += [f"- {trajectory_text(t)}" for t in paths]
     return {"uuid": str(uuid.uuid4()), "summary": summary[:140], "indicator": indicator,
             "source": source, "detail": "\n".join(lines)}
 

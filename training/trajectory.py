@@ -23,6 +23,7 @@ its coverage and mean width, each with a subject-bootstrap 95% interval.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,7 +326,7 @@ def flat_trajectory_metrics(report: list[dict[str, Any]], prefix: str = "traject
     """MLflow metric names (``trajectory_LAB_EGFR_365d_coverage_80`` and its _lo/_hi)."""
     out = {}
     for e in report:
-        slug = "".join(ch if ch.isalnum() else "_" for ch in e["code"]).strip("_")
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", e["code"]).strip("_")
         base = f"{prefix}_{slug}_{e['horizon_days']}d"
         for k, v in e.get("overall", {}).items():
             out[f"{base}_{k}"] = v["estimate"]

@@ -80,6 +80,7 @@ def test_a_patient_view_call_answers_cards_and_feedback_is_kept(server):
     assert card["indicator"] in ("info", "warning", "critical")
     assert card["source"]["label"] == "twincast" and "detail" in card
     assert "log-odds" in card["detail"]
+    assert "Forecast, not a measurement: LAB//EGFR about 365 days" in card["detail"]
     assert elapsed < 5  # measured in bench/serve_bench.py against the spec's ~500 ms
     # the twin is stored now: a call without prefetch answers from it
     again = call(server, f"/cds-services/{SERVICE}", hook("ehr-patient-1", False))

@@ -108,3 +108,7 @@ def test_risk_assessment_validates_and_names_the_served_version(server):
     assert ra.basis and all(b.reference.startswith("Observation/") for b in ra.basis)
     assert pd.Timestamp(ra.occurrenceDateTime) == pd.Timestamp(plain["as_of"])
     assert "log-odds" in ra.note[0].text
+    # trajectories travel in the note only: a forecast value is never an Observation
+    median = plain["trajectories"][0]["median"]
+    assert ra.note[1].text.startswith("Forecast, not a measurement: LAB//EGFR about 365")
+    assert f"median {median:g}" in ra.note[1].text

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.package import PREDICT_CODE
+from features.events import shortest_f32
+from training.package import PREDICT_CODE, trajectory_output
 from training.registry import CHAMPION, model_name
 from training.tracking import Tracker
 
@@ -45,7 +46,7 @@ def counts(server, sid: int) -> tuple[int, int]:
         return r.json()["event_count"], f["total"]
 
 
-def package_prediction(server, frame: pd.DataFrame, sid: int, at) -> np.ndarray:
+def package_prediction(server, frame: pd.DataFrame, sid: int, at, frame_out: bool = False):
     tracker = Tracker(server.tracking_uri)
     with tracker.active():
         model = mlflow.pyfunc.load_model(f"models:/{model_name('eskd')}@{CHAMPION}")
@@ -58,7 +59,7 @@ def package_prediction(server, frame: pd.DataFrame, sid: int, at) -> np.ndarray:
     req["numeric_value"] = req["numeric_value"].astype(np.float64)
     req["text_value"] = req["text_value"].astype(object)
     out = model.predict(req)
-    return out[["risk_365d", "risk_730d"]].to_numpy()[0]
+    return out if frame_out else out[["risk_365d", "risk_730d"]].to_numpy()[0]
 
 
 def test_ingest_then_read_back_and_equal_to_the_model_package(server, small_cohort, trained):
@@ -76,8 +77,17 @@ def test_ingest_then_read_back_and_equal_to_the_model_package(server, small_coho
     assert got["event_count"] == len(ev)
     assert got["forecast"]["forecast_id"] == fc["forecast_id"]
     assert {v["code"] for v in got["latest_values"]} == set(ev["code"].astype(str))
-    expected = package_prediction(server, ev, sid, ev["time"].max())
+    package = package_prediction(server, ev, sid, ev["time"].max(), frame_out=True)
+    expected = package[["risk_365d", "risk_730d"]].to_numpy()[0]
     np.testing.assert_array_equal([fc["risks"]["365d"], fc["risks"]["730d"]], expected)
+    # the trajectories too: median and interval as the package gives them (float32 text)
+    assert [(t["code"], t["horizon_days"]) for t in fc["trajectories"]] == [
+        ("LAB//EGFR", 365), ("LAB//EGFR", 730)]
+    for t in fc["trajectories"]:
+        cols = [trajectory_output(t["code"], t["horizon_days"], q) for q in (0.1, 0.5, 0.9)]
+        want = shortest_f32(package[cols].to_numpy()[0].astype(np.float32))
+        got = [t["intervals"][0]["lower"], t["median"], t["intervals"][0]["upper"]]
+        assert got == want and t["unit"] == "ml/min/1.73m²" and t["intervals"][0]["level"] == 0.8
     assert fc["risks"]["365d"] <= fc["risks"]["730d"]
     assert fc["contributions"] and "log-odds" in fc["contributions"][0]["text"]
 

@@ -20,13 +20,14 @@ import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
+from features.events import shortest_f32
 from features.fhir import bundle_to_events, import_to_frame
 from serving.store import open_store
 from serving.store.ids import ASSIGNED_MIN
 from serving.store.models import Event, Forecast, Identifier, Twin
 from tests.serving.conftest import CDS_ISSUER, start_server
 from tests.serving.test_service import api_events, history, promote_copy
-from training.package import PREDICT_CODE
+from training.package import PREDICT_CODE, trajectory_output
 from training.registry import model_name
 from training.tracking import Tracker
 
@@ -324,8 +325,22 @@ def package_predictions(server, requests: dict[int, tuple[pd.DataFrame, pd.Times
     req["numeric_value"] = req["numeric_value"].astype(np.float64)
     req["text_value"] = pd.Series([None] * len(req), dtype=object)
     out = model.predict(req)
-    return {int(r.subject_id): np.array([r.risk_365d, r.risk_730d])
-            for r in out.itertuples()}
+    cols = ["risk_365d", "risk_730d", *(trajectory_output("LAB//EGFR", h, q)
+                                        for h in (365, 730) for q in (0.1, 0.5, 0.9))]
+    return {int(sid): row for sid, row in zip(out["subject_id"], out[cols].to_numpy(),
+                                              strict=True)}
+
+
+def served_numbers(fc: dict) -> list[float]:
+    """A forecast's risks, then each trajectory's 10th, 50th and 90th percentiles, as the
+    package's columns hold them (the served values are their float32 shortest text)."""
+    paths = [v for t in fc["trajectories"] for v in
+             (t["intervals"][0]["lower"], t["median"], t["intervals"][0]["upper"])]
+    return [fc["risks"]["365d"], fc["risks"]["730d"], *paths]
+
+
+def package_numbers(row: np.ndarray) -> list[float]:
+    return [float(row[0]), float(row[1]), *shortest_f32(row[2:].astype(np.float32))]
 
 
 def cds_call(server, body: dict, tenant: str = "t1") -> httpx.Response:
@@ -380,7 +395,7 @@ def test_every_entry_point_stores_what_the_model_package_predicts(core_server, s
     expected = package_predictions(core_server, frames)
     for route, (sid, fc) in got.items():
         assert fc["status"] == "ok", (route, fc)
-        assert [fc["risks"]["365d"], fc["risks"]["730d"]] == list(expected[sid]), route
+        assert served_numbers(fc) == package_numbers(expected[sid]), route
     # the refresh: a new version (the same package) re-forecasts them identically
     version = promote_copy(core_server, "parity test")
     wait_refresh(core_server, version)
@@ -390,7 +405,7 @@ def test_every_entry_point_stores_what_the_model_package_predicts(core_server, s
         again = twin_state(core_server, sid)["forecast"]
         assert again["model"]["version"] == version, route
         assert again["forecast_id"] != fc["forecast_id"]
-        assert [again["risks"]["365d"], again["risks"]["730d"]] == list(expected[sid]), route
+        assert served_numbers(again) == package_numbers(expected[sid]), route
 
 
 def test_a_cds_call_links_the_patient_in_the_same_transaction(core_server):
