@@ -81,7 +81,8 @@ def compare(model, n_subjects: int, seed: int, month: int) -> dict:
     t_us = started["time"].to_numpy().astype("datetime64[us]").view(np.int64)
     true_fail = _eskd_by(treated, sids, t_us) - _eskd_by(control, sids, t_us)
     task = model.bundle.task
-    code = task.trajectories[0].code if task.trajectories else "LAB//EGFR"
+    targets = getattr(task, "trajectories", [])
+    code = targets[0].code if targets else "LAB//EGFR"
     col = target_column(code, 365)
     egfr = {}
     for name, frame in (("treated", treated), ("control", control)):

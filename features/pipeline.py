@@ -33,7 +33,7 @@ from features.label_files import read_labels
 from features.labels import derive_labels, label_column
 from features.spec import CodeStats, FeatureSpec, wants_kalman
 from features.splits import assign_splits
-from features.targets import trajectory_targets
+from features.targets import target_column, trajectory_targets
 from features.task import Task
 from features.timeindex import US_PER_DAY
 
@@ -128,6 +128,7 @@ class TrainingSetBuilder:
         feats = pd.DataFrame(x, columns=spec.feature_names, index=labels.index)
         targets = trajectory_targets(arrays, self.task, labels["subject_id"].to_numpy(), t_us)
         if targets:
+            self._before_cutoff(targets, labels["split"].to_numpy(), t_us)
             labels = pd.concat([labels, pd.DataFrame(targets, index=labels.index)], axis=1)
         return pd.concat([labels, feats], axis=1)
 
@@ -141,6 +142,21 @@ class TrainingSetBuilder:
         held = labels["split"].to_numpy() == "held_out"
         keep = np.where(held, t >= cutoff, t + horizon <= cutoff)
         return labels[keep].reset_index(drop=True)
+
+
+    def _before_cutoff(self, targets: dict[str, np.ndarray], split: np.ndarray,
+                       t_us: np.ndarray) -> None:
+        """With a temporal hold-out, a train or tuning row's trajectory target must be
+        known before the cutoff too: one whose window reaches past it is dropped."""
+        temporal = self.task.split.temporal
+        if temporal is None:
+            return
+        cutoff = np.datetime64(temporal.cutoff, "us").view(np.int64)
+        before = split != "held_out"
+        for t in self.task.trajectories:
+            for h in t.horizons_days:
+                late = before & (t_us + (h + t.tolerance_days) * US_PER_DAY > cutoff)
+                targets[target_column(t.code, h)][late] = np.nan
 
 
 def _given_splits(from_labels: pd.Series | None, from_data: pd.Series | None

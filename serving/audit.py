@@ -48,7 +48,8 @@ def audit_forecast(store: Store, source: ModelSource, forecast_id: str, *,
     chain: dict[str, Any] = {"forecast": {
         "forecast_id": fc["forecast_id"], "subject_id": fc["subject_id"],
         "as_of": iso(fc["as_of"]), "status": fc["status"], "reason": fc["reason"],
-        "risks": fc["risks"], "requested_by": fc["requested_by"],
+        "risks": fc["risks"], "trajectories": fc.get("trajectories"),
+        "requested_by": fc["requested_by"],
         "created_at": iso(fc["created_at"]), "watermark": iso(fc["watermark"])}}
     intact = forecast_digest(fc) == stored_digest
     links.append(Link("forecast row intact", intact,
@@ -146,8 +147,10 @@ def _reproduce(store: Store, source: ModelSource, fc: dict[str, Any]) -> Link:
     with store.read() as s:
         history = store.twins.histories(s, [fc["subject_id"]], recorded_upto=fc["watermark"])
     again = forecast_batch(model, history.arrays, [fc["subject_id"]], [fc["as_of"]])[0]
+    # rows from before trajectories (digest versions 1 and 2) stored none
+    paths_same = (fc.get("digest_version") or 1) < 3 or again.trajectories == fc["trajectories"]
     same = (again.status == fc["status"] and again.risks == fc["risks"]
-            and again.feature_digest == fc["feature_digest"])
+            and again.feature_digest == fc["feature_digest"] and paths_same)
     return Link("forecast reproduced", same,
                 "bit for bit from the twin's history as of then" if same else
                 "reloading the model on the recorded history gives a different forecast")

@@ -124,8 +124,8 @@ def trajectories(model: LoadedModel, x: np.ndarray) -> list[list[dict[str, Any]]
                 "code": t.code, "unit": t.unit, "horizon_days": t.horizon_days,
                 "median": at[0.5],
                 "intervals": [{"level": round(hi - lo, 6), "lower": at[lo], "upper": at[hi]}
-                              for lo, hi in sorted(((q_, round(1 - q_, 6)) for q_ in
-                                                    t.quantiles if q_ < 0.5), reverse=True)],
+                              for lo, hi in sorted((q_, round(1 - q_, 6)) for q_ in
+                                                   t.quantiles if q_ < 0.5)],  # widest first
                 "tolerance_days": t.tolerance_days,
                 "conditional_on": f"alive and free of {outcome} at the horizon",
             })

@@ -14,13 +14,13 @@ doing it.  The service, the CLI, the page and the CDS card show that sentence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from features.events import NAT_US
+from features.events import NAT_US, EventArrays
 from serving.errors import BadInput, Forbidden
 from serving.forecasting import ForecastResult, forecast_batch, latest_times
 from serving.model_source import LoadedModel
@@ -53,6 +53,12 @@ def check_scenario(model: LoadedModel, events: list[ScenarioEvent], role: str) -
                   if getattr(task, "what_if", None) else ())
     if not events:
         raise BadInput("a scenario has at least one event", ["body", "events"])
+    seen: set[str] = set()
+    for i, e in enumerate(events):
+        if e.code in seen:
+            raise BadInput(f"{e.code} appears twice: a scenario gives each code one value",
+                           ["body", "events", i, "code"])
+        seen.add(e.code)
     if len(events) > MAX_SCENARIO_EVENTS:
         raise BadInput(f"a scenario has at most {MAX_SCENARIO_EVENTS} events",
                        ["body", "events"])
@@ -90,12 +96,12 @@ def what_if(model: LoadedModel, subject_id: int, history_rows: list[tuple],
         if t == NAT_US:
             raise BadInput("the twin has no dated events: give as_of", ["body", "as_of"])
         as_of = datetime_of(t)
-    added = [(subject_id, as_of, e.code,
-              np.nan if e.numeric_value is None else float(e.numeric_value), None, None,
-              None) for e in events]
-    scenario = event_arrays([*history_rows, *added])
     baseline_r = forecast_batch(model, base, [subject_id], [as_of])[0]
-    scenario_r = forecast_batch(model, scenario, [subject_id], [as_of])[0]
+    scenario_r = forecast_batch(model, _with_scenario(base, subject_id, as_of, events),
+                                [subject_id], [as_of])[0]
+    if baseline_r.status != "ok":  # the scenario's own events never make a twin eligible
+        scenario_r = replace(scenario_r, status=baseline_r.status, reason=baseline_r.reason,
+                             risks=None, contributions=None, trajectories=None)
     return {
         "subject_id": subject_id, "as_of": iso(as_of),
         "model": {"name": model.name, "version": model.version, "run_id": model.run_id},
@@ -106,6 +112,24 @@ def what_if(model: LoadedModel, subject_id: int, history_rows: list[tuple],
         "interpretation": INTERPRETATION, "interpretation_text": INTERPRETATION_TEXT,
         "stored": False,
     }
+
+
+def _with_scenario(base: EventArrays, subject_id: int, as_of: datetime,
+                   events: list[ScenarioEvent]) -> EventArrays:
+    """The history with the scenario's events at ``as_of``; a value of the same code
+    recorded at that very time is replaced (else the higher of the two would read as
+    the last: same-time events are ordered by value)."""
+    t = int(np.datetime64(as_of, "us").view(np.int64))
+    codes = np.asarray(base.categories, dtype=object)[base.code] if len(base) else \
+        np.empty(0, dtype=object)
+    replaced = (base.time_us == t) & np.isin(codes, [e.code for e in events])
+    keep = ~replaced
+    times = base.time_us[keep].astype("datetime64[us]")
+    rows = list(zip(base.subject_id[keep].tolist(), times, codes[keep].tolist(),
+                    base.value[keep].tolist(), strict=True))
+    rows += [(subject_id, np.datetime64(t, "us"), e.code,
+              np.nan if e.numeric_value is None else float(e.numeric_value)) for e in events]
+    return event_arrays(rows)
 
 
 def _answer(r: ForecastResult) -> dict[str, Any]:

@@ -132,6 +132,7 @@ def tiny_task(eskd_task):
     data["promotion"].update({"max_ece": 0.2, "calibration_slope": [0.2, 5.0]})
     for t in data.get("trajectories", []):
         t["max_coverage_error"] = 0.2  # a 400-subject cohort's coverage is noisy
+    data["what_if"] = {"allowed_codes": ["RX//ACEI"]}  # a treatment open to clinicians
     return parse_task(data)
 
 

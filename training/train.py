@@ -269,11 +269,18 @@ def _fit_trajectories(task: Task, parts: dict[str, pd.DataFrame], names: list[st
     units = {c.code: c.unit for c in spec.codes}
     log(f"  trajectories: {', '.join(t.code for t in task.trajectories)} "
         "(LightGBM quantiles, conformalised on tuning; linear baseline)")
+    skipped: list[str] = []
     try:
-        return (fit_trajectories(task, parts, names, units, options.seed),
-                fit_trajectories(task, parts, names, units, options.seed, family="linear"))
+        models = fit_trajectories(task, parts, names, units, options.seed, skipped=skipped)
+        baseline = fit_trajectories(task, parts, names, units, options.seed, family="linear",
+                                    skipped=skipped)
     except TrajectoryError as exc:
         raise TrainingError(str(exc)) from None
+    for why in skipped:
+        log(f"  skipped {why}")
+    if skipped:
+        mlflow.set_tag("trajectories.skipped", "; ".join(skipped)[:4000])
+    return models, baseline
 
 
 def heldout_request(events: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:

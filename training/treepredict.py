@@ -33,7 +33,8 @@ from training.treeshap import MISSING, ZERO_THRESHOLD
 
 _BINARY = re.compile(r"^binary(?: sigmoid:(?P<sigmoid>[0-9.eE+-]+))?$")
 # objectives whose output is the raw score itself (``ConvertOutput`` is the identity)
-_IDENTITY = re.compile(r"^(?:quantile|regression|regression_l1|huber|fair)(?: .*)?$")
+# (not ``regression sqrt``: a booster fitted on the square root squares its output)
+_IDENTITY = re.compile(r"^(?:quantile(?: alpha:[0-9.eE+-]+)?|regression|regression_l1)$")
 
 
 class TreePredictor:

@@ -690,6 +690,7 @@ def what_if_cmd(
     as-of time, offline from a MEDS directory — as the service answers it (nothing is
     stored).  Associational: a difference is not the effect of a treatment."""
     import numpy as np
+    import pandas as pd
     from pydantic import ValidationError
 
     from features.events import open_meds
@@ -709,20 +710,25 @@ def what_if_cmd(
         raise typer.Exit(2) from None
     settings = _settings()
     source = _source(settings, task)
-    with _errors():
-        frame = open_meds(meds).read_all()
-    mine = frame[frame["subject_id"] == subject]
+    with _errors():  # the subject's rows only, file by file
+        parts = [f[f["subject_id"] == subject] for f in open_meds(meds).iter_files()]
+    mine = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if mine.empty:
         console.print(f"[bold red]error:[/] subject {subject} is not in {meds}")
         raise typer.Exit(2)
     rows = list(zip(mine["subject_id"].tolist(), mine["time"].to_numpy(),
                     mine["code"].astype(str).tolist(),
                     mine["numeric_value"].to_numpy(np.float64).tolist(), strict=True))
-    version = version or source.champion_version()
-    if version is None:
+    try:
+        version = version or source.champion_version()
+        model = source.load(version) if version is not None else None
+    except Exception as exc:  # unreachable registry, unknown version, refused artifact
+        console.print(f"[bold red]error:[/] the model could not be loaded: "
+                      f"{escape(str(exc) or type(exc).__name__)}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if model is None:
         console.print("[bold red]error:[/] no champion: pass --version")
         raise typer.Exit(2)
-    model = source.load(version)
     scenario = [ScenarioEvent(e.code, e.numeric_value) for e in body.events]
     try:  # offline, the user holds the data: no role limits treatment scenarios
         answer = what_if(model, subject, rows, scenario, naive_utc(body.as_of), "admin")

@@ -181,7 +181,8 @@ def forecast_digest(values: dict[str, Any]) -> str:
     if version >= 2:
         payload["prev_digest"] = values.get("prev_digest")
         payload["digest_version"] = values["digest_version"]
-    if version >= 3:
+    if version >= 3 or values.get("trajectories") is not None:
+        # (an older row never stored any: trajectories added to one break its digest)
         payload["trajectories"] = values.get("trajectories")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
                                      default=str).encode()).hexdigest()

@@ -109,3 +109,9 @@ def test_temporal_split(small_cohort_dir, eskd_task):
     held = frame["split"] == "held_out"
     assert (frame.loc[held, "prediction_time"] >= cut).all()
     assert (frame.loc[~held, "prediction_time"] + pd.Timedelta(days=730) <= cut).all()
+    # a trajectory target of a train or tuning row is known before the cutoff too
+    before = frame[~held]
+    col = "target_LAB//EGFR_730d"  # (at 365 days every such row is known by the cutoff)
+    late = before["prediction_time"] + pd.Timedelta(days=730 + 90) > cut
+    assert late.any() and before.loc[late, col].isna().all()
+    assert before.loc[~late, col].notna().any()

@@ -82,6 +82,8 @@ def test_a_full_chain_verifies(audited):
         "training-data digest agrees", "training data unchanged", "forecast reproduced"}
     chain = result["chain"]
     assert chain["forecast"]["requested_by"] == "ward-7"
+    # reproduced bit for bit includes the trajectories the row stored
+    assert [t["code"] for t in chain["forecast"]["trajectories"]] == ["LAB//EGFR"] * 2
     assert chain["model"]["version"] == audited.result.version and chain["model"]["is_champion"]
     assert chain["run"]["run_id"] == audited.result.candidates["logistic"].run_id
     assert chain["data"]["digest"] == audited.result.data_digest

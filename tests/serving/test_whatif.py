@@ -94,6 +94,11 @@ def test_an_explicit_as_of_moves_both_answers_together(server, small_cohort, tra
 
 @pytest.mark.parametrize(("role", "events", "status", "words"), [
     ("clinical", [{"code": "RX//SGLT2"}], 403, "what_if.allowed_codes"),
+    ("clinical", [{"code": "RX//ACEI"}], 200, None),  # listed in the task's allowed_codes
+    ("clinical", [{"code": "VITAL//SBP", "numeric_value": 120.0},
+                  {"code": "VITAL//SBP", "numeric_value": 130.0}], 422, "appears twice"),
+    ("clinical", [{"code": "VITAL//SBP", "numeric_value": 125.0}, {"code": "RX//SGLT2"}],
+     403, "RX//SGLT2"),
     ("auditor", [{"code": "RX//SGLT2"}], 200, None),
     ("admin", [{"code": "RX//SGLT2"}], 200, None),
     ("clinical", [{"code": "DX//ESKD"}], 422, "outcome"),
@@ -156,3 +161,42 @@ def test_offline_what_if_equals_the_service(server, small_cohort, trained, tmp_p
                             str(tmp_path / "scenario.json"), "--meds", str(meds), "--task",
                             "eskd"], capture_output=True, text=True, env=env, timeout=300)
     assert words.returncode == 0 and "confounding by indication" in words.stdout
+
+
+def test_an_as_of_before_any_visit_is_not_eligible_in_both(server, small_cohort, trained):
+    """The scenario's own events never make a twin eligible: before the first visit
+    both answers say why there is no forecast."""
+    sid = SUBJECT + 6
+    twin(server, small_cohort, trained, sid, 5)
+    with server.client() as c:
+        body = c.post(f"/v1/twins/{sid}/what-if", json={
+            "events": [{"code": "VITAL//SBP", "numeric_value": 125.0}],
+            "as_of": "1900-01-01T00:00:00Z"}).json()
+    assert body["baseline"]["status"] == body["scenario"]["status"] == "not_eligible"
+    assert body["scenario"]["reason"] == body["baseline"]["reason"]
+    assert body["scenario"]["risks"] is None and body["difference"] is None
+
+
+def test_a_scenario_value_replaces_one_measured_at_the_same_time(trained):
+    """At the default as-of time the twin's last visit may have measured the same code:
+    the scenario's value is then the last value, lower or higher."""
+    import numpy as np
+
+    from features.events import EventArrays
+    from serving.store.twins import event_arrays
+    from serving.whatif import ScenarioEvent, _with_scenario
+
+    bundle = trained.candidates[trained.best].bundle
+    at = np.datetime64("2020-06-01T09:00", "us").astype(object)  # naive UTC, as stored
+    rows = [(1, np.datetime64("1960-01-01", "us"), "MEDS_BIRTH", np.nan),
+            (1, np.datetime64("2020-01-01T09:00", "us"), "LAB//EGFR", 60.0),
+            (1, at, "LAB//EGFR", 52.0), (1, at, "VITAL//SBP", 140.0)]
+    base = event_arrays(rows)
+    col = bundle.spec.feature_names.index("LAB//EGFR__all__last")
+    t = np.array([np.datetime64(at, "us").view(np.int64)])
+    for value in (5.0, 200.0):
+        arrays = _with_scenario(base, 1, at, [ScenarioEvent("LAB//EGFR", value)])
+        assert isinstance(arrays, EventArrays) and len(arrays) == len(base)
+        x = bundle.features_for(arrays, np.array([1]), t)
+        assert x[0, col] == value
+    assert bundle.features_for(base, np.array([1]), t)[0, col] == 52.0

@@ -60,7 +60,8 @@ def test_quantiles_never_cross_even_when_the_correction_shrinks_them():
     raw = np.array([[10.0, 12.0, 14.0], [10.0, 10.5, 11.0], [13.0, 12.0, 11.0]])
     out = conformalised(raw, [0.1, 0.5, 0.9], {"0.1-0.9": -2.0})
     assert (np.diff(out, axis=1) >= 0).all()
-    np.testing.assert_array_equal(out[0], [12.0, 12.0, 12.0])
+    np.testing.assert_array_equal(out[0], [12.0, 12.0, 12.0])  # shrunk onto the median
+    np.testing.assert_array_equal(out[2], [12.0, 12.0, 12.0])  # raw ones crossed
 
 
 def test_the_conformal_shift_is_the_finite_sample_quantile():
@@ -76,16 +77,25 @@ def test_the_conformal_shift_is_the_finite_sample_quantile():
         conformal_shift(np.zeros(3), np.zeros(3), np.ones(3), 0.8)
 
 
-def test_the_gate_refuses_coverage_off_its_limit_and_crossing(eskd_task):
-    def entry(cov, crossing=0):
-        return {"code": "LAB//EGFR", "horizon_days": 365, "crossing_rows": crossing,
+def test_the_gate_refuses_coverage_off_its_limit_or_unjudged(eskd_task):
+    def entry(cov, rows=500):
+        return {"code": "LAB//EGFR", "horizon_days": 365, "rows": rows,
                 "overall": {"coverage_80": {"estimate": cov, "lower": cov - .01,
-                                            "upper": cov + .01}}}
+                                            "upper": cov + .01}} if rows else {}}
 
     assert coverage_ok([entry(0.79)], eskd_task)[0]
     ok, why = coverage_ok([entry(0.70)], eskd_task)
     assert not ok and "80% interval covers 0.700" in why
-    assert not coverage_ok([entry(0.80, crossing=3)], eskd_task)[0]
+    ok, why = coverage_ok([entry(0.80, rows=0)], eskd_task)  # e.g. a temporal hold-out
+    assert not ok and "cannot be judged" in why
+
+
+def test_nested_intervals_only_widen():
+    """Two intervals shifted apart by their corrections: the inner one is never narrowed
+    by the outer one's ends (it keeps at least its calibrated width)."""
+    raw = np.array([[8.0, 9.0, 10.0, 11.0, 12.0]])
+    out = conformalised(raw, [0.05, 0.1, 0.5, 0.9, 0.95], {"0.1-0.9": 3.0, "0.05-0.95": 0.0})
+    np.testing.assert_array_equal(out[0], [6.0, 6.0, 10.0, 14.0, 14.0])
 
 
 def test_tracked_packaged_and_gated_with_the_risk_models(trained, tracker):
@@ -93,7 +103,7 @@ def test_tracked_packaged_and_gated_with_the_risk_models(trained, tracker):
     report = best.report["trajectories"]
     assert {e["horizon_days"] for e in report} == {365, 730}
     for e in report:
-        assert e["crossing_rows"] == 0 and e["rows"] > 0
+        assert e["rows"] > 0 and e["raw_crossing_rows"] >= 0
         assert {"mae", "coverage_80", "width_80"} == set(e["overall"])
         assert len(e["by_risk_decile"]["deciles"]) == 10 and e["by_subgroup"]
     assert {e["family"] for e in best.report["trajectory_baseline"]} == {"linear"}

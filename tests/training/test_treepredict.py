@@ -70,6 +70,11 @@ def test_categorical_and_other_objectives_are_left_to_lightgbm():
     pois = lgb.train({"objective": "poisson", "verbose": -1, "num_threads": 1},
                      lgb.Dataset(x, y.astype(float)), num_boost_round=5)
     assert TreePredictor.from_booster(pois) is None  # exp output: left to LightGBM
+    for objective in ({"objective": "regression", "reg_sqrt": True},
+                      {"objective": "quantile", "alpha": 0.5, "reg_sqrt": True}):
+        rooted = lgb.train({"verbose": -1, "num_threads": 1, **objective},
+                           lgb.Dataset(x, y.astype(float) + 1), num_boost_round=5)
+        assert TreePredictor.from_booster(rooted) is None  # its output is squared
     x2 = np.nan_to_num(x)
     linear = lgb.train({"objective": "binary", "linear_tree": True, "verbose": -1,
                         "num_threads": 1}, lgb.Dataset(x2, y), num_boost_round=5)
