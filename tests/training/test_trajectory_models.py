@@ -23,21 +23,21 @@ from training.trajectory import (
 
 
 @pytest.fixture(scope="module")
-def parts_2000(tmp_path_factory, eskd_task):
-    """Train, early-stopping, tuning and held-out parts of a 2,000-subject cohort."""
+def parts_1500(tmp_path_factory, eskd_task):
+    """Train, early-stopping, tuning and held-out parts of a 1,500-subject cohort."""
     from features.events import open_meds, write_meds
     from features.pipeline import build_training_frame
     from features.simulate import CODES, simulate_cohort
     from training.train import TrainOptions, _split_frame
 
-    path = write_meds(simulate_cohort(2000, seed=11), tmp_path_factory.mktemp("c") / "m",
+    path = write_meds(simulate_cohort(1500, seed=11), tmp_path_factory.mktemp("c") / "m",
                       codes=CODES)
     frame, spec = build_training_frame(open_meds(path), eskd_task)
     return _split_frame(frame, eskd_task, TrainOptions()), spec
 
 
-def test_held_out_coverage_within_the_band_its_rows_allow(parts_2000, eskd_task):
-    parts, spec = parts_2000
+def test_held_out_coverage_within_the_band_its_rows_allow(parts_1500, eskd_task):
+    parts, spec = parts_1500
     names = spec.feature_names
     models = fit_trajectories(eskd_task, parts, names, {}, seed=0)
     assert [(m.code, m.horizon_days) for m in models] == [("LAB//EGFR", 365),
