@@ -180,11 +180,11 @@ def risk_assessment(service: TwinService, subject_id: int) -> dict[str, Any]:
 def trajectory_text(t: dict[str, Any]) -> str:
     """One trajectory in words (a forecast, not a measurement)."""
     unit = f" {t['unit']}" if t.get("unit") else ""
-    spans = ", ".join(f"{round(i['level'] * 100)}% interval {i['lower']:g}–{i['upper']:g}"
-                      for i in t["intervals"])
+    spans = ", ".join(f"{round(i['level'] * 100)}% interval {i['lower']:.1f}–"
+                      f"{i['upper']:.1f}" for i in t["intervals"])
     return (f"Forecast, not a measurement: {t['code']} about {t['horizon_days']} days after "
-            f"the as-of time (within {t['tolerance_days']} days), median {t['median']:g}{unit}"
-            f" ({spans}), if {t['conditional_on']}.")
+            f"the as-of time (within {t['tolerance_days']} days), median {t['median']:.1f}"
+            f"{unit} ({spans}), if {t['conditional_on']}.")
 
 
 def _naive(iso_z: str):

@@ -111,4 +111,4 @@ def test_risk_assessment_validates_and_names_the_served_version(server):
     # trajectories travel in the note only: a forecast value is never an Observation
     median = plain["trajectories"][0]["median"]
     assert ra.note[1].text.startswith("Forecast, not a measurement: LAB//EGFR about 365")
-    assert f"median {median:g}" in ra.note[1].text
+    assert f"median {median:.1f}" in ra.note[1].text
