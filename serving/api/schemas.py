@@ -59,6 +59,12 @@ def _not_future(t: datetime | None) -> datetime | None:
     return t
 
 
+def _in_float32(v: float | None) -> float | None:
+    if not storable(v):
+        raise ValueError("outside the float32 range that MEDS values are stored in")
+    return v
+
+
 class EventIn(_In):
     """One event for a twin (MEDS fields; the subject comes from the URL)."""
 
@@ -76,12 +82,7 @@ class EventIn(_In):
 
     _future = field_validator("time")(lambda cls, v: _not_future(v))
 
-    @field_validator("numeric_value")
-    @classmethod
-    def _float32(cls, v: float | None) -> float | None:
-        if not storable(v):
-            raise ValueError("outside the float32 range that MEDS values are stored in")
-        return v
+    _float32 = field_validator("numeric_value")(lambda cls, v: _in_float32(v))
 
     def to_row(self) -> EventRow:
         """As the write path takes it: naive UTC."""
@@ -135,12 +136,7 @@ class ScenarioEventIn(_In):
     numeric_value: float | None = Field(default=None, strict=True, description=(
         "the value of a numeric code (in the code's unit), else null"))
 
-    @field_validator("numeric_value")
-    @classmethod
-    def _float32(cls, v: float | None) -> float | None:
-        if not storable(v):
-            raise ValueError("outside the float32 range that MEDS values are stored in")
-        return v
+    _float32 = field_validator("numeric_value")(lambda cls, v: _in_float32(v))
 
 
 class WhatIfIn(_In):
