@@ -66,8 +66,10 @@ def latest_times(arrays: EventArrays, subject_ids: np.ndarray) -> np.ndarray:
 
 
 def forecast_batch(model: LoadedModel, arrays: EventArrays, subject_ids: list[int],
-                   as_of: list[datetime | None]) -> list[ForecastResult]:
-    """Forecasts for twins (``as_of`` naive UTC, None: each twin's latest event)."""
+                   as_of: list[datetime | None], *, explain_rows: bool = True
+                   ) -> list[ForecastResult]:
+    """Forecasts for twins (``as_of`` naive UTC, None: each twin's latest event);
+    ``explain_rows=False`` leaves out the contributions (a what-if shows none)."""
     sids = np.asarray(subject_ids, dtype=np.int64)
     t = latest_times(arrays, sids)
     for i, a in enumerate(as_of):
@@ -86,7 +88,7 @@ def forecast_batch(model: LoadedModel, arrays: EventArrays, subject_ids: list[in
     if ok.any():
         x = model.bundle.features_for(arrays, sids[ok], t[ok])
         risks = model.bundle.predict_features(x)
-        contributions = explain(model, x)
+        contributions = explain(model, x) if explain_rows else [None] * x.shape[0]
         paths = trajectories(model, x)
     horizons = model.bundle.horizons
     out, k = [], 0

@@ -36,6 +36,7 @@ INTERPRETATION_TEXT = (
     "indication), so a what-if cannot say what a treatment would do for this patient.")
 TREATMENT_PREFIX = "RX//"
 MAX_SCENARIO_EVENTS = 50
+SCENARIO_ID = -1  # the scenario's copy of the twin, inside one forecast call (never stored)
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,11 @@ def what_if(model: LoadedModel, subject_id: int, history_rows: list[tuple],
         if t == NAT_US:
             raise BadInput("the twin has no dated events: give as_of", ["body", "as_of"])
         as_of = datetime_of(t)
-    baseline_r = forecast_batch(model, base, [subject_id], [as_of])[0]
-    scenario_r = forecast_batch(model, _with_scenario(base, subject_id, as_of, events),
-                                [subject_id], [as_of])[0]
+    # both in one call: the scenario as a second subject with the same history
+    both = _with_scenario(base, subject_id, SCENARIO_ID, as_of, events)
+    baseline_r, scenario_r = forecast_batch(model, both, [subject_id, SCENARIO_ID],
+                                            [as_of, as_of], explain_rows=False)
+    scenario_r = replace(scenario_r, subject_id=subject_id)
     if baseline_r.status != "ok":  # the scenario's own events never make a twin eligible
         scenario_r = replace(scenario_r, status=baseline_r.status, reason=baseline_r.reason,
                              risks=None, contributions=None, trajectories=None)
@@ -114,20 +117,22 @@ def what_if(model: LoadedModel, subject_id: int, history_rows: list[tuple],
     }
 
 
-def _with_scenario(base: EventArrays, subject_id: int, as_of: datetime,
+def _with_scenario(base: EventArrays, subject_id: int, scenario_id: int, as_of: datetime,
                    events: list[ScenarioEvent]) -> EventArrays:
-    """The history with the scenario's events at ``as_of``; a value of the same code
-    recorded at that very time is replaced (else the higher of the two would read as
-    the last: same-time events are ordered by value)."""
+    """The history as it is (``subject_id``) and, as ``scenario_id``, the history with
+    the scenario's events at ``as_of``; a value of the same code recorded at that very
+    time is replaced (else the higher of the two would read as the last: same-time
+    events are ordered by value)."""
     t = int(np.datetime64(as_of, "us").view(np.int64))
     codes = np.asarray(base.categories, dtype=object)[base.code] if len(base) else \
         np.empty(0, dtype=object)
+    times = base.time_us.astype("datetime64[us]")
+    sids, values = base.subject_id.tolist(), base.value.tolist()
+    rows = list(zip(sids, times, codes.tolist(), values, strict=True))
     replaced = (base.time_us == t) & np.isin(codes, [e.code for e in events])
-    keep = ~replaced
-    times = base.time_us[keep].astype("datetime64[us]")
-    rows = list(zip(base.subject_id[keep].tolist(), times, codes[keep].tolist(),
-                    base.value[keep].tolist(), strict=True))
-    rows += [(subject_id, np.datetime64(t, "us"), e.code,
+    rows += [(scenario_id, times[i], codes[i], values[i])
+             for i in np.flatnonzero(~replaced)]
+    rows += [(scenario_id, np.datetime64(t, "us"), e.code,
               np.nan if e.numeric_value is None else float(e.numeric_value)) for e in events]
     return event_arrays(rows)
 

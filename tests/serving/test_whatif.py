@@ -195,8 +195,7 @@ def test_a_scenario_value_replaces_one_measured_at_the_same_time(trained):
     col = bundle.spec.feature_names.index("LAB//EGFR__all__last")
     t = np.array([np.datetime64(at, "us").view(np.int64)])
     for value in (5.0, 200.0):
-        arrays = _with_scenario(base, 1, at, [ScenarioEvent("LAB//EGFR", value)])
-        assert isinstance(arrays, EventArrays) and len(arrays) == len(base)
-        x = bundle.features_for(arrays, np.array([1]), t)
-        assert x[0, col] == value
-    assert bundle.features_for(base, np.array([1]), t)[0, col] == 52.0
+        arrays = _with_scenario(base, 1, -1, at, [ScenarioEvent("LAB//EGFR", value)])
+        assert isinstance(arrays, EventArrays) and len(arrays) == 2 * len(base)
+        x = bundle.features_for(arrays, np.array([-1, 1]), np.r_[t, t])
+        assert x[0, col] == value and x[1, col] == 52.0  # the scenario; the twin as it is
