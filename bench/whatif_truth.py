@@ -69,7 +69,7 @@ def compare(model, n_subjects: int, seed: int, month: int) -> dict:
     from features.events import EventArrays
     from features.simulate import Intervention, simulate_cohort
     from features.targets import target_column, trajectory_targets
-    from serving.whatif import ScenarioEvent, what_if
+    from serving.whatif import ScenarioEvent, check_scenario, what_if
 
     treated = simulate_cohort(n_subjects, seed, intervention=Intervention(month, True))
     control = simulate_cohort(n_subjects, seed, intervention=Intervention(month, False))
@@ -92,6 +92,8 @@ def compare(model, n_subjects: int, seed: int, month: int) -> dict:
     true_egfr = egfr["treated"] - egfr["control"]
     # the what-if, from the untreated world's history up to the visit
     by_sid = control.groupby("subject_id", sort=False)
+    scenario = [ScenarioEvent(DRUG)]
+    check_scenario(model, scenario, "admin")
     h = f"{HORIZON}d"
     assoc_fail = np.full(sids.size, np.nan)
     assoc_egfr = np.full(sids.size, np.nan)
@@ -102,8 +104,8 @@ def compare(model, n_subjects: int, seed: int, month: int) -> dict:
         rows = list(zip(keep["subject_id"].tolist(), keep["time"].to_numpy(),
                         keep["code"].astype(str).tolist(),
                         keep["numeric_value"].to_numpy(np.float64).tolist(), strict=True))
-        ans = what_if(model, int(sid), rows, [ScenarioEvent(DRUG)],
-                      pd.Timestamp(t, unit="us").to_pydatetime(), "admin")
+        ans = what_if(model, int(sid), rows, scenario,
+                      pd.Timestamp(t, unit="us").to_pydatetime())
         if ans["difference"] is None:
             continue
         assoc_fail[i] = ans["difference"]["risks"][h]

@@ -200,7 +200,7 @@ class TwinService:
             if not self.store.twins.exists(s, subject_id):
                 raise NotFound(f"no twin with subject_id {subject_id}")
             rows = self.store.twins.history_rows(s, [subject_id])
-        answer = what_if(model, subject_id, rows, events, as_of, caller.role)
+        answer = what_if(model, subject_id, rows, events, as_of)
         if access is not None:
             def log_it(s) -> None:
                 self.store.access.add(s, [access.row(caller, subject_id)])

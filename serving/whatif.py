@@ -50,8 +50,8 @@ def check_scenario(model: LoadedModel, events: list[ScenarioEvent], role: str) -
     no outcome or competing event; treatments only where the role or task allow."""
     task, spec = model.bundle.task, model.bundle.spec
     known = {c.code: c for c in spec.codes}
-    allowed = set(getattr(task, "what_if", None).allowed_codes
-                  if getattr(task, "what_if", None) else ())
+    policy = getattr(task, "what_if", None)  # None in tasks pickled before what-ifs
+    allowed = set(policy.allowed_codes) if policy is not None else set()
     if not events:
         raise BadInput("a scenario has at least one event", ["body", "events"])
     seen: set[str] = set()
@@ -86,11 +86,10 @@ def check_scenario(model: LoadedModel, events: list[ScenarioEvent], role: str) -
 
 
 def what_if(model: LoadedModel, subject_id: int, history_rows: list[tuple],
-            events: list[ScenarioEvent], as_of: datetime | None, role: str
-            ) -> dict[str, Any]:
+            events: list[ScenarioEvent], as_of: datetime | None) -> dict[str, Any]:
     """Baseline and scenario at one as-of time (naive UTC) from the twin's history rows
-    ((subject_id, time, code, value, …), as the store or a MEDS file gives them)."""
-    check_scenario(model, events, role)
+    ((subject_id, time, code, value, …), as the store or a MEDS file gives them).  The
+    caller has checked the scenario (:func:`check_scenario`, before reading anything)."""
     base = event_arrays(history_rows)
     if as_of is None:
         t = int(latest_times(base, np.array([subject_id], dtype=np.int64))[0])

@@ -696,7 +696,7 @@ def what_if_cmd(
     from features.events import open_meds
     from serving.api.schemas import WhatIfIn, naive_utc
     from serving.errors import ServingError
-    from serving.whatif import ScenarioEvent, what_if
+    from serving.whatif import ScenarioEvent, check_scenario, what_if
 
     _quiet_mlflow()
     try:
@@ -731,7 +731,8 @@ def what_if_cmd(
         raise typer.Exit(2)
     scenario = [ScenarioEvent(e.code, e.numeric_value) for e in body.events]
     try:  # offline, the user holds the data: no role limits treatment scenarios
-        answer = what_if(model, subject, rows, scenario, naive_utc(body.as_of), "admin")
+        check_scenario(model, scenario, "admin")
+        answer = what_if(model, subject, rows, scenario, naive_utc(body.as_of))
     except ServingError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -93,11 +93,8 @@ def test_every_rewrite_is_caught_by_the_chain_or_the_anchors(database, tracker, 
 def test_a_trajectory_altered_is_caught(database, tracker, trained, small_cohort):  # noqa: F811
     """From digest version 3 a row's digest covers its trajectories: a forecast eGFR
     changed in the database no longer matches."""
-    svc = service(database, tracker)
+    svc, sid = one_forecast(database, tracker, trained, small_cohort, 8_300_001, 2)
     store = svc.store
-    sid = 8_300_001
-    svc.writer.write([TwinInput(sid, events=event_rows(history(small_cohort, trained, 2)))],
-                     Caller("ward"), None)
     with store.read() as s:
         row = s.execute(select(Forecast).where(Forecast.subject_id == sid)).scalar_one()
         seq, paths = row.seq, row.trajectories
@@ -114,6 +111,14 @@ def test_a_trajectory_altered_is_caught(database, tracker, trained, small_cohort
     store.dispose()
 
 
+def one_forecast(database, tracker, trained, small_cohort, sid: int, k: int):  # noqa: F811
+    """A service on ``database`` and one twin written with a held-out history."""
+    svc = service(database, tracker)
+    svc.writer.write([TwinInput(sid, events=event_rows(history(small_cohort, trained, k)))],
+                     Caller("ward"), None)
+    return svc, sid
+
+
 def digest_at(store, seq: int) -> str:
     with store.read() as s:
         return s.execute(select(Forecast.row_digest).where(Forecast.seq == seq)).scalar_one()
@@ -121,17 +126,15 @@ def digest_at(store, seq: int) -> str:
 
 def test_rows_from_before_the_chains_still_verify(database, tracker, trained,  # noqa: F811
                                                   small_cohort):
-    svc = service(database, tracker)
+    svc, sid = one_forecast(database, tracker, trained, small_cohort, 8_200_001, 3)
     store = svc.store
-    sid = 8_200_001
-    svc.writer.write([TwinInput(sid, events=event_rows(history(small_cohort, trained, 3)))],
-                     Caller("ward"), None)
     with store.read() as s:
         row = forecast_dict(s.execute(select(Forecast).where(Forecast.subject_id == sid))
                             .scalar_one())
     # a version-1 row as the earlier code wrote it: its digest covers the row alone
     old = {**row, "forecast_id": "00000000-0000-4000-8000-000000000001",
-           "subject_id": 8_200_002, "digest_version": 1, "prev_digest": None}
+           "subject_id": 8_200_002, "digest_version": 1, "prev_digest": None,
+           "trajectories": None}  # rows of that time stored none
     old["row_digest"] = forecast_digest({k: v for k, v in old.items()
                                          if k not in ("digest_version", "prev_digest")})
     with store.write() as s:
