@@ -324,6 +324,46 @@ class WhatIf(_Strict):
     allowed_codes: list[str] = Field(default_factory=list)
 
 
+class AlertThreshold(_Strict):
+    """A horizon's alert level: a forecast at or above ``threshold`` opens an alert (and
+    turns the CDS card "critical"); ``warning`` turns the card "warning" and opens none."""
+
+    horizon_days: Annotated[int, Field(gt=0)]
+    threshold: Annotated[float, Field(gt=0, le=1)]
+    warning: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> AlertThreshold:
+        if self.warning is not None and self.warning >= self.threshold:
+            raise ValueError(f"warning {self.warning} must be below threshold "
+                             f"{self.threshold}")
+        return self
+
+
+DEFAULT_ALERT = (0.30, 0.10)  # threshold, warning: every horizon of a task that names none
+
+
+class AlertPolicy(_Strict):
+    """When a twin's forecast raises an alert for the care team (``serving.store.risks``).
+
+    A forecast whose risk crosses a horizon's ``threshold`` upward opens one alert per
+    twin and horizon; the alert re-arms only once the risk has fallen below ``threshold -
+    hysteresis``, so a risk that hovers at the line does not page anyone twice.  The same
+    thresholds colour the CDS Hooks cards.  Not part of the task's digest: a policy,
+    changed without retraining (it takes effect with the next version served)."""
+
+    hysteresis: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    thresholds: list[AlertThreshold] = Field(default_factory=list)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _unique(cls, v: list[AlertThreshold]) -> list[AlertThreshold]:
+        hs = [t.horizon_days for t in v]
+        if len(set(hs)) != len(hs):
+            raise ValueError("a horizon is listed twice")
+        return sorted(v, key=lambda t: t.horizon_days)
+
+
 class Task(_Strict):
     """A validated prediction task."""
 
@@ -342,6 +382,7 @@ class Task(_Strict):
     monitoring: Monitoring = Field(default_factory=Monitoring)
     trajectories: list[TrajectoryTarget] = Field(default_factory=list)
     what_if: WhatIf = Field(default_factory=WhatIf)
+    alerts: AlertPolicy = Field(default_factory=AlertPolicy)
 
     @field_validator("horizons_days")
     @classmethod
@@ -377,6 +418,11 @@ class Task(_Strict):
         for code in codes:
             if self.outcome.matches_code(code) or self.competing.matches_code(code):
                 raise ValueError(f"trajectories: {code} is an outcome or competing code")
+        unknown = [t.horizon_days for t in self.alerts.thresholds
+                   if t.horizon_days not in self.horizons_days]
+        if unknown:
+            raise ValueError(f"alerts.thresholds: horizon {unknown[0]} is not one of "
+                             f"{self.horizons_days}")
         if self.labels is not None and self.promotion.primary_metric == "uno_c":
             raise ValueError("promotion.primary_metric: uno_c needs event times, which a MEDS "
                              "label file does not carry; use auroc, auprc or brier")
@@ -385,6 +431,20 @@ class Task(_Strict):
     @property
     def primary_horizon(self) -> int:
         return self.promotion.horizon_days or self.horizons_days[-1]
+
+    def alert_thresholds(self) -> dict[int, AlertThreshold]:
+        """Each horizon's alert level: the task's, else 30% (warning 10%) on every
+        horizon.  Tasks unpickled from before alerts existed get the default too."""
+        policy = getattr(self, "alerts", None) or AlertPolicy()
+        if policy.thresholds:
+            return {t.horizon_days: t for t in policy.thresholds}
+        return {h: AlertThreshold(horizon_days=h, threshold=DEFAULT_ALERT[0],
+                                  warning=DEFAULT_ALERT[1]) for h in self.horizons_days}
+
+    @property
+    def alert_hysteresis(self) -> float:
+        policy = getattr(self, "alerts", None) or AlertPolicy()
+        return policy.hysteresis
 
     def is_excluded_from_features(self, code: str) -> bool:
         """Codes that never become features: excluded patterns, outcome, competing, birth."""
@@ -395,7 +455,8 @@ class Task(_Strict):
         )
 
     def canonical_json(self) -> str:
-        data = self.model_dump(mode="json", exclude={"monitoring", "what_if"})  # policies
+        # policies, not the model
+        data = self.model_dump(mode="json", exclude={"monitoring", "what_if", "alerts"})
         # tasks written before references and trajectories keep their digest (unpickled
         # older tasks, whose objects lack the fields, dump without them)
         for key in ("references", "trajectories"):

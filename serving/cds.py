@@ -2,7 +2,7 @@
 
 Discovery lists the service with a prefetch template (the patient and their recent
 observations).  A call updates the twin from the prefetched resources, forecasts, and
-answers with a card (summary, indicator by configured thresholds, source, markdown
+answers with a card (summary, indicator by the task's alert thresholds, source, markdown
 detail with the top contributions).  Without prefetch the twin already in the store is
 used, or the answer is 412 as the specification says.  Clients authenticate with a JWT
 signed by a registered CDS client (:class:`Verifier`) or with a twincast bearer key.
@@ -182,15 +182,39 @@ def call_service(service: TwinService, request: dict[str, Any], caller: Caller,
                 "no prefetch and no twin for this patient: send the 'patient' and "
                 "'observations' prefetch")
         forecast = service.current_forecast(sid)
-    card = _card(service, forecast, service.config.cds_warning, service.config.cds_critical)
+    card = _card(service, forecast)
     elapsed = (time.perf_counter() - started) * 1000
     return {"cards": [card], "twincast": {"subject_id": sid,
                                           "forecast_id": forecast["forecast_id"],
                                           "elapsed_ms": round(elapsed, 1)}}
 
 
-def _card(service: TwinService, fc: dict[str, Any], warning: float, critical: float
-          ) -> dict[str, Any]:
+def indicator(task: Any, risks: dict[str, float]) -> str:
+    """The card's indicator by the task's alert thresholds (the care team's alerts use
+    the same): critical when a horizon's risk reaches its threshold, warning when it
+    reaches its warning level, else info.
+
+    >>> from features.task import parse_task
+    >>> t = parse_task({"name": "x", "outcome": {"codes": ["DX//X"]}, "horizons_days": [365],
+    ...                 "alerts": {"thresholds": [{"horizon_days": 365, "threshold": 0.2,
+    ...                                            "warning": 0.05}]}})
+    >>> indicator(t, {"365d": 0.21}), indicator(t, {"365d": 0.06}), indicator(t, {"365d": 0.01})
+    ('critical', 'warning', 'info')
+    """
+    levels = task.alert_thresholds()
+    out = "info"
+    for key, risk in risks.items():
+        level = levels.get(int(key.removesuffix("d")))
+        if level is None:
+            continue
+        if risk >= level.threshold:
+            return "critical"
+        if level.warning is not None and risk >= level.warning:
+            out = "warning"
+    return out
+
+
+def _card(service: TwinService, fc: dict[str, Any]) -> dict[str, Any]:
     task = service.task_name
     model = fc["model"]
     source = {"label": "twincast", "topic": {"system": "urn:twincast:model",
@@ -201,8 +225,6 @@ def _card(service: TwinService, fc: dict[str, Any], warning: float, critical: fl
                 "indicator": "info", "source": source,
                 "detail": f"Not eligible for a forecast: {fc['reason']}."}
     risks = fc["risks"] or {}
-    top = max(risks.values()) if risks else 0.0
-    indicator = "critical" if top >= critical else "warning" if top >= warning else "info"
     summary = f"{task.upper()} risk " + ", ".join(f"{v:.0%} in {k.removesuffix('d')} days"
                                                   for k, v in risks.items())
     lines = [f"**{summary}** (as of {fc['as_of'][:10]}, model {model['name']} "
@@ -213,7 +235,8 @@ def _card(service: TwinService, fc: dict[str, Any], warning: float, critical: fl
     if paths:
         lines += ["", "Where it is heading (forecasts, not measurements):", ""]
         lines += [f"- {trajectory_text(t)}" for t in paths]
-    return {"uuid": str(uuid.uuid4()), "summary": summary[:140], "indicator": indicator,
+    return {"uuid": str(uuid.uuid4()), "summary": summary[:140],
+            "indicator": indicator(service.models.current().bundle.task, risks),
             "source": source, "detail": "\n".join(lines)}
 
 

@@ -66,15 +66,13 @@ class ServingConfig(BaseModel):
                                    description="the service's public base URL (CDS Hooks "
                                    "tokens must name its endpoints as their audience)")
     cds_clients: dict[str, CdsClientConfig] = Field(default_factory=dict)
-    cds_warning: float = Field(default=0.10, ge=0, le=1)
-    cds_critical: float = Field(default=0.30, ge=0, le=1)
+    ui_session_minutes: float = Field(default=480, gt=0, le=7 * 24 * 60, description=(
+        "how long a care-team page session lasts from sign-in"))
     failpoints: frozenset[str] = Field(default_factory=frozenset, description="fault "
                                        "injection for tests; empty in production")
 
     @model_validator(mode="after")
     def _thresholds(self) -> ServingConfig:
-        if self.cds_warning > self.cds_critical:
-            raise ValueError("cds_warning must not exceed cds_critical")
         if self.cds_clients and not self.public_url:
             raise ValueError("cds_clients need public_url: a CDS Hooks token's audience is "
                              "the endpoint's public URL, never the request's Host header")

@@ -12,16 +12,18 @@ import json
 import logging
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from serving.coalesce import Coalescer
 from serving.config import ServingConfig
-from serving.errors import NotFound, NotReady
+from serving.errors import BadInput, NotFound, NotReady
 from serving.model_source import ModelSource
 from serving.refresh import Refresher
 from serving.served import ModelHolder
 from serving.store import Store
 from serving.store.db import worker_name
+from serving.store.twins import utcnow
 from serving.tamper import ANCHOR_LEASE, anchor
 from serving.views import forecast_json, iso
 from serving.writes import AccessInfo, Caller, TwinWriter
@@ -235,6 +237,70 @@ class TwinService:
                                                                          task)
         return audit_forecast(self.store, source, forecast_id)
 
+    # ------------------------------------------------------------------ population, alerts
+    def population(self, horizon_days: int | None = None, *, sort: str = "risk",
+                   min_risk: float | None = None, open_alert: bool = False,
+                   max_quiet_days: int | None = None, expired: bool = False,
+                   limit: int = 50, offset: int = 0, caller: Caller | None = None,
+                   access: AccessInfo | None = None, now: datetime | None = None
+                   ) -> dict[str, Any]:
+        """One page of twins at a horizon of the served model (``serving.store.risks``):
+        current forecasts by risk, rise or quiet time, or the expired ones.  Every twin
+        shown is in the access log, committed with the read."""
+        model = self.models.current_served()
+        horizons = list(model.bundle.horizons)
+        horizon = horizon_days if horizon_days is not None else model.bundle.task.primary_horizon
+        if horizon not in horizons:
+            raise BadInput(f"horizon_days must be one of {horizons}", ["query", "horizon_days"])
+        now = now or utcnow()
+
+        def read(s) -> dict[str, Any]:
+            rows, total = self.store.risks.population(
+                s, horizon, now, sort=sort, min_risk=min_risk, open_alert=open_alert,
+                max_quiet_days=max_quiet_days, expired=expired, limit=limit, offset=offset)
+            if access is not None and caller is not None and rows:
+                self.store.access.add(s, [access.row(caller, r["subject_id"]) for r in rows])
+                access.written = True
+            return {"items": [population_item(r, horizon, now) for r in rows],
+                    "total": total, "limit": limit, "offset": offset,
+                    "horizon_days": horizon, "now": iso(now), "sort": sort,
+                    "expired": expired}
+
+        if access is None:
+            with self.store.read() as s:
+                return read(s)
+        return self.store.db.transact(read)
+
+    def alerts(self, *, kind: str = "alert", state: str = "open",
+               subject_id: int | None = None, limit: int = 50, offset: int = 0,
+               now: datetime | None = None) -> dict[str, Any]:
+        """Twin alerts (``alert``: for the care team; ``review``: the refresh's crossings
+        after a model change), newest first."""
+        now = now or utcnow()
+        with self.store.read() as s:
+            rows, total = self.store.risks.alerts(s, now, kind=kind, state=state,
+                                                  subject_id=subject_id, limit=limit,
+                                                  offset=offset)
+        return {"items": [alert_item(r) for r in rows], "total": total, "limit": limit,
+                "offset": offset, "kind": kind, "state": state}
+
+    def acknowledge(self, alert_id: int, reason: str, caller: Caller,
+                    access: AccessInfo | None = None) -> dict[str, Any]:
+        """Acknowledge an alert (or mark a queued crossing reviewed), with the reason,
+        who and when; the access-log row is in the same transaction."""
+        if not reason or not reason.strip():
+            raise BadInput("an acknowledgement needs a reason", ["body", "reason"])
+
+        def work(s) -> dict[str, Any]:
+            done = self.store.risks.acknowledge(s, alert_id, caller.user_id, caller.name,
+                                                reason, utcnow())
+            if access is not None:
+                self.store.access.add(s, [access.row(caller, done["subject_id"])])
+                access.written = True
+            return done
+
+        return self.store.db.transact(work)
+
     def model_info(self) -> dict[str, Any]:
         return self.models.current().describe()
 
@@ -248,3 +314,22 @@ class TwinService:
                 "created_at": iso(job.created_at), "started_at": iso(job.started_at),
                 "finished_at": iso(job.finished_at), "error": job.error}
 
+
+
+def population_item(r: dict[str, Any], horizon: int, now: datetime) -> dict[str, Any]:
+    """A population row as JSON: the risk for the window from as-of to its end."""
+    last = r["last_event_time"]
+    return {"subject_id": r["subject_id"], "horizon_days": horizon, "risk": r["risk"],
+            "previous_risk": r["previous_risk"], "rise": r["rise"], "as_of": iso(r["as_of"]),
+            "horizon_ends": iso(r["expires_at"]), "expired": r["expired"],
+            "forecast_id": r["forecast_id"], "model_version": r["model_version"],
+            "last_event_time": iso(last),
+            "days_since_last_event": None if last is None else (now - last).days,
+            "open_alert_id": r["open_alert_id"]}
+
+
+def alert_item(r: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: iso(v) if isinstance(v, datetime) else v for k, v in r.items()
+               if k not in ("expires_at",)},
+            "horizon_ends": iso(r["expires_at"]),
+            "acknowledged": r["acknowledged_at"] is not None}

@@ -32,6 +32,7 @@ from serving.served import ModelHolder
 from serving.store import Store
 from serving.store.access import access_row
 from serving.store.identity import Claim, Ident
+from serving.store.risks import Level, levels
 from serving.store.twins import (
     LOGICAL_ID_MAX,
     Appended,
@@ -58,6 +59,7 @@ class Caller:
     name: str
     key_id: int | None = None
     role: str = "system"
+    user_id: int | None = None  # a person signed in to the pages (their name as ``name``)
 
 
 @dataclass
@@ -73,7 +75,8 @@ class AccessInfo:
         """The access-log row of this request's successful touch of one twin."""
         return access_row(key_id=caller.key_id, key_name=caller.name, role=caller.role,
                           method=self.method, path=self.path, action=self.action,
-                          subject_id=subject_id, status_code=200)
+                          subject_id=subject_id, status_code=200,
+                          user_id=getattr(caller, "user_id", None))
 
 
 @dataclass
@@ -222,6 +225,7 @@ class TwinWriter:
         self.clock = clock
         self.activity = Activity()
         self.cache = HistoryCache()
+        self._levels: tuple[LoadedModel, dict[int, Level]] | None = None
 
     # ------------------------------------------------------------------ writes
     def write(self, inputs: list[TwinInput], caller: Caller, access: AccessInfo | None,
@@ -332,6 +336,7 @@ class TwinWriter:
         self._failpoint("after_events")
         heads = self.store.twins.add_forecasts(s, plan.forecasts, plan.heads)
         self.store.twins.write_views(s, plan.views, heads)
+        self._risks(s, model, plan.forecasts, plan.now, review=False)
         self._log(s, plan.ids, inputs)
         self._failpoint("before_commit")
         plan.new_heads = heads
@@ -423,7 +428,7 @@ class TwinWriter:
 
     def _persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
                  history: History, results: list[ForecastResult],
-                 callers: dict[int, Caller], now: datetime
+                 callers: dict[int, Caller], now: datetime, *, review: bool = False
                  ) -> dict[int, tuple[dict[str, Any], str]]:
         forecasts, views, out = self._rows(
             model, {sid: t.created_at for sid, t in twins.items()}, history, results,
@@ -431,7 +436,18 @@ class TwinWriter:
         heads = self.store.twins.add_forecasts(
             s, forecasts, {sid: t.forecast_head for sid, t in twins.items()})
         self.store.twins.write_views(s, views, heads)
+        self._risks(s, model, forecasts, now, review=review)
         return out
+
+    def _risks(self, s: Session, model: LoadedModel, forecasts: list[dict[str, Any]],
+               now: datetime, *, review: bool) -> None:
+        """The twins' current risks and the alerts their new forecasts raise, by the
+        served task's thresholds (the refresh's crossings are queued for review)."""
+        cached = self._levels
+        if cached is None or cached[0] is not model:
+            cached = self._levels = (model, levels(model.bundle.task))
+        self.store.risks.apply(s, forecasts, model.name, model.version, cached[1], now,
+                               review=review)
 
     def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,
               results: list[ForecastResult], callers: dict[int, Caller], now: datetime):
@@ -476,7 +492,7 @@ class TwinWriter:
                     and twins[r.subject_id].forecast_head == heads.get(r.subject_id)]
             system = Caller(REFRESH_CALLER)
             self._persist(s, model, twins, history, keep, dict.fromkeys(twins, system),
-                          self.clock())
+                          self.clock(), review=True)
             return len(keep)
         return self.store.db.transact(work, urgent=False)
 

@@ -486,6 +486,9 @@ def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
 keys_app = typer.Typer(help="API keys of the twin service.", no_args_is_help=True)
 db_app = typer.Typer(help="The twin store's database.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+users_app = typer.Typer(help="People who sign in to the care-team pages (/ui).",
+                        no_args_is_help=True)
+app.add_typer(users_app, name="users")
 app.add_typer(db_app, name="db")
 
 
@@ -547,6 +550,84 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     out.print(f"revoked {name}: every worker refuses it from now on")
+
+
+def _password(from_stdin: bool) -> str:
+    """A new password: from standard input (one line) or asked for twice, hidden."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@users_app.command("create")
+def users_create(
+    name: Annotated[str, typer.Option(help="the person's user name (in the access log)")],
+    role: Annotated[str, typer.Option(help="clinical, auditor or admin")],
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="read the password from standard input")] = False,
+) -> None:
+    """Create a person's account for the pages; the password is stored as an argon2
+    hash (at least 12 characters)."""
+    from serving.errors import Conflict
+
+    try:
+        _store().users.create(name, role, _password(password_stdin))
+    except (ValueError, Conflict) as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    out.print(f"created {name} ({role}): they sign in at /ui/login")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List accounts (names, roles, whether disabled; never a password)."""
+    table = Table(title="users")
+    for col in ("name", "role", "created", "disabled"):
+        table.add_column(col)
+    for u in _store().users.list():
+        table.add_row(u.name, u.role, f"{u.created_at:%Y-%m-%d %H:%M}",
+                      f"{u.disabled_at:%Y-%m-%d %H:%M}" if u.disabled_at else "")
+    out.print(table)
+
+
+def _set_disabled(name: str, disabled: bool) -> None:
+    from serving.errors import NotFound
+
+    try:
+        _store().users.set_disabled(name, disabled)
+    except NotFound as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@users_app.command("disable")
+def users_disable(name: Annotated[str, typer.Option(help="the user name")]) -> None:
+    """Disable an account: its sessions stop working at once, in every worker."""
+    _set_disabled(name, True)
+    out.print(f"disabled {name}")
+
+
+@users_app.command("enable")
+def users_enable(name: Annotated[str, typer.Option(help="the user name")]) -> None:
+    """Enable a disabled account again (they sign in anew)."""
+    _set_disabled(name, False)
+    out.print(f"enabled {name}")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    name: Annotated[str, typer.Option(help="the user name")],
+    password_stdin: Annotated[bool, typer.Option("--password-stdin")] = False,
+) -> None:
+    """Set a new password; the person's open sessions end."""
+    from serving.errors import NotFound
+
+    try:
+        _store().users.set_password(name, _password(password_stdin))
+    except (ValueError, NotFound) as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    out.print(f"new password set for {name}; their sessions ended")
 
 
 def serve_command(task: str | None, host: str, port: int, workers: int | None) -> list[str]:

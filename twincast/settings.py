@@ -40,11 +40,11 @@ class Settings(BaseSettings):
     # name its endpoints as their audience)
     public_url: str | None = None
     # CDS Hooks: registered clients as JSON {"<issuer>": {"public_key": "<PEM>",
-    # "algorithms": ["RS384"]}} or {"<issuer>": {"jwks": {"keys": [...]}}};
-    # cards turn warning/critical at these risks
+    # "algorithms": ["RS384"]}} or {"<issuer>": {"jwks": {"keys": [...]}}}; cards turn
+    # warning/critical at the served task's alert thresholds (its ``alerts`` block)
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    cds_warning: float = 0.10
-    cds_critical: float = 0.30
+    # a care-team page session lasts this long from sign-in
+    ui_session_minutes: float = 480
     refresh_chunk: int = 256
     refresh_lease_seconds: float = 30.0
     anchor_seconds: float = 300.0

@@ -86,8 +86,8 @@ class AccessLogMiddleware:
         return access_row(
             key_id=getattr(caller, "key_id", None), key_name=getattr(caller, "name", None),
             role=getattr(caller, "role", None), method=scope["method"], path=scope["path"],
-            action=access["action"], subject_id=access["subject_id"], status_code=status
-        ), service
+            action=access["action"], subject_id=access["subject_id"], status_code=status,
+            user_id=getattr(caller, "user_id", None)), service
 
 
 READY_TIMEOUT_SECONDS = 2.0
@@ -149,7 +149,9 @@ def create_app(*, open_docs: bool = False) -> FastAPI:
     errors.install(app)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(BodyLimitMiddleware)  # outermost: before anything reads the body
-    for r in (twins.router, hooks.router, admin.router):
+    from serving.ui import pages  # the care team's pages (/ui)
+
+    for r in (twins.router, hooks.router, admin.router, pages.router):
         app.include_router(r)
     docs_guard = [] if open_docs else [Depends(require(Action.READ_TWINS, "read_docs"))]
 

@@ -314,6 +314,79 @@ class ForecastPage(_Out):
     offset: int
 
 
+class PopulationItem(_Out):
+    subject_id: int
+    horizon_days: int
+    risk: float | None = Field(description="the risk of the outcome from as_of to "
+                               "horizon_ends")
+    previous_risk: float | None = Field(description="the twin's previous forecast's risk")
+    rise: float | None
+    as_of: AwareDatetime | None
+    horizon_ends: AwareDatetime | None = Field(description="as_of + horizon: after it the "
+                                               "forecast has expired")
+    expired: bool
+    forecast_id: str
+    model_version: str
+    last_event_time: AwareDatetime | None
+    days_since_last_event: int | None
+    open_alert_id: int | None
+
+
+class PopulationPage(_Out):
+    items: list[PopulationItem]
+    total: int
+    limit: int
+    offset: int
+    horizon_days: int
+    now: AwareDatetime
+    sort: Literal["risk", "rise", "quiet"]
+    expired: bool
+
+
+class AlertItem(_Out):
+    id: int
+    created_at: AwareDatetime
+    subject_id: int
+    horizon_days: int
+    kind: Literal["alert", "review"] = Field(description="alert: a new forecast crossed "
+                                             "the threshold; review: the refresh after a "
+                                             "model change did (queued, pages nobody)")
+    forecast_id: str
+    risk: float
+    previous_risk: float | None
+    threshold: float
+    as_of: AwareDatetime
+    horizon_ends: AwareDatetime
+    expired: bool
+    model_name: str
+    model_version: str
+    previous_model_version: str | None
+    acknowledged: bool
+    acknowledged_at: AwareDatetime | None
+    acknowledged_by: str | None
+    reason: str | None
+
+
+class AlertPage(_Out):
+    items: list[AlertItem]
+    total: int
+    limit: int
+    offset: int
+    kind: Literal["alert", "review"]
+    state: Literal["open", "acknowledged", "all"]
+
+
+class AcknowledgeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"\S",
+                        description="why (e.g. 'seen; nephrology referral booked')")
+
+
+class AcknowledgeOut(_Out):
+    alert_id: int
+    subject_id: int
+
+
 class ModelOut(_Out):
     name: str
     version: str

@@ -141,6 +141,57 @@ def bulk_answer(twins: list[tuple], report: dict | None = None) -> dict:
     return out
 
 
+@router.get("/v1/twins", response_model=S.PopulationPage, responses={**ERRORS},
+            tags=["population"])
+def population(request: Request, service: Service,
+               caller: Annotated[Principal, Depends(require(Action.READ_TWINS,
+                                                            "read_population"))],
+               horizon_days: Annotated[int | None, Query(ge=1, le=36_500)] = None,
+               sort: Annotated[str, Query(pattern="^(risk|rise|quiet)$")] = "risk",
+               min_risk: Annotated[float | None, Query(ge=0, le=1)] = None,
+               open_alert: bool = False,
+               max_days_since_event: Annotated[int | None, Query(ge=0, le=36_500)] = None,
+               expired: bool = False,
+               limit: Annotated[int, Query(ge=1, le=200)] = 50,
+               offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
+    """Twins at one horizon (default: the task's primary one), a page at a time: current
+    forecasts by risk (``sort=risk``), by rise since the previous forecast (``rise``) or
+    by time since the last event (``quiet``); ``expired=true``: the forecasts whose
+    horizon has ended, which are never ranked.  Every twin listed is in the access
+    log."""
+    return json_response(service.population(
+        horizon_days, sort=sort, min_risk=min_risk, open_alert=open_alert,
+        max_quiet_days=max_days_since_event, expired=expired, limit=limit, offset=offset,
+        caller=caller, access=access_of(request)))
+
+
+@router.get("/v1/alerts", response_model=S.AlertPage, responses={**ERRORS},
+            tags=["population"])
+def list_alerts(service: Service,
+                _: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_alerts"))],
+                kind: Annotated[str, Query(pattern="^(alert|review)$")] = "alert",
+                state: Annotated[str, Query(pattern="^(open|acknowledged|all)$")] = "open",
+                limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
+    """Twin alerts, newest first: ``kind=alert`` (a twin's new forecast crossed its
+    horizon's threshold) or ``review`` (the all-twin refresh after a model change did:
+    queued for review); ``state=open`` leaves out acknowledged and expired ones."""
+    return json_response(service.alerts(kind=kind, state=state, limit=limit, offset=offset))
+
+
+@router.post("/v1/alerts/{alert_id}/acknowledge", response_model=S.AcknowledgeOut,
+             responses={**ERRORS, **NOT_FOUND}, tags=["population"])
+def acknowledge(request: Request, alert_id: Annotated[int, Path(ge=1, le=2**62)],
+                body: S.AcknowledgeIn, service: Service,
+                caller: Annotated[Principal, Depends(require(Action.WRITE_TWINS,
+                                                             "acknowledge_alert"))]
+                ) -> Response:
+    """Acknowledge an alert (or mark a queued crossing reviewed) with a reason; who and
+    when are recorded.  Once only (409 after)."""
+    return json_response(service.acknowledge(alert_id, body.reason, caller,
+                                             access_of(request)))
+
+
 @router.get("/v1/twins/{subject_id}", response_model=S.TwinOut,
             responses={**ERRORS, **NOT_FOUND})
 async def get_twin(request: Request, subject_id: RawReadId, service: Service,

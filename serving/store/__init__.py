@@ -3,7 +3,8 @@
 ``open_store(url)`` migrates and returns a :class:`Store` whose parts are ``twins``
 (twins, events, forecasts, views), ``identities`` (external identifiers), ``keys``,
 ``access`` (the access log), ``jobs`` (served version and refresh jobs) and ``replay``
-(CDS Hooks tokens seen), ``leases`` and ``alerts`` (monitoring).
+(CDS Hooks tokens seen), ``leases``, ``alerts`` (monitoring), ``risks`` (each twin's
+current risk per horizon and the care team's alerts) and ``users`` (the pages' people).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from serving.store.jobs import Jobs
 from serving.store.keys import Keys
 from serving.store.leases import Leases
 from serving.store.replay import Replay
+from serving.store.risks import Risks
 from serving.store.twins import Twins
+from serving.store.users import Users
 
 
 class Store:
@@ -30,6 +33,8 @@ class Store:
         self.replay = Replay(self.db)
         self.leases = Leases(self.db)
         self.alerts = Alerts(self.db)
+        self.risks = Risks(self.twins)
+        self.users = Users(self.db)
 
     @property
     def sqlite(self) -> bool:

@@ -26,11 +26,12 @@ log = logging.getLogger("twincast.access")
 
 
 def access_row(*, key_id: int | None, key_name: str | None, role: str | None, method: str,
-               path: str, action: str, subject_id: int | None, status_code: int
-               ) -> dict[str, Any]:
-    """One access-log row (names and roles, never a secret or a clinical value)."""
+               path: str, action: str, subject_id: int | None, status_code: int,
+               user_id: int | None = None) -> dict[str, Any]:
+    """One access-log row (names and roles, never a secret or a clinical value): a key's,
+    or a signed-in person's (``user_id``, their name as ``key_name``)."""
     return {"time": utcnow(), "api_key_id": key_id, "key_name": key_name, "role": role,
-            "method": method, "path": path[:512], "action": action,
+            "user_id": user_id, "method": method, "path": path[:512], "action": action,
             "subject_id": subject_id, "status_code": status_code}
 
 

@@ -138,8 +138,9 @@ class AccessLog(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     time: Mapped[datetime] = mapped_column(DateTime)
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
-    key_name: Mapped[str | None] = mapped_column(String(255))
+    key_name: Mapped[str | None] = mapped_column(String(255))  # the key's or person's name
     role: Mapped[str | None] = mapped_column(String(32))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))  # a page's person
     method: Mapped[str] = mapped_column(String(8))
     path: Mapped[str] = mapped_column(String(512))
     action: Mapped[str] = mapped_column(String(64))
@@ -265,3 +266,93 @@ class MonitoringAlert(Base):
     value: Mapped[float] = mapped_column(Float)
     reference: Mapped[float] = mapped_column(Float)
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class User(Base):
+    """A person who signs in to the care-team pages (``/ui``): password hashed with
+    argon2; a disabled account's sessions stop working at once."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    role: Mapped[str] = mapped_column(String(32))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class UiSession(Base):
+    """A signed-in browser: the cookie's token is stored hashed (SHA-256)."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class TwinRisk(Base):
+    """A twin's current risk per horizon (rewritten with every forecast, like the view),
+    with the previous forecast's risk, and the alert state: ``armed`` until an alert
+    opens, again once the risk falls below threshold - hysteresis.  The population page
+    sorts and filters on it."""
+
+    __tablename__ = "twin_risks"
+    __table_args__ = (
+        Index("ix_twin_risks_rank", "horizon_days", "risk"),
+        Index("ix_twin_risks_rise", "horizon_days", "rise"),
+    )
+
+    subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), primary_key=True)
+    horizon_days: Mapped[int] = mapped_column(Integer, primary_key=True)
+    risk: Mapped[float | None] = mapped_column(Float)  # NULL: not eligible
+    previous_risk: Mapped[float | None] = mapped_column(Float)
+    rise: Mapped[float | None] = mapped_column(Float)  # risk - previous_risk
+    as_of: Mapped[datetime | None] = mapped_column(DateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)  # as_of + horizon
+    forecast_id: Mapped[str] = mapped_column(String(36))
+    model_version: Mapped[str] = mapped_column(String(32))
+    armed: Mapped[bool] = mapped_column(Boolean, default=True)
+    open_alert_id: Mapped[int | None] = mapped_column(BigInteger)  # unacknowledged alert
+
+
+class TwinAlert(Base):
+    """A forecast that crossed its horizon's threshold upward (append-only).
+
+    ``kind``: ``alert`` (a new forecast of the twin: for the care team) or ``review``
+    (the all-twin refresh after a model change: queued for review, pages nobody)."""
+
+    __tablename__ = "twin_alerts"
+    __table_args__ = (Index("ix_twin_alerts_open", "kind", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), index=True)
+    horizon_days: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    forecast_id: Mapped[str] = mapped_column(String(36))
+    risk: Mapped[float] = mapped_column(Float)
+    previous_risk: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    as_of: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)  # the forecast's horizon ends
+    model_name: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(32))
+    previous_model_version: Mapped[str | None] = mapped_column(String(32))
+
+
+class AlertAck(Base):
+    """Who acknowledged an alert (or reviewed a queued crossing), when and why
+    (append-only; one per alert)."""
+
+    __tablename__ = "alert_acks"
+
+    alert_id: Mapped[int] = mapped_column(ForeignKey("twin_alerts.id"), primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    user_name: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
