@@ -78,6 +78,33 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(k * step, 10) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
 
 
+def _time_ticks(x0: datetime, x1: datetime, most: int = 8) -> list[tuple[datetime, str]]:
+    """Dates to label the time axis: years, months or days by the span.
+
+    >>> [l for _, l in _time_ticks(datetime(2020, 3, 1), datetime(2026, 2, 1))]
+    ['2021', '2022', '2023', '2024', '2025', '2026']
+    >>> [l for _, l in _time_ticks(datetime(2026, 9, 20), datetime(2026, 11, 10))]
+    ['2026-10', '2026-11']
+    >>> [l for _, l in _time_ticks(datetime(2026, 11, 1), datetime(2026, 11, 9))][:3]
+    ['11-01', '11-02', '11-03']
+    """
+    span = (x1 - x0).days
+    if span >= 45:
+        for months in (1, 3, 6, 12, 24, 60, 120):
+            m = x0.year * 12 + x0.month - 1
+            m = -(-m // months) * months  # the first multiple of the step at or after x0
+            ticks = []
+            while (t := datetime(m // 12, m % 12 + 1, 1)) <= x1:  # noqa: DTZ001 - naive UTC
+                if t >= x0:
+                    ticks.append(t)
+                m += months
+            if len(ticks) <= most:
+                return [(t, str(t.year) if months >= 12 else f"{t:%Y-%m}") for t in ticks]
+    step = max(1, -(-max(span, 1) // most))
+    return [(x0 + timedelta(days=d), f"{x0 + timedelta(days=d):%m-%d}")
+            for d in range(0, max(span, 1) + 1, step)]
+
+
 def _fmt(v: float, percent: bool) -> str:
     return f"{v:.0%}" if percent else (f"{v:.0f}" if abs(v) >= 10 else f"{v:.2g}")
 
@@ -124,13 +151,9 @@ def render(chart: Chart) -> Markup:
         parts.append(f'<line x1="{PAD_L}" y1="{y:.1f}" x2="{PAD_L + plot_w}" y2="{y:.1f}" '
                      f'class="grid"/><text x="{PAD_L - 6}" y="{y + 4:.1f}" '
                      f'text-anchor="end" class="tick">{escape(_fmt(v, chart.percent))}</text>')
-    years = range(x0.year, x1.year + 2)
-    step = max(1, len(years) // 8)
-    for yr in years[::step]:
-        t = datetime(yr, 1, 1)  # noqa: DTZ001 - naive UTC, as the store's times
-        if x0 <= t <= x1:
-            parts.append(f'<text x="{px(t):.1f}" y="{HEIGHT - 12}" text-anchor="middle" '
-                         f'class="tick">{yr}</text>')
+    for t, label in _time_ticks(x0, x1):
+        parts.append(f'<text x="{px(t):.1f}" y="{HEIGHT - 12}" text-anchor="middle" '
+                     f'class="tick">{label}</text>')
     parts.append(f'<text x="14" y="{PAD_T + plot_h / 2:.1f}" class="ylabel" '
                  f'transform="rotate(-90 14 {PAD_T + plot_h / 2:.1f})" text-anchor="middle">'
                  f'{escape(chart.y_label)}</text></g>')
@@ -141,8 +164,10 @@ def render(chart: Chart) -> Markup:
                      f'y="{y - 4:.1f}" text-anchor="end">{escape(label)}</text></g>')
     for t, label in chart.marks:
         x = px(t)
+        right = x > PAD_L + plot_w * 0.8  # near the right edge: the label to the left
         parts.append(f'<g class="mark"><line x1="{x:.1f}" y1="{PAD_T}" x2="{x:.1f}" '
-                     f'y2="{PAD_T + plot_h}"/><text x="{x + 3:.1f}" y="{PAD_T + 10}">'
+                     f'y2="{PAD_T + plot_h}"/><text x="{x - 3 if right else x + 3:.1f}" '
+                     f'y="{PAD_T + 10}" text-anchor="{"end" if right else "start"}">'
                      f'{escape(label)}</text><title>{escape(label)}</title></g>')
     for i, s in enumerate(chart.series):
         colour, shape = COLOURS[i % len(COLOURS)], SHAPES[i % len(SHAPES)]

@@ -377,9 +377,9 @@ def _twin_context(model, sid: int, view: dict, fc: dict | None, history: list, t
             widest = p["intervals"][0]
             at = as_of + timedelta(days=p["horizon_days"])
             bands.append(charts.Band(at, p["median"], widest["lower"], widest["upper"],
-                                     f"forecast for {_day(at)}: median {p['median']:g}, "
-                                     f"{widest['level']:.0%} interval {widest['lower']:g} to "
-                                     f"{widest['upper']:g} {p.get('unit') or ''}".strip()))
+                                     f"forecast for {_day(at)}: median {p['median']:.1f}, "
+                                     f"{widest['level']:.0%} interval {widest['lower']:.1f} "
+                                     f"to {widest['upper']:.1f} {p.get('unit') or ''}".strip()))
         label = f"{code} ({unit})" if unit else code
         desc = (f"{len(pts)} measurements of {code} from {_day(pts[0].x)} to "
                 f"{_day(pts[-1].x)}; latest {describe_value(code, pts[-1].y, unit)}"
@@ -438,8 +438,9 @@ def _plain(c: dict[str, Any]) -> dict[str, Any]:
     size = "slightly" if abs(v) < 0.1 else "moderately" if abs(v) < 0.5 else "strongly"
     way = "raises" if v > 0 else "lowers"
     return {"text": f"{c.get('label', c['feature'])} ({c.get('value_text', '')}) {size} "
-                    f"{way} the {c['horizon_days']}-day risk",
-            "direction": "up" if v > 0 else "down", "contribution": v}
+                    f"{way} the risk",
+            "direction": "up" if v > 0 else "down", "contribution": v,
+            "horizon": int(c["horizon_days"])}
 
 
 # ------------------------------------------------------------------ alerts
