@@ -64,7 +64,7 @@ def test_task_thresholds_validate_and_stay_out_of_the_digest():
     with pytest.raises(ValueError, match="horizon 90 is not one of"):
         parse_task({"name": "t", "outcome": {"codes": ["X"]}, "horizons_days": [365],
                     "alerts": {"thresholds": [{"horizon_days": 90, "threshold": 0.2}]}})
-    with pytest.raises(ValueError, match="warning 0.4 must be below threshold"):
+    with pytest.raises(ValueError, match=r"warning 0\.4 must be below threshold"):
         parse_task({"name": "t", "outcome": {"codes": ["X"]}, "horizons_days": [365],
                     "alerts": {"thresholds": [{"horizon_days": 365, "threshold": 0.2,
                                                "warning": 0.4}]}})

@@ -280,7 +280,7 @@ def test_cookies_and_forms_are_guarded(ui):
         r = c.post("/ui/login", data={"name": "nurse", "password": PASSWORD, "csrf": token,
                                       "next": "https://evil.example/x"})
         assert r.status_code == 303 and r.headers["location"] == "/ui/population"
-        cookie = [h for h in r.headers.get_list("set-cookie") if "twincast_session=" in h][0]
+        cookie = next(h for h in r.headers.get_list("set-cookie") if "twincast_session=" in h)
         for flag in ("HttpOnly", "SameSite=strict", "Path=/ui", "Max-Age="):
             assert flag.lower() in cookie.lower(), cookie
         assert "secure" not in cookie.lower()  # plain HTTP on loopback
