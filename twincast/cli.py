@@ -1272,12 +1272,23 @@ def demo(
     from features.events import read_events
     from serving.imports import import_events
 
+    import secrets
+
+    import pandas as pd
+
     ev = read_events(cohort)
     keep = ev["subject_id"].drop_duplicates().head(500)
-    ev = ev[ev["subject_id"].isin(keep)]
+    ev = ev[ev["subject_id"].isin(keep)].copy()
+    # the simulated study ended in 2024: moved to end 45 days ago, as a deployment would
+    # see its patients today (a forecast whose window has ended shows as expired)
+    end = pd.Timestamp.now(tz="UTC").tz_localize(None) - pd.Timedelta(days=45)
+    ev["time"] = ev["time"] + (end - ev["time"].max()).floor("D")
     store = _store()
     twins, _ = import_events(store, ev, source="demo")
-    key = store.keys.create(f"demo-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}", "clinical")
+    stamp = f"{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}"
+    key = store.keys.create(f"demo-{stamp}", "clinical")
+    person, password = f"demo-{stamp}", secrets.token_urlsafe(12)
+    store.users.create(person, "clinical", password)
     sid, when, egfr = _demo_twin(ev)
     url = f"http://127.0.0.1:{port}"
     body = ('{"events": [{"time": "' + when.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -1292,6 +1303,9 @@ def demo(
               "# a falling eGFR: the risk goes up", soft_wrap=True)
     out.print(f"curl -s {url}/v1/twins/{sid}/forecasts -H \"Authorization: Bearer $KEY\"   "
               "# the forecast history\n", soft_wrap=True)
+    out.print(f"The care-team pages: {url}/ui — sign in as {person} with the password "
+              f"{password} (shown once; `twincast users create` makes real accounts).\n",
+              soft_wrap=True)
     serve(task="eskd", host="127.0.0.1", port=port, workers=None)
 
 

@@ -191,6 +191,10 @@ def test_a_twin_page_draws_its_whole_forecast_history(ui):
     assert page.get_by_role("link", name="audit chain").count() == 0  # clinical: no audit
     axe_check(page, "twin")
     shot(page, "twin-1280")
+    narrow = sign_in(ui, width=390, start=f"/ui/twins/{sid}")
+    assert narrow.evaluate("document.documentElement.scrollWidth") <= 400
+    axe_check(narrow, "twin narrow")
+    shot(narrow, "twin-390")
     with api(ui) as c:
         log = c.get("/v1/access-log", params={"subject_id": sid, "limit": 50}).json()
     assert any(e["key_name"] == "nurse" and e["action"] == "ui_twin" for e in log)
