@@ -47,7 +47,7 @@ def timed(client: httpx.Client, path: str, n: int) -> dict:
 
 
 def sign_in(url: str) -> httpx.Client:
-    c = httpx.Client(base_url=url, timeout=60)
+    c = httpx.Client(base_url=url, timeout=60, follow_redirects=True)
     token = re.search(r'name="csrf" value="([^"]+)"', c.get("/ui/login").text).group(1)
     r = c.post("/ui/login", data={"name": "bench", "password": PASSWORD, "csrf": token})
     assert r.status_code == 200 and "Population" in r.text, r.status_code

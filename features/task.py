@@ -363,6 +363,14 @@ class AlertPolicy(_Strict):
             raise ValueError("a horizon is listed twice")
         return sorted(v, key=lambda t: t.horizon_days)
 
+    @model_validator(mode="after")
+    def _rearms(self) -> AlertPolicy:
+        low = [t.horizon_days for t in self.thresholds if t.threshold <= self.hysteresis]
+        if low:
+            raise ValueError(f"the {low[0]}-day threshold is not above the hysteresis "
+                             f"{self.hysteresis}: its alert could never re-arm")
+        return self
+
 
 class Task(_Strict):
     """A validated prediction task."""

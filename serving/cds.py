@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
@@ -235,8 +235,17 @@ def _card(service: TwinService, fc: dict[str, Any]) -> dict[str, Any]:
     if paths:
         lines += ["", "Where it is heading (forecasts, not measurements):", ""]
         lines += [f"- {trajectory_text(t)}" for t in paths]
+    as_of = datetime.fromisoformat(fc["as_of"].replace("Z", "+00:00")).replace(tzinfo=None)
+    now = utcnow()
+    current = {k: v for k, v in risks.items()
+               if as_of + timedelta(days=int(k.removesuffix("d"))) > now}
+    for k in risks:
+        if k not in current:  # an old forecast never passes for a current one
+            ended = as_of + timedelta(days=int(k.removesuffix("d")))
+            lines += ["", f"The {k.removesuffix('d')}-day forecast's window ended on "
+                      f"{ended:%Y-%m-%d}: it is not a current risk."]
     return {"uuid": str(uuid.uuid4()), "summary": summary[:140],
-            "indicator": indicator(service.models.current().bundle.task, risks),
+            "indicator": indicator(service.models.current().bundle.task, current),
             "source": source, "detail": "\n".join(lines)}
 
 

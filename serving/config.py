@@ -68,11 +68,13 @@ class ServingConfig(BaseModel):
     cds_clients: dict[str, CdsClientConfig] = Field(default_factory=dict)
     ui_session_minutes: float = Field(default=480, gt=0, le=7 * 24 * 60, description=(
         "how long a care-team page session lasts from sign-in"))
+    ui_idle_minutes: float = Field(default=30, gt=0, le=24 * 60, description=(
+        "a page session unused this long ends"))
     failpoints: frozenset[str] = Field(default_factory=frozenset, description="fault "
                                        "injection for tests; empty in production")
 
     @model_validator(mode="after")
-    def _thresholds(self) -> ServingConfig:
+    def _checks(self) -> ServingConfig:
         if self.cds_clients and not self.public_url:
             raise ValueError("cds_clients need public_url: a CDS Hooks token's audience is "
                              "the endpoint's public URL, never the request's Host header")

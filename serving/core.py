@@ -219,19 +219,22 @@ class TwinService:
                     "limit": limit, "offset": offset}
 
     def access_log(self, subject_id: int | None, limit: int) -> list[dict[str, Any]]:
-        return [{"time": iso(r.time), "key_name": r.key_name, "role": r.role,
+        return [{"time": iso(r.time), "key_name": r.key_name, "user_id": r.user_id,
+                 "role": r.role,
                  "method": r.method, "path": r.path, "action": r.action,
                  "subject_id": r.subject_id, "status_code": r.status_code}
                 for r in self.store.access.read(subject_id, limit)]
 
-    def audit(self, forecast_id: str) -> dict[str, Any]:
-        """The verified chain behind one forecast (whichever task's model made it)."""
+    def audit(self, forecast_id: str, subject_id: int | None = None) -> dict[str, Any]:
+        """The verified chain behind one forecast (whichever task's model made it);
+        with ``subject_id``, only a forecast of that twin (checked before any work)."""
         from serving.audit import audit_forecast
 
         with self.store.read() as s:
             row = self.store.twins.forecast_by_id(s, forecast_id)
-            if row is None:
-                raise NotFound(f"no forecast {forecast_id}")
+            if row is None or (subject_id is not None and row.subject_id != subject_id):
+                raise NotFound(f"no forecast {forecast_id}"
+                               + (f" of twin {subject_id}" if subject_id is not None else ""))
             task = row.model_name.removeprefix("twincast-")
         source = self.source if task == self.task_name else ModelSource(self.source.tracker,
                                                                          task)
@@ -273,16 +276,27 @@ class TwinService:
 
     def alerts(self, *, kind: str = "alert", state: str = "open",
                subject_id: int | None = None, limit: int = 50, offset: int = 0,
-               now: datetime | None = None) -> dict[str, Any]:
+               now: datetime | None = None, caller: Caller | None = None,
+               access: AccessInfo | None = None) -> dict[str, Any]:
         """Twin alerts (``alert``: for the care team; ``review``: the refresh's crossings
-        after a model change), newest first."""
+        after a model change), newest first.  Every twin listed is in the access log,
+        committed with the read."""
         now = now or utcnow()
-        with self.store.read() as s:
+
+        def read(s) -> dict[str, Any]:
             rows, total = self.store.risks.alerts(s, now, kind=kind, state=state,
                                                   subject_id=subject_id, limit=limit,
                                                   offset=offset)
-        return {"items": [alert_item(r) for r in rows], "total": total, "limit": limit,
-                "offset": offset, "kind": kind, "state": state}
+            if access is not None and caller is not None and rows:
+                self.store.access.add(s, [access.row(caller, r["subject_id"]) for r in rows])
+                access.written = True
+            return {"items": [alert_item(r) for r in rows], "total": total, "limit": limit,
+                    "offset": offset, "kind": kind, "state": state}
+
+        if access is None:
+            with self.store.read() as s:
+                return read(s)
+        return self.store.db.transact(read)
 
     def acknowledge(self, alert_id: int, reason: str, caller: Caller,
                     access: AccessInfo | None = None) -> dict[str, Any]:
@@ -293,7 +307,7 @@ class TwinService:
 
         def work(s) -> dict[str, Any]:
             done = self.store.risks.acknowledge(s, alert_id, caller.user_id, caller.name,
-                                                reason, utcnow())
+                                                reason, utcnow(), api_key_id=caller.key_id)
             if access is not None:
                 self.store.access.add(s, [access.row(caller, done["subject_id"])])
                 access.written = True

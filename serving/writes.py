@@ -336,7 +336,7 @@ class TwinWriter:
         self._failpoint("after_events")
         heads = self.store.twins.add_forecasts(s, plan.forecasts, plan.heads)
         self.store.twins.write_views(s, plan.views, heads)
-        self._risks(s, model, plan.forecasts, plan.now, review=False)
+        self._risks(s, model, plan.forecasts, plan.views, plan.now, refresh=False)
         self._log(s, plan.ids, inputs)
         self._failpoint("before_commit")
         plan.new_heads = heads
@@ -428,7 +428,7 @@ class TwinWriter:
 
     def _persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
                  history: History, results: list[ForecastResult],
-                 callers: dict[int, Caller], now: datetime, *, review: bool = False
+                 callers: dict[int, Caller], now: datetime, *, refresh: bool = False
                  ) -> dict[int, tuple[dict[str, Any], str]]:
         forecasts, views, out = self._rows(
             model, {sid: t.created_at for sid, t in twins.items()}, history, results,
@@ -436,18 +436,20 @@ class TwinWriter:
         heads = self.store.twins.add_forecasts(
             s, forecasts, {sid: t.forecast_head for sid, t in twins.items()})
         self.store.twins.write_views(s, views, heads)
-        self._risks(s, model, forecasts, now, review=review)
+        self._risks(s, model, forecasts, views, now, refresh=refresh)
         return out
 
     def _risks(self, s: Session, model: LoadedModel, forecasts: list[dict[str, Any]],
-               now: datetime, *, review: bool) -> None:
+               views: list[dict[str, Any]], now: datetime, *, refresh: bool) -> None:
         """The twins' current risks and the alerts their new forecasts raise, by the
-        served task's thresholds (the refresh's crossings are queued for review)."""
+        served task's thresholds (the refresh's crossings after a model change are
+        queued for review)."""
         cached = self._levels
         if cached is None or cached[0] is not model:
             cached = self._levels = (model, levels(model.bundle.task))
         self.store.risks.apply(s, forecasts, model.name, model.version, cached[1], now,
-                               review=review)
+                               refresh=refresh,
+                               last_times={u["sid"]: u["last_time"] for u in views})
 
     def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,
               results: list[ForecastResult], callers: dict[int, Caller], now: datetime):
@@ -492,7 +494,7 @@ class TwinWriter:
                     and twins[r.subject_id].forecast_head == heads.get(r.subject_id)]
             system = Caller(REFRESH_CALLER)
             self._persist(s, model, twins, history, keep, dict.fromkeys(twins, system),
-                          self.clock(), review=True)
+                          self.clock(), refresh=True)
             return len(keep)
         return self.store.db.transact(work, urgent=False)
 

@@ -1153,13 +1153,16 @@ def audit_access(
     subject: Annotated[int, typer.Option(help="the twin's subject_id")],
     limit: int = 200,
 ) -> None:
-    """Who read or wrote a twin, when, through which key (names, never secrets)."""
+    """Who read or wrote a twin, when, through which key or as which person signed in to
+    the pages (names, never secrets)."""
     rows = _store().access.read(subject, limit)
     table = Table(title=f"access to twin {subject}")
-    for col in ("time (UTC)", "key", "role", "action", "request", "status"):
+    for col in ("time (UTC)", "who", "role", "action", "request", "status"):
         table.add_column(col)
     for r in rows:
-        table.add_row(f"{r.time:%Y-%m-%d %H:%M:%S}", r.key_name or "–", r.role or "–",
+        who = (f"person {r.key_name}" if r.user_id is not None
+               else f"key {r.key_name}" if r.key_name else "–")
+        table.add_row(f"{r.time:%Y-%m-%d %H:%M:%S}", who, r.role or "–",
                       r.action, f"{r.method} {r.path}", str(r.status_code))
     out.print(table)
 
@@ -1269,12 +1272,12 @@ def demo(
     out.print("list runs:  twincast runs --task eskd")
     if not serve_after:
         return
-    from features.events import read_events
-    from serving.imports import import_events
-
     import secrets
 
     import pandas as pd
+
+    from features.events import read_events
+    from serving.imports import import_events
 
     ev = read_events(cohort)
     keep = ev["subject_id"].drop_duplicates().head(500)
@@ -1287,7 +1290,7 @@ def demo(
     twins, _ = import_events(store, ev, source="demo")
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}"
     key = store.keys.create(f"demo-{stamp}", "clinical")
-    person, password = f"demo-{stamp}", secrets.token_urlsafe(12)
+    person, password = f"demo-user-{stamp}", secrets.token_urlsafe(12)
     store.users.create(person, "clinical", password)
     sid, when, egfr = _demo_twin(ev)
     url = f"http://127.0.0.1:{port}"

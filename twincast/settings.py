@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     # "algorithms": ["RS384"]}} or {"<issuer>": {"jwks": {"keys": [...]}}}; cards turn
     # warning/critical at the served task's alert thresholds (its ``alerts`` block)
     cds_clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # a care-team page session lasts this long from sign-in
+    # a care-team page session lasts this long from sign-in, and ends unused this long
     ui_session_minutes: float = 480
+    ui_idle_minutes: float = 30
     refresh_chunk: int = 256
     refresh_lease_seconds: float = 30.0
     anchor_seconds: float = 300.0
@@ -70,6 +71,10 @@ class Settings(BaseSettings):
     def serving(self) -> ServingConfig:
         """The service's typed configuration (the only way settings reach ``serving``):
         every field the two share, plus the ones settings derive."""
+        gone = [k for k in ("TWINCAST_CDS_WARNING", "TWINCAST_CDS_CRITICAL") if k in os.environ]
+        if gone:
+            raise ValueError(f"{', '.join(gone)} no longer exist: the CDS cards' indicator "
+                             "uses the task file's alert thresholds (its 'alerts' block)")
         derived = {"database_url", "tracking_uri", "artifact_root", "failpoints"}
         shared = set(ServingConfig.model_fields) & set(type(self).model_fields) - derived
         return ServingConfig(

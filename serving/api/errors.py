@@ -12,7 +12,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features.errors import FeaturesError
@@ -57,6 +57,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError):
+        if isinstance(exc, DataError):  # a value the database refuses (a NUL byte, …)
+            return error(422, "invalid_input", "a value in the request cannot be stored "
+                         "(e.g. a NUL character)")
         if is_retryable(exc) or is_unavailable(exc):
             return error(503, "unavailable", "the database is busy or unreachable: try "
                          "again shortly", headers={"Retry-After": "1"})

@@ -378,7 +378,7 @@ class AlertPage(_Out):
 
 class AcknowledgeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(min_length=1, max_length=2000, pattern=r"\S",
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"^[^\x00]*\S[^\x00]*$",
                         description="why (e.g. 'seen; nephrology referral booked')")
 
 
@@ -425,7 +425,10 @@ class RefreshOut(_Out):
 
 class AccessOut(_Out):
     time: AwareDatetime
-    key_name: str | None
+    key_name: str | None = Field(description="the API key's name, or the person's user "
+                                 "name (then user_id is set)")
+    user_id: int | None = Field(default=None, description="the person signed in to the "
+                                "pages (None: an API key)")
     role: str | None
     method: str
     path: str

@@ -167,16 +167,19 @@ def population(request: Request, service: Service,
 
 @router.get("/v1/alerts", response_model=S.AlertPage, responses={**ERRORS},
             tags=["population"])
-def list_alerts(service: Service,
-                _: Annotated[Principal, Depends(require(Action.READ_TWINS, "read_alerts"))],
+def list_alerts(request: Request, service: Service,
+                caller: Annotated[Principal, Depends(require(Action.READ_TWINS,
+                                                             "read_alerts"))],
                 kind: Annotated[str, Query(pattern="^(alert|review)$")] = "alert",
                 state: Annotated[str, Query(pattern="^(open|acknowledged|all)$")] = "open",
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
                 offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
     """Twin alerts, newest first: ``kind=alert`` (a twin's new forecast crossed its
     horizon's threshold) or ``review`` (the all-twin refresh after a model change did:
-    queued for review); ``state=open`` leaves out acknowledged and expired ones."""
-    return json_response(service.alerts(kind=kind, state=state, limit=limit, offset=offset))
+    queued for review); ``state=open`` leaves out acknowledged and expired ones.  Every
+    twin listed is in the access log."""
+    return json_response(service.alerts(kind=kind, state=state, limit=limit, offset=offset,
+                                        caller=caller, access=access_of(request)))
 
 
 @router.post("/v1/alerts/{alert_id}/acknowledge", response_model=S.AcknowledgeOut,

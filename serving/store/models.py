@@ -140,7 +140,8 @@ class AccessLog(Base):
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     key_name: Mapped[str | None] = mapped_column(String(255))  # the key's or person's name
     role: Mapped[str | None] = mapped_column(String(32))
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))  # a page's person
+    # a page's person (no foreign key: the log outlives accounts, as it does keys' names)
+    user_id: Mapped[int | None] = mapped_column(BigInteger)
     method: Mapped[str] = mapped_column(String(8))
     path: Mapped[str] = mapped_column(String(512))
     action: Mapped[str] = mapped_column(String(64))
@@ -291,7 +292,8 @@ class UiSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
-    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)  # absolute
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime)  # for the idle timeout
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
@@ -303,15 +305,18 @@ class TwinRisk(Base):
 
     __tablename__ = "twin_risks"
     __table_args__ = (
-        Index("ix_twin_risks_rank", "horizon_days", "risk"),
-        Index("ix_twin_risks_rise", "horizon_days", "rise"),
+        Index("ix_twin_risks_rank", "horizon_days", "risk", "subject_id"),
+        Index("ix_twin_risks_rise", "horizon_days", "rise", "subject_id"),
+        Index("ix_twin_risks_quiet", "horizon_days", "last_event_time", "subject_id"),
     )
 
     subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), primary_key=True)
     horizon_days: Mapped[int] = mapped_column(Integer, primary_key=True)
     risk: Mapped[float | None] = mapped_column(Float)  # NULL: not eligible
     previous_risk: Mapped[float | None] = mapped_column(Float)
-    rise: Mapped[float | None] = mapped_column(Float)  # risk - previous_risk
+    # risk - previous_risk, when the previous forecast came from the same model version
+    rise: Mapped[float | None] = mapped_column(Float)
+    last_event_time: Mapped[datetime | None] = mapped_column(DateTime)  # the twin's
     as_of: Mapped[datetime | None] = mapped_column(DateTime)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime)  # as_of + horizon
     forecast_id: Mapped[str] = mapped_column(String(36))
@@ -353,6 +358,7 @@ class AlertAck(Base):
 
     alert_id: Mapped[int] = mapped_column(ForeignKey("twin_alerts.id"), primary_key=True)
     time: Mapped[datetime] = mapped_column(DateTime)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))  # a person, or
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))  # a key
     user_name: Mapped[str] = mapped_column(String(255))
     reason: Mapped[str] = mapped_column(Text)

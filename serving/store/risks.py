@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from serving.errors import Conflict, NotFound
-from serving.store.models import AlertAck, Twin, TwinAlert, TwinRisk
+from serving.store.models import AlertAck, TwinAlert, TwinRisk
 from serving.store.twins import Twins
 
 ALERT = "alert"    # a twin's new forecast crossed the threshold: for the care team
@@ -62,48 +62,65 @@ class Risks:
         a = TwinAlert.__table__.c
         ids = bindparam("ids", expanding=True)
         self._state = (select(r.subject_id, r.horizon_days, r.risk, r.armed, r.open_alert_id,
-                              a.expires_at, r.model_version)
+                              a.expires_at, r.model_version, r.as_of, r.expires_at)
                        .outerjoin(TwinAlert.__table__, a.id == r.open_alert_id)
                        .where(r.subject_id.in_(ids)))
         ins = (sqlite_insert if self.sqlite else pg_insert)(TwinRisk.__table__)
         self._upsert = ins.on_conflict_do_update(
             index_elements=["subject_id", "horizon_days"],
-            set_={c: ins.excluded[c] for c in ("risk", "previous_risk", "rise", "as_of",
-                                               "expires_at", "forecast_id", "model_version",
-                                               "armed", "open_alert_id")})
+            set_={c: ins.excluded[c] for c in ("risk", "previous_risk", "rise",
+                                               "last_event_time", "as_of", "expires_at",
+                                               "forecast_id", "model_version", "armed",
+                                               "open_alert_id")})
         self._add_alert = insert(TwinAlert.__table__).returning(
             a.id, sort_by_parameter_order=True)
 
     # ------------------------------------------------------------------ the write path
     def apply(self, s: Session, forecasts: list[dict[str, Any]], model_name: str,
               model_version: str, policy: Mapping[int, Level], now: datetime, *,
-              review: bool) -> list[dict[str, Any]]:
+              refresh: bool, last_times: Mapping[int, datetime | None] | None = None
+              ) -> list[dict[str, Any]]:
         """Rewrite the forecast twins' risk rows and open the alerts their forecasts
-        raise (``review``: the refresh's crossings, queued for review).  The caller holds
-        the twins' locks.  Returns the alerts opened."""
+        raise.  The caller holds the twins' locks.  Returns the alerts opened.
+
+        ``refresh``: the all-twin refresh (no new events); its crossings of twins whose
+        previous forecast came from another model version are ``review`` items, which
+        leave the slot armed (the twin's next own forecast above the line alerts, unless
+        a reviewer marked it reviewed).  A forecast with an earlier as-of time than the
+        stored one (an explicit ``as_of`` in the past) changes nothing here."""
         if not forecasts:
             return []
         conn = s.connection()
         state = {(row[0], row[1]): row for row in conn.execute(
             self._state, {"ids": sorted({f["subject_id"] for f in forecasts})})}
+        last_times = last_times or {}
         upserts, alerts, slots = [], [], []
         for f in forecasts:
             sid, as_of = f["subject_id"], f["as_of"]
             risks = f["risks"] if f["status"] == "ok" else None
             for key in (risks or {}) if risks else _horizon_keys(state, sid):
                 h = int(key.removesuffix("d"))
-                risk = risks[key] if risks else None
                 prev = state.get((sid, h))
-                armed = True if prev is None else bool(prev[3])
-                open_id = prev[4] if prev is not None and prev[5] is not None \
-                    and prev[5] > now else None  # an expired alert is not open
+                if prev is not None and prev[7] is not None and (as_of is None
+                                                                 or as_of < prev[7]):
+                    continue  # an older as-of time than the current row's
+                risk = risks[key] if risks else None
+                armed, open_id = True, None
+                if prev is not None:
+                    armed, open_id = bool(prev[3]), prev[4]
+                    if open_id is not None and (prev[5] is None or prev[5] <= now):
+                        armed, open_id = True, None  # its window ended: lapsed, re-armed
+                    if prev[8] is not None and prev[8] <= now:
+                        armed = True  # back after an expired forecast
+                same_version = prev is not None and prev[6] == model_version
+                review = refresh and prev is not None and not same_version
                 expires = as_of + timedelta(days=h) if as_of is not None else None
                 level = policy.get(h)
                 if level is not None and risk is not None and expires is not None \
                         and expires > now:
                     if risk >= level.threshold:
                         if armed and open_id is None:
-                            slots.append(len(upserts))
+                            slots.append((len(upserts), review))
                             alerts.append({
                                 "created_at": now, "subject_id": sid, "horizon_days": h,
                                 "kind": REVIEW if review else ALERT,
@@ -113,21 +130,25 @@ class Risks:
                                 "expires_at": expires, "model_name": model_name,
                                 "model_version": model_version,
                                 "previous_model_version": None if prev is None else prev[6]})
-                        armed = False
+                        if not review:
+                            armed = False
                     elif risk < level.rearm:
                         armed = True
                 previous = None if prev is None else prev[2]
                 upserts.append({
                     "subject_id": sid, "horizon_days": h, "risk": risk,
                     "previous_risk": previous,
-                    "rise": None if risk is None or previous is None else risk - previous,
+                    # a rise across model versions is the model's, not the patient's
+                    "rise": None if risk is None or previous is None or not same_version
+                    else risk - previous,
+                    "last_event_time": last_times.get(sid),
                     "as_of": as_of, "expires_at": expires, "forecast_id": f["forecast_id"],
                     "model_version": model_version, "armed": armed,
                     "open_alert_id": open_id})
         if alerts:
             new_ids = [row[0] for row in conn.execute(self._add_alert, alerts)]
-            for slot, alert, aid in zip(slots, alerts, new_ids, strict=True):
-                if alert["kind"] == ALERT:  # a review is never an open alert
+            for (slot, review), alert, aid in zip(slots, alerts, new_ids, strict=True):
+                if not review:  # a review is never an open alert
                     upserts[slot]["open_alert_id"] = aid
                 alert["id"] = aid
         if upserts:
@@ -136,10 +157,13 @@ class Risks:
 
     # ------------------------------------------------------------------ acknowledging
     def acknowledge(self, s: Session, alert_id: int, user_id: int | None, user_name: str,
-                    reason: str, now: datetime) -> dict[str, Any]:
+                    reason: str, now: datetime, api_key_id: int | None = None
+                    ) -> dict[str, Any]:
         """Record who acknowledged an alert (or reviewed a queued crossing), when and
-        why; the twin's alert slot re-opens for its next crossing.  A second
-        acknowledgement is a conflict."""
+        why — a person (``user_id``) or a key (``api_key_id``).  The twin's alert slot is
+        free for its next crossing; a reviewed crossing disarms its slot while the risk
+        stays above the threshold (the reviewer has seen it).  A second acknowledgement
+        is a conflict."""
         reason = reason.strip()
         if not reason:
             raise ValueError("an acknowledgement needs a reason")
@@ -152,14 +176,18 @@ class Risks:
         try:
             with s.begin_nested():
                 s.execute(insert(AlertAck.__table__).values(
-                    alert_id=alert_id, time=now, user_id=user_id, user_name=user_name,
-                    reason=reason[:2000]))
+                    alert_id=alert_id, time=now, user_id=user_id, api_key_id=api_key_id,
+                    user_name=user_name, reason=reason[:2000]))
         except IntegrityError:
             raise Conflict(f"alert {alert_id} was acknowledged already") from None
         r = TwinRisk.__table__.c
-        s.execute(update(TwinRisk.__table__).where(
-            r.subject_id == alert.subject_id, r.horizon_days == alert.horizon_days,
-            r.open_alert_id == alert_id).values(open_alert_id=None))
+        slot = (r.subject_id == alert.subject_id, r.horizon_days == alert.horizon_days)
+        if alert.kind == REVIEW:
+            s.execute(update(TwinRisk.__table__).where(*slot, r.risk >= alert.threshold)
+                      .values(armed=False))
+        else:
+            s.execute(update(TwinRisk.__table__).where(*slot, r.open_alert_id == alert_id)
+                      .values(open_alert_id=None))
         return {"alert_id": alert_id, "subject_id": alert.subject_id}
 
     # ------------------------------------------------------------------ reads
@@ -168,11 +196,13 @@ class Risks:
                    max_quiet_days: int | None = None, expired: bool = False,
                    limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
         """Twins at one horizon, a page of them and how many match.  Current forecasts
-        only (``expired``: only those whose horizon has ended, newest first); sorted by
-        risk, by rise since the previous forecast, or by time since the last event."""
+        only (``expired``: only those whose window has ended, most recent first); sorted
+        by risk, by rise since the previous forecast of the same model version (twins
+        without one are left out), or by time since the last event.  Ties go to the
+        higher subject id, so each order is one index scan."""
         if sort not in SORTS:
             raise ValueError(f"sort must be one of {SORTS}")
-        r, t, a = TwinRisk.__table__.c, Twin.__table__.c, TwinAlert.__table__.c
+        r, a = TwinRisk.__table__.c, TwinAlert.__table__.c
         where = [r.horizon_days == horizon]
         if expired:
             where.append(r.expires_at <= now)
@@ -181,22 +211,23 @@ class Risks:
         if min_risk is not None:
             where.append(r.risk >= min_risk)
         if max_quiet_days is not None:
-            where.append(t.last_event_time >= now - timedelta(days=max_quiet_days))
-        joined = TwinRisk.__table__.join(Twin.__table__, t.subject_id == r.subject_id)
+            where.append(r.last_event_time >= now - timedelta(days=max_quiet_days))
+        if sort == "rise" and not expired:
+            where.append(r.rise.is_not(None))
         alert_on = and_(a.id == r.open_alert_id, a.expires_at > now)
-        if open_alert:
-            joined = joined.join(TwinAlert.__table__, alert_on)
-        else:
-            joined = joined.outerjoin(TwinAlert.__table__, alert_on)
-        order = {"risk": [r.risk.desc(), r.subject_id],
-                 "rise": [r.rise.desc().nulls_last(), r.subject_id],
-                 "quiet": [t.last_event_time.asc().nulls_first(), r.subject_id]}[sort]
+        base = TwinRisk.__table__
+        counted = base.join(TwinAlert.__table__, alert_on) if open_alert else base
+        joined = (base.join(TwinAlert.__table__, alert_on) if open_alert
+                  else base.outerjoin(TwinAlert.__table__, alert_on))
+        order = {"risk": [r.risk.desc(), r.subject_id.desc()],
+                 "rise": [r.rise.desc(), r.subject_id.desc()],
+                 "quiet": [r.last_event_time.asc(), r.subject_id.asc()]}[sort]
         if expired:
-            order = [r.expires_at.desc(), r.subject_id]
-        total = s.execute(select(func.count()).select_from(joined).where(*where)).scalar_one()
+            order = [r.expires_at.desc(), r.subject_id.desc()]
+        total = s.execute(select(func.count()).select_from(counted).where(*where)).scalar_one()
         rows = s.execute(select(r.subject_id, r.risk, r.previous_risk, r.rise, r.as_of,
                                 r.expires_at, r.forecast_id, r.model_version,
-                                t.last_event_time, a.id).select_from(joined).where(*where)
+                                r.last_event_time, a.id).select_from(joined).where(*where)
                          .order_by(*order).limit(limit).offset(offset)).all()
         out = [{"subject_id": int(x[0]), "risk": x[1], "previous_risk": x[2], "rise": x[3],
                 "as_of": x[4], "expires_at": x[5], "forecast_id": x[6], "model_version": x[7],
@@ -206,13 +237,16 @@ class Risks:
 
     def current(self, s: Session, subject_id: int, now: datetime) -> list[dict[str, Any]]:
         """A twin's rows, one per horizon, with whether each has expired."""
-        r = TwinRisk.__table__.c
-        rows = s.execute(select(TwinRisk).where(r.subject_id == subject_id)
-                         .order_by(r.horizon_days)).scalars()
-        return [{"horizon_days": x.horizon_days, "risk": x.risk, "as_of": x.as_of,
-                 "expires_at": x.expires_at, "forecast_id": x.forecast_id,
-                 "model_version": x.model_version, "open_alert_id": x.open_alert_id,
-                 "expired": x.expires_at is not None and x.expires_at <= now} for x in rows]
+        r, a = TwinRisk.__table__.c, TwinAlert.__table__.c
+        rows = s.execute(
+            select(r.horizon_days, r.risk, r.as_of, r.expires_at, r.forecast_id,
+                   r.model_version, a.id)
+            .select_from(TwinRisk.__table__.outerjoin(
+                TwinAlert.__table__, and_(a.id == r.open_alert_id, a.expires_at > now)))
+            .where(r.subject_id == subject_id).order_by(r.horizon_days)).all()
+        return [{"horizon_days": x[0], "risk": x[1], "as_of": x[2], "expires_at": x[3],
+                 "forecast_id": x[4], "model_version": x[5], "open_alert_id": x[6],
+                 "expired": x[3] is not None and x[3] <= now} for x in rows]
 
     def alerts(self, s: Session, now: datetime, *, kind: str = ALERT, state: str = "open",
                subject_id: int | None = None, limit: int = 50, offset: int = 0

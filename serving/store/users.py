@@ -27,6 +27,7 @@ from serving.store.models import UiSession, User
 from serving.store.twins import utcnow
 
 MIN_PASSWORD = 12
+SEEN_EVERY_SECONDS = 60  # how often a session's last use is written (the idle timeout's)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 _hasher = PasswordHasher()
 _DUMMY = _hasher.hash("not a password of anyone's")  # for names that do not exist
@@ -83,11 +84,18 @@ class Users:
             return list(s.execute(select(User).order_by(User.id)).scalars())
 
     def set_disabled(self, name: str, disabled: bool) -> None:
+        """Disable (every open session ends: enabling again does not bring them back)
+        or enable an account."""
+        now = utcnow()
         with self.db.write() as s:
-            done = s.execute(update(User).where(User.name == name).values(
-                disabled_at=utcnow() if disabled else None)).rowcount
-        if not done:
-            raise NotFound(f"no user named {name!r}")
+            user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+            if user is None:
+                raise NotFound(f"no user named {name!r}")
+            user.disabled_at = now if disabled else None
+            if disabled:
+                s.execute(update(UiSession).where(UiSession.user_id == user.id,
+                                                  UiSession.ended_at.is_(None))
+                          .values(ended_at=now))
 
     def set_password(self, name: str, password: str) -> None:
         """A new password; the person's open sessions end."""
@@ -106,6 +114,8 @@ class Users:
     def sign_in(self, name: str, password: str, minutes: float) -> tuple[str, Person] | None:
         """A new session for the right name and password of an enabled account (None
         otherwise, whichever was wrong): its cookie token and the person."""
+        if "\x00" in name:  # no name holds one (and PostgreSQL refuses it in a query)
+            name = ""
         with self.db.read() as s:
             user = s.execute(select(User).where(User.name == name[:255])).scalar_one_or_none()
         try:
@@ -118,7 +128,7 @@ class Users:
         now = utcnow()
         with self.db.write() as s:
             row = UiSession(token_hash=_hash_token(token), user_id=user.id, created_at=now,
-                            expires_at=now + timedelta(minutes=minutes))
+                            expires_at=now + timedelta(minutes=minutes), last_seen_at=now)
             s.add(row)
             if _hasher.check_needs_rehash(user.password_hash):
                 s.execute(update(User).where(User.id == user.id)
@@ -127,19 +137,27 @@ class Users:
             sid = int(row.id)
         return token, Person(int(user.id), user.name, user.role, sid, csrf_token(token))
 
-    def session(self, token: str, now: datetime | None = None) -> Person | None:
-        """The person behind a cookie token: a live session of an enabled account."""
+    def session(self, token: str, idle_minutes: float = 30.0, now: datetime | None = None
+                ) -> Person | None:
+        """The person behind a cookie token: a live session (not past its expiry, used
+        within ``idle_minutes``, not ended) of an enabled account."""
         if not token or len(token) > 200:
             return None
         now = now or utcnow()
         with self.db.read() as s:
             row = s.execute(
-                select(UiSession.id, User.id, User.name, User.role)
+                select(UiSession.id, User.id, User.name, User.role, UiSession.last_seen_at)
                 .join(User, User.id == UiSession.user_id)
                 .where(UiSession.token_hash == _hash_token(token), UiSession.ended_at.is_(None),
-                       UiSession.expires_at > now, User.disabled_at.is_(None))).first()
+                       UiSession.expires_at > now,
+                       UiSession.last_seen_at > now - timedelta(minutes=idle_minutes),
+                       User.disabled_at.is_(None))).first()
         if row is None:
             return None
+        if row[4] < now - timedelta(seconds=SEEN_EVERY_SECONDS):  # at most one write a minute
+            with self.db.write(urgent=False) as s:
+                s.execute(update(UiSession).where(UiSession.id == row[0])
+                          .values(last_seen_at=now))
         return Person(int(row[1]), row[2], row[3], int(row[0]), csrf_token(token))
 
     def sign_out(self, session_id: int) -> None:

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
 import secrets
+import threading
+import time
+from collections import deque
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.datastructures import FormData
 
 from features.describe import describe_value
@@ -39,6 +45,10 @@ from serving.store.users import Person
 from serving.ui import charts
 from serving.views import iso
 from serving.writes import AccessInfo, Caller
+
+log = logging.getLogger("twincast.ui")
+DIGITS = re.compile(r"[0-9]{1,19}")
+FORECAST_ID = re.compile(r"[0-9a-f-]{36}")
 
 HERE = Path(__file__).parent
 COOKIE = "twincast_session"
@@ -88,7 +98,9 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https" or public.startswith("https://")
 
 
-def _headers(resp: Response) -> Response:
+def _headers(resp: Response, secure: bool = False) -> Response:
+    if secure:
+        resp.headers["Strict-Transport-Security"] = "max-age=31536000"
     resp.headers["Content-Security-Policy"] = CSP
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "same-origin"
@@ -99,7 +111,7 @@ def _headers(resp: Response) -> Response:
 
 def render(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
     html = env.get_template(template).render(request=request, **ctx)
-    return _headers(HTMLResponse(html, status_code=status))
+    return _headers(HTMLResponse(html, status_code=status), _secure(request))
 
 
 def _service(request: Request):
@@ -115,7 +127,8 @@ def signed_in(request: Request, action: Action, name: str, subject_id: int | Non
     ``action`` (noted for the access log as ``name``)."""
     service = _service(request)
     note_access(request, name, subject_id)
-    person = service.store.users.session(request.cookies.get(COOKIE, ""))
+    person = service.store.users.session(request.cookies.get(COOKIE, ""),
+                                         service.config.ui_idle_minutes)
     if person is None:
         raise SignInNeeded
     caller = Caller(person.name, None, person.role, person.id)
@@ -131,6 +144,8 @@ def _guard(request: Request, fn) -> Response:
         return fn()
     except SignInNeeded:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":  # back to a page, never to a form's action
+            target = "/ui/alerts"
         return _headers(RedirectResponse(f"/ui/login?next={quote(target, safe='')}", 303))
     except PageRefused as exc:
         return render(request, "error.html", exc.status, message=exc.message,
@@ -141,6 +156,18 @@ def _guard(request: Request, fn) -> Response:
     except ServingError as exc:
         return render(request, "error.html", exc.http_status, message=str(exc),
                       person=_person_or_none(request))
+    except DataError:  # a value the database refuses (a NUL byte): the request's fault
+        return render(request, "error.html", 422, heading="Not understood",
+                      message="A value in the request cannot be used.", person=None)
+    except DBAPIError as exc:
+        log.error("database error %s on %s", type(exc.orig).__name__, request.url.path)
+        return render(request, "error.html", 503, message="The database is busy or "
+                      "unreachable: try again shortly.", person=None)
+    except Exception as exc:  # a bug: a page all the same, the log names only the type
+        log.error("unexpected %s on %s %s", type(exc).__name__, request.method,
+                  request.url.path)
+        return render(request, "error.html", 500, message="Something went wrong inside "
+                      "the service.", person=None)
 
 
 def _person_or_none(request: Request) -> Person | None:
@@ -148,7 +175,8 @@ def _person_or_none(request: Request) -> Person | None:
     if service is None:
         return None
     try:
-        return service.store.users.session(request.cookies.get(COOKIE, ""))
+        return service.store.users.session(request.cookies.get(COOKIE, ""),
+                                           service.config.ui_idle_minutes)
     except Exception:
         return None
 
@@ -175,13 +203,16 @@ def _access(request: Request, action: str) -> AccessInfo:
 
 
 def _int(value: str | None, default: int | None, low: int, high: int) -> int | None:
-    if value is None or value == "":
+    if value is None or value == "" or not DIGITS.fullmatch(value):
         return default
-    try:
-        v = int(value)
-    except ValueError:
-        return default
-    return min(max(v, low), high)
+    return min(max(int(value), low), high)
+
+
+def _number(value: str | None, low: float, high: float) -> float | None:
+    """A decimal from a form ("12.5"), clamped; None when absent or not a number."""
+    if not value or len(value) > 20 or not re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):
+        return None
+    return min(max(float(value), low), high)
 
 
 # ------------------------------------------------------------------ sign-in
@@ -216,6 +247,75 @@ def login_form(request: Request, next: str | None = None) -> Response:
     return _login_page(request, 200, next_url=_safe_next(next))
 
 
+class SignInLimits:
+    """Failed sign-ins per name and per client address (per worker, in memory): past
+    the limit within the window, sign-in is refused for a while without hashing; and
+    at most ``HASHING`` argon2 checks run at once (each takes ~50 ms and 64 MiB)."""
+
+    WINDOW = 15 * 60
+    PER_NAME, PER_ADDRESS, HASHING = 5, 20, 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fails: dict[tuple[str, str], deque] = {}
+        self.hashing = threading.BoundedSemaphore(self.HASHING)
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque:
+        q = self._fails.setdefault(key, deque())
+        while q and q[0] < now - self.WINDOW:
+            q.popleft()
+        return q
+
+    def blocked(self, name: str, address: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return (len(self._recent(("name", name.lower()), now)) >= self.PER_NAME
+                    or len(self._recent(("addr", address), now)) >= self.PER_ADDRESS)
+
+    def failed(self, name: str, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._fails) > 100_000:  # a flood of names: forget rather than grow
+                self._fails.clear()
+            self._recent(("name", name.lower()), now).append(now)
+            self._recent(("addr", address), now).append(now)
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._fails.pop(("name", name.lower()), None)
+
+
+LIMITS = SignInLimits()
+
+
+def _sign_in(service, request: Request, name: str, password: str):
+    """Check a name and password (throttled; failures in the access log, by name)."""
+    address = request.client.host if request.client else "?"
+    if LIMITS.blocked(name, address):
+        return "blocked"
+    if not LIMITS.hashing.acquire(timeout=5):
+        return "busy"
+    try:
+        done = service.store.users.sign_in(name, password, service.config.ui_session_minutes)
+    finally:
+        LIMITS.hashing.release()
+    if done is None:
+        LIMITS.failed(name, address)
+        from serving.store.access import access_row
+
+        service.store.access.queue(access_row(
+            key_id=None, key_name=name[:64] or None, role=None, method="POST",
+            path="/ui/login", action="ui_sign_in_failed", subject_id=None, status_code=401))
+        return None
+    LIMITS.succeeded(name)
+    old = request.cookies.get(COOKIE, "")
+    if old:  # a session already in this browser ends: one person, one session here
+        person = service.store.users.session(old, service.config.ui_idle_minutes)
+        if person is not None:
+            service.store.users.sign_out(person.session_id)
+    return done
+
+
 @router.post("/ui/login")
 async def login(request: Request) -> Response:
     form = await request.form()
@@ -232,13 +332,18 @@ async def login(request: Request) -> Response:
                            next_url)
     import anyio
 
-    done = await anyio.to_thread.run_sync(service.store.users.sign_in, name, password,
-                                          service.config.ui_session_minutes)
+    done = await anyio.to_thread.run_sync(_sign_in, service, request, name, password)
+    if done == "blocked":
+        return _login_page(request, 429, "Too many failed sign-ins: try again in 15 "
+                           "minutes.", next_url)
+    if done == "busy":
+        return _login_page(request, 503, "The service is busy: try again in a moment.",
+                           next_url)
     if done is None:
         return _login_page(request, 401, "Wrong name or password, or the account is "
                            "disabled.", next_url)
     token, _ = done
-    resp = _headers(RedirectResponse(next_url, 303))
+    resp = _headers(RedirectResponse(next_url, 303), _secure(request))
     resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=_secure(request),
                     path="/ui", max_age=int(service.config.ui_session_minutes * 60))
     resp.delete_cookie(LOGIN_CSRF, path="/ui")
@@ -274,7 +379,7 @@ def population(request: Request) -> Response:
         if horizon not in horizons:
             horizon = model.bundle.task.primary_horizon
         sort = q.get("sort") if q.get("sort") in SORTS else "risk"
-        min_pct = _int(q.get("min_risk"), None, 0, 100)
+        min_pct = _number(q.get("min_risk"), 0, 100)
         quiet = _int(q.get("max_days"), None, 0, 36_500)
         open_alert = q.get("open_alert") == "1"
         expired = q.get("expired") == "1"
@@ -308,9 +413,10 @@ def population(request: Request) -> Response:
 def _monitoring(service, model) -> list[dict[str, Any]]:
     """Monitoring alerts about the served version (``twincast monitor``'s)."""
     try:
-        return [a for a in service.store.alerts.recent(model.name, 50)
+        return [a for a in service.store.alerts.recent(model.name, 200)
                 if str(a["model_version"]) == str(model.version)]
-    except Exception:
+    except Exception as exc:  # the page still shows the twin; the log says why not this
+        log.warning("monitoring alerts could not be read (%s)", type(exc).__name__)
         return []
 
 
@@ -351,7 +457,7 @@ def twin(request: Request, subject_id: str) -> Response:
 def _subject(raw: str) -> int:
     from serving.store.ids import ASSIGNED_MAX
 
-    if raw.isdigit() and len(raw) <= 20 and int(raw) <= ASSIGNED_MAX:
+    if DIGITS.fullmatch(raw) and int(raw) <= ASSIGNED_MAX:  # ASCII digits only
         return int(raw)
     raise PageRefused(404, "There is no such twin.")
 
@@ -469,7 +575,7 @@ def alerts(request: Request) -> Response:
         return render(request, "alerts.html", person=person, rows=rows, total=total,
                       kind=kind, state=state, page=page, pages=pages, csrf=person.csrf,
                       may_ack=may(person.role, Action.WRITE_TWINS), now=now,
-                      notice=q.get("done"))
+                      notice=_int(q.get("done"), None, 1, 2**62))
 
     return _guard(request, work)
 
@@ -481,9 +587,9 @@ async def acknowledge(request: Request, alert_id: str) -> Response:
     def work() -> Response:
         service, person, caller = signed_in(request, Action.WRITE_TWINS, "ui_acknowledge")
         _check_csrf(form, person)
-        if not alert_id.isdigit() or len(alert_id) > 18:
+        if not DIGITS.fullmatch(alert_id) or int(alert_id) > 2**62:
             raise PageRefused(404, "There is no such alert.")
-        reason = str(form.get("reason", "")).strip()
+        reason = str(form.get("reason", "")).replace("\x00", "").strip()
         if not reason:
             raise PageRefused(422, "Say why you acknowledge the alert (the reason is "
                               "recorded with your name).")
@@ -508,9 +614,9 @@ def audit(request: Request, subject_id: str) -> Response:
         if not forecast_id:
             view = json.loads(service.twin_view(sid))
             forecast_id = (view.get("forecast") or {}).get("forecast_id", "")
-        result = service.audit(forecast_id[:64])
-        if result["chain"]["forecast"]["subject_id"] != sid:
-            raise PageRefused(404, "That forecast is not this twin's.")
+        if not FORECAST_ID.fullmatch(forecast_id):
+            raise PageRefused(404, "There is no such forecast.")
+        result = service.audit(forecast_id, subject_id=sid)  # this twin's, checked first
         info = _access(request, "ui_audit")
 
         def log_it(s) -> None:

@@ -4,6 +4,7 @@ review, append-only rows — and, on PostgreSQL, concurrent writers that never o
 
 from __future__ import annotations
 
+import itertools
 import threading
 import uuid
 from datetime import datetime, timedelta
@@ -42,11 +43,16 @@ def forecast(sid: int, risk730: float | None, as_of: datetime = NOW - timedelta(
             "risks": None if risk730 is None else {"365d": risk730 / 2, "730d": risk730}}
 
 
-def apply(store, rows, *, review=False, now=NOW, version="1"):
+def apply(store, rows, *, refresh=False, now=NOW, version="1"):
     def work(s):
         store.twins.lock(s, [r["subject_id"] for r in rows], create=True, now=now)
-        return store.risks.apply(s, rows, "twincast-t", version, POLICY, now, review=review)
+        return store.risks.apply(s, rows, "twincast-t", version, POLICY, now, refresh=refresh)
     return store.db.transact(work)
+
+
+def ack(store, alert_id, reason="seen"):
+    return store.db.transact(lambda s: store.risks.acknowledge(s, alert_id, None, "nurse",
+                                                               reason, NOW))
 
 
 def open_alerts(store, sid=None, kind="alert"):
@@ -121,26 +127,68 @@ def test_expired_forecasts_raise_nothing_and_are_never_ranked(store):
         assert store.risks.population(s, 730, later, open_alert=True)[1] == 0
 
 
-def test_rise_sort_and_the_refresh_queues_crossings_for_review(store):
+def test_rise_is_within_one_model_version(store):
     apply(store, [forecast(31, 0.10), forecast(32, 0.20), forecast(33, 0.05)])
-    apply(store, [forecast(31, 0.12), forecast(32, 0.35), forecast(33, 0.02)], review=True,
-          version="2")  # a new model version's refresh
-    assert open_alerts(store) == []
-    [queued] = open_alerts(store, kind="review")
-    assert queued["subject_id"] == 32 and queued["model_version"] == "2"
-    assert queued["previous_model_version"] == "1"
+    apply(store, [forecast(31, 0.12), forecast(32, 0.28), forecast(33, 0.02)])
     with store.read() as s:
         rows, _ = store.risks.population(s, 730, NOW, sort="rise")
     assert [r["subject_id"] for r in rows] == [32, 31, 33]
-    assert rows[0]["rise"] == pytest.approx(0.15)
-    # the twin's next own forecast above the line does not page either: it did not cross
-    assert apply(store, [forecast(32, 0.4)], version="2") == []
+    assert rows[0]["rise"] == pytest.approx(0.08)
+    apply(store, [forecast(31, 0.5)], refresh=True, version="2")  # the model moved it
+    with store.read() as s:
+        rows, _ = store.risks.population(s, 730, NOW, sort="rise")
+    assert [r["subject_id"] for r in rows] == [32, 33]  # not a rise of the patient's
+
+
+def test_the_refresh_queues_model_made_crossings_for_review(store):
+    apply(store, [forecast(34, 0.10), forecast(35, 0.20), forecast(36, 0.10)])
+    apply(store, [forecast(34, 0.12), forecast(35, 0.35), forecast(36, 0.40)], refresh=True,
+          version="2")  # a new model version's refresh
+    assert open_alerts(store) == []  # nobody paged
+    queued = open_alerts(store, kind="review")
+    assert {(a["subject_id"], a["model_version"], a["previous_model_version"])
+            for a in queued} == {(35, "2", "1"), (36, "2", "1")}
+    # not reviewed: the twin's own next forecast above the line alerts
+    [own] = apply(store, [forecast(35, 0.36)], version="2")
+    assert own["kind"] == "alert"
+    # reviewed: the reviewer has seen it, the slot is disarmed while it stays above
+    ack(store, next(a["id"] for a in queued if a["subject_id"] == 36), "model change: ok")
+    assert apply(store, [forecast(36, 0.41)], version="2") == []
+    assert apply(store, [forecast(36, 0.10)], version="2") == []  # re-armed below 0.25
+    assert len(apply(store, [forecast(36, 0.31)], version="2")) == 1
+
+
+def test_a_first_forecast_by_the_refresh_alerts(store):
+    """Twins imported without forecasts are first forecast by the refresh: no previous
+    version to blame, so a risk above the line is an alert like any first forecast."""
+    [a] = apply(store, [forecast(37, 0.6)], refresh=True)
+    assert a["kind"] == "alert" and a["previous_model_version"] is None
+
+
+def test_a_lapsed_alert_and_a_return_after_an_expired_forecast_re_arm(store):
+    apply(store, [forecast(38, 0.1)])
+    [first] = apply(store, [forecast(38, 0.6)])  # never acknowledged
+    later = NOW + timedelta(days=800)  # its window (730 days from as-of) has ended
+    [again] = apply(store, [forecast(38, 0.7, as_of=later - timedelta(days=5))], now=later)
+    assert again["id"] != first["id"]
+    with store.read() as s:
+        open_now, _ = store.risks.alerts(s, later, subject_id=38)
+    assert [a["id"] for a in open_now] == [again["id"]]
+
+
+def test_a_forecast_at_an_earlier_as_of_time_changes_nothing(store):
+    apply(store, [forecast(39, 0.1)])
+    stale = forecast(39, 0.9, as_of=NOW - timedelta(days=300))
+    assert apply(store, [stale]) == []
+    with store.read() as s:
+        [row] = [r for r in store.risks.current(s, 39, NOW) if r["horizon_days"] == 730]
+    assert row["risk"] == pytest.approx(0.1) and row["forecast_id"] != stale["forecast_id"]
 
 
 def test_alert_rows_are_append_only(store):
     apply(store, [forecast(41, 0.1)])
     [a] = apply(store, [forecast(41, 0.6)])
-    store.db.transact(lambda s: store.risks.acknowledge(s, a["id"], None, "n", "ok", NOW))
+    ack(store, a["id"])
     for sql in ("UPDATE twin_alerts SET risk = 0", "DELETE FROM twin_alerts",
                 "UPDATE alert_acks SET reason = 'x'", "DELETE FROM alert_acks"):
         with pytest.raises(Exception, match="append-only"), store.write() as s:
@@ -240,3 +288,59 @@ def test_concurrent_writers_on_postgresql_open_one_alert(pg_database, tracker, t
     finally:
         a.store.dispose()
         b.store.dispose()
+
+
+def test_acknowledgements_racing_writers_on_postgresql_keep_one_open_alert(pg_database):
+    """Two stores (two workers) on one PostgreSQL database: writers pushing a twin over
+    and under the line while another acknowledges whatever is open.  At every end there
+    is at most one unacknowledged alert per twin and horizon, and the slot names it."""
+    import random
+
+    stores = [open_store(pg_database), open_store(pg_database)]
+    sid = 61
+    apply(stores[0], [forecast(sid, 0.1)])
+    errors: list[BaseException] = []
+    start = threading.Barrier(5)
+
+    ticks = itertools.count(1)  # later and later as-of times (some land out of order)
+
+    def writer(k: int) -> None:
+        rnd = random.Random(k)
+        try:
+            start.wait()
+            for _ in range(25):
+                as_of = NOW - timedelta(days=9) + timedelta(seconds=next(ticks))
+                apply(stores[k % 2], [forecast(sid, rnd.choice((0.1, 0.5)), as_of=as_of)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    def acknowledger() -> None:
+        try:
+            start.wait()
+            for _ in range(40):
+                for a in open_alerts(stores[1], sid):
+                    try:
+                        ack(stores[1], a["id"])
+                    except Conflict:
+                        pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    threads.append(threading.Thread(target=acknowledger))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        with stores[0].read() as s:
+            all_alerts, _ = stores[0].risks.alerts(s, NOW, state="all", subject_id=sid)
+            [slot] = [r for r in stores[0].risks.current(s, sid, NOW) if r["horizon_days"] == 730]
+        unacked = [a for a in all_alerts if not a["acknowledged_at"]]
+        assert len(all_alerts) >= 2  # the race did open and acknowledge alerts
+        assert len(unacked) <= 1
+        assert slot["open_alert_id"] == (unacked[0]["id"] if unacked else None)
+    finally:
+        for st in stores:
+            st.dispose()

@@ -64,7 +64,8 @@ def ui(trained, small_cohort, mlflow_home, tmp_path_factory):
         with server.client() as c:
             r = c.post("/v1/twins:bulk", json={"twins": twins})
             assert r.status_code == 200, r.text
-        for name, role in (("nurse", "clinical"), ("audra", "auditor"), ("gone", "clinical")):
+        for name, role in (("nurse", "clinical"), ("audra", "auditor"), ("gone", "clinical"),
+                           ("locked", "clinical")):
             done = cli(server, "users", "create", "--name", name, "--role", role,
                        "--password-stdin", stdin=PASSWORD + "\n")
             assert done.returncode == 0, done.stdout + done.stderr
@@ -78,15 +79,22 @@ def ui(trained, small_cohort, mlflow_home, tmp_path_factory):
             browser = p.chromium.launch(executable_path=chromium,
                                         args=["--no-sandbox", "--disable-gpu"])
             server.browser = browser
+            server.requested = []
             try:
                 yield server
             finally:
                 browser.close()
+        elsewhere = [u for u in server.requested if not u.startswith(server.url + "/")]
+        assert not elsewhere, elsewhere[:5]
+        assert any(u.endswith("/ui/static/ui.css") for u in server.requested)
 
 
 def page_for(ui, width: int = 1280):
     ctx = ui.browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)
-    return ctx.new_page()
+    page = ctx.new_page()
+    # nothing a page loads comes from anywhere but the service itself
+    page.on("request", lambda r: ui.requested.append(r.url))
+    return page
 
 
 def sign_in(ui, name: str = "nurse", password: str = PASSWORD, width: int = 1280,
@@ -238,9 +246,12 @@ def test_an_event_raises_the_risk_and_an_alert_then_it_is_acknowledged(ui):
     assert page.locator(f"#alerts tr[data-alert='{alert_id}']").count() == 0
     with api(ui) as c:
         done = c.get("/v1/alerts", params={"state": "acknowledged"}).json()["items"]
+        log = c.get("/v1/access-log", params={"subject_id": sid, "limit": 50}).json()
     mine = [a for a in done if a["id"] == alert_id]
     assert mine and mine[0]["acknowledged_by"] == "nurse"
     assert mine[0]["reason"] == "seen; nephrology referral booked"
+    assert any(e["action"] == "ui_acknowledge_alert" and e["key_name"] == "nurse"
+               and e["user_id"] is not None for e in log)
     page.goto(ui.url + "/ui/alerts?kind=alert&state=acknowledged")
     shot(page, "alerts-acknowledged")
 
@@ -275,6 +286,15 @@ def test_wrong_password_disabled_account_and_wrong_role_are_refused(ui):
     axe_check(auditor, "audit")
     shot(auditor, "audit")
     assert auditor.locator("form.ack").count() == 0  # auditors read; they do not acknowledge
+    # ... and the server refuses it when they try all the same (with a valid form token)
+    with api(ui) as c:
+        open_alert = c.get("/v1/alerts").json()["items"][0]["id"]
+    token = auditor.locator("form.who input[name=csrf]").get_attribute("value")
+    r = auditor.request.post(ui.url + f"/ui/alerts/{open_alert}/acknowledge",
+                             form={"reason": "no", "csrf": token}, max_redirects=0)
+    assert r.status == 403 and "may not write twins" in r.text()
+    with api(ui) as c:
+        assert open_alert in {a["id"] for a in c.get("/v1/alerts").json()["items"]}
 
 
 def test_cookies_and_forms_are_guarded(ui):
@@ -293,20 +313,50 @@ def test_cookies_and_forms_are_guarded(ui):
         assert "default-src 'none'" in page.headers["content-security-policy"]
         assert page.headers["cache-control"] == "no-store"
         # a form without the session's token is refused and changes nothing
-        r = c.post("/ui/alerts/1/acknowledge", data={"reason": "x", "csrf": "forged"})
+        with api(ui) as a:
+            target = a.get("/v1/alerts").json()["items"][0]["id"]
+        r = c.post(f"/ui/alerts/{target}/acknowledge", data={"reason": "x", "csrf": "forged"})
         assert r.status_code == 403 and "did not come from this site" in r.text
+        with api(ui) as a:
+            assert target in {x["id"] for x in a.get("/v1/alerts").json()["items"]}
         # a sign-in form from elsewhere (no matching cookie) is refused
         with httpx.Client(base_url=ui.url) as other:
             r = other.post("/ui/login", data={"name": "nurse", "password": PASSWORD,
                                               "csrf": token})
             assert r.status_code == 403
         # hostile paths and queries answer pages, never a 500
-        for path in ("/ui/twins/%00", "/ui/twins/99999999999999999999999",
-                     "/ui/twins/123456789", "/ui/population?horizon=abc&page=-4&min_risk=x",
-                     "/ui/alerts?kind=%27&state=%3Cscript%3E", "/ui/static/../../etc/passwd"):
+        for path in ("/ui/twins/%00", "/ui/twins/99999999999999999999999", "/ui/twins/%C2%B2",
+                     "/ui/twins/%D9%A1%D9%A2", "/ui/twins/%C2%B2/audit", "/ui/twins/123456789",
+                     "/ui/population?horizon=abc&page=-4&min_risk=x&max_days=%C2%B2",
+                     "/ui/alerts?kind=%27&state=%3Cscript%3E&done=%3Cb%3E",
+                     f"/ui/twins/{FIRST_ID}/audit?forecast=%00",
+                     "/ui/static/../../etc/passwd"):
             r = c.get(path)
-            assert r.status_code in (200, 303, 404), (path, r.status_code)
-            assert "<script" not in r.text.lower()
+            assert r.status_code in (200, 303, 403, 404), (path, r.status_code)
+        # a reflected value is escaped
+        r = c.get("/ui/login?next=/ui/%22%3E%3Cscript%3Ealert(1)%3C/script%3E")
+        assert r.status_code == 200 and "<script>alert(1)" not in r.text
+        # a NUL in the name is a wrong name, not a database error
+        form = c.get("/ui/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        r = c.post("/ui/login", data={"name": "nurse\x00", "password": PASSWORD,
+                                      "csrf": token})
+        assert r.status_code == 401
+
+
+def test_repeated_failed_sign_ins_are_throttled(ui):
+    with httpx.Client(base_url=ui.url) as c:
+        def attempt(password: str) -> int:
+            token = re.search(r'name="csrf" value="([^"]+)"',
+                              c.get("/ui/login").text).group(1)
+            return c.post("/ui/login", data={"name": "locked", "password": password,
+                                             "csrf": token}).status_code
+        assert [attempt(f"wrong password {k}") for k in range(5)] == [401] * 5
+        assert attempt(PASSWORD) == 429  # even the right one, for a while
+    with api(ui) as c:
+        log = c.get("/v1/access-log", params={"limit": 500}).json()
+    assert sum(e["action"] == "ui_sign_in_failed" and e["key_name"] == "locked"
+               for e in log) == 5
 
 
 def test_an_expired_forecast_reads_as_expired(ui):

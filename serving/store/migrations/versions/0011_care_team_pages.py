@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("user_id", sa.BigInteger(), sa.ForeignKey("users.id"), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.Column("last_seen_at", sa.DateTime(), nullable=False),
         sa.Column("ended_at", sa.DateTime(), nullable=True),
     )
     op.create_index("ix_ui_sessions_user_id", "ui_sessions", ["user_id"])
@@ -47,6 +48,7 @@ def upgrade() -> None:
         sa.Column("risk", sa.Float(), nullable=True),
         sa.Column("previous_risk", sa.Float(), nullable=True),
         sa.Column("rise", sa.Float(), nullable=True),
+        sa.Column("last_event_time", sa.DateTime(), nullable=True),
         sa.Column("as_of", sa.DateTime(), nullable=True),
         sa.Column("expires_at", sa.DateTime(), nullable=True),
         sa.Column("forecast_id", sa.String(36), nullable=False),
@@ -54,8 +56,10 @@ def upgrade() -> None:
         sa.Column("armed", sa.Boolean(), nullable=False),
         sa.Column("open_alert_id", sa.BigInteger(), nullable=True),
     )
-    op.create_index("ix_twin_risks_rank", "twin_risks", ["horizon_days", "risk"])
-    op.create_index("ix_twin_risks_rise", "twin_risks", ["horizon_days", "rise"])
+    op.create_index("ix_twin_risks_rank", "twin_risks", ["horizon_days", "risk", "subject_id"])
+    op.create_index("ix_twin_risks_rise", "twin_risks", ["horizon_days", "rise", "subject_id"])
+    op.create_index("ix_twin_risks_quiet", "twin_risks",
+                    ["horizon_days", "last_event_time", "subject_id"])
     op.create_table(
         "twin_alerts",
         sa.Column("id", big, primary_key=True, autoincrement=True),
@@ -82,9 +86,11 @@ def upgrade() -> None:
                   primary_key=True),
         sa.Column("time", sa.DateTime(), nullable=False),
         sa.Column("user_id", sa.BigInteger(), sa.ForeignKey("users.id"), nullable=True),
+        sa.Column("api_key_id", sa.BigInteger(), sa.ForeignKey("api_keys.id"), nullable=True),
         sa.Column("user_name", sa.String(255), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
     )
+    _backfill()
     if op.get_bind().dialect.name == "sqlite":
         for table in APPEND_ONLY:
             for what in ("UPDATE", "DELETE"):
@@ -94,6 +100,42 @@ def upgrade() -> None:
         for table in APPEND_ONLY:
             op.execute(f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON "
                        f"{table} FOR EACH ROW EXECUTE FUNCTION twincast_append_only()")
+
+
+def _backfill() -> None:
+    """Each twin's current forecast (its kept view) into ``twin_risks``, so an upgraded
+    store's population is there at once; no alert is raised for what was already known
+    (each slot is armed: the next crossing alerts)."""
+    import json
+    from datetime import datetime, timedelta
+
+    bind = op.get_bind()
+    table = sa.table("twin_risks", *(sa.column(c) for c in (
+        "subject_id", "horizon_days", "risk", "previous_risk", "rise", "last_event_time",
+        "as_of", "expires_at", "forecast_id", "model_version", "armed", "open_alert_id")))
+    rows = []
+    result = bind.execute(sa.text("SELECT subject_id, view, last_event_time FROM twins "
+                                  "WHERE view IS NOT NULL"))
+    for sid, view, last in result:
+        fc = json.loads(view).get("forecast") or {}
+        if fc.get("status") != "ok" or not fc.get("risks") or not fc.get("as_of"):
+            continue
+        as_of = datetime.fromisoformat(fc["as_of"].removesuffix("Z"))
+        if isinstance(last, str):
+            last = datetime.fromisoformat(last)
+        for key, risk in fc["risks"].items():
+            h = int(key.removesuffix("d"))
+            rows.append({"subject_id": sid, "horizon_days": h, "risk": risk,
+                         "previous_risk": None, "rise": None, "last_event_time": last,
+                         "as_of": as_of, "expires_at": as_of + timedelta(days=h),
+                         "forecast_id": fc["forecast_id"],
+                         "model_version": str(fc["model"]["version"]), "armed": True,
+                         "open_alert_id": None})
+        if len(rows) >= 10_000:
+            bind.execute(table.insert(), rows)
+            rows = []
+    if rows:
+        bind.execute(table.insert(), rows)
 
 
 def downgrade() -> None:
@@ -107,6 +149,7 @@ def downgrade() -> None:
     op.drop_index("ix_twin_alerts_open", "twin_alerts")
     op.drop_index("ix_twin_alerts_subject_id", "twin_alerts")
     op.drop_table("twin_alerts")
+    op.drop_index("ix_twin_risks_quiet", "twin_risks")
     op.drop_index("ix_twin_risks_rise", "twin_risks")
     op.drop_index("ix_twin_risks_rank", "twin_risks")
     op.drop_table("twin_risks")
