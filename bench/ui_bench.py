@@ -8,7 +8,8 @@ loaded by bulk inserts, then forecast by the service's own refresh (the write pa
 and alerts too).  The server starts once the refresh is done; a second set of figures
 is taken while a new version's all-twin refresh runs.
 
-    .venv/bin/python bench/ui_bench.py [--twins 100000] [--requests 60] [--runs 3] [--keep]
+    .venv/bin/python bench/ui_bench.py [--db sqlite,postgresql] [--twins 100000]
+                                       [--requests 60] [--runs 3] [--keep]
 """
 
 from __future__ import annotations
@@ -98,21 +99,19 @@ def report(title: str, res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--db", default="sqlite")
     ap.add_argument("--twins", type=int, default=100_000)
     ap.add_argument("--requests", type=int, default=60, help="per page and run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="reuse the store and model")
     args = ap.parse_args()
     from bench.features_bench import cohort
-    from bench.serve_bench import promote_copy, refresh_in_process, start
-    from bench.serve_data import load_twins, train_model
+    from bench.serve_data import train_model
     from features.events import read_events
-    from serving.store import open_store
-    from tests.conftest import stop
 
     home = OUT / "ui_home"
-    db_url = f"sqlite:///{home / 'twins.db'}"
-    if not (args.keep and (home / "twins.db").exists()):
+    events = None
+    if not (args.keep and (home / "mlflow.db").exists()):
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)
         events = read_events(cohort(OUT, args.twins))
@@ -121,12 +120,29 @@ def main() -> None:
         t0 = time.perf_counter()
         train_model(home, events)
         print(f"trained the served model in {time.perf_counter() - t0:.0f}s", flush=True)
-        print(f"loaded {args.twins:,} twins in {load_twins(db_url, events):.0f}s", flush=True)
+    for kind in args.db.split(","):
+        run_db(kind, home, events, args)
+
+
+def run_db(kind: str, home: Path, events, args) -> None:
+    from bench.serve_bench import fresh_pg, promote_copy, refresh_in_process, start
+    from bench.serve_data import load_twins
+    from serving.store import open_store
+    from tests.conftest import stop
+
+    db_url = (f"sqlite:///{home / 'twins.db'}" if kind == "sqlite"
+              else fresh_pg("twincast_ui_bench"))
+    if events is not None or kind != "sqlite":
+        if events is None:
+            raise SystemExit("--keep reuses only the SQLite store: run without it")
+        print(f"[{kind}] loaded {args.twins:,} twins in {load_twins(db_url, events):.0f}s",
+              flush=True)
         n, wall = refresh_in_process(home, db_url)
-        print(f"the refresh forecast {n:,} twins in {wall:.0f}s ({n / wall:,.0f} twins/s), "
-              "risks and alerts included", flush=True)
+        print(f"[{kind}] the refresh forecast {n:,} twins in {wall:.0f}s ({n / wall:,.0f} "
+              "twins/s), risks and alerts included", flush=True)
     store = open_store(db_url)
     key = store.keys.create(f"bench-{time.time_ns()}", "clinical")
+    admin_key = store.keys.create(f"bench-admin-{time.time_ns()}", "admin")
     if not any(u.name == "bench" for u in store.users.list()):
         store.users.create("bench", "clinical", PASSWORD)
     with store.read() as s:
@@ -139,25 +155,25 @@ def main() -> None:
            "TWINCAST_MODEL_POLL_SECONDS": "1", "BENTOML_HOME": str(home / "bentoml")}
     proc = start([str(Path(sys.executable).parent / "bentoml"), "serve",
                   "twincast.service:Twincast", "--host", "127.0.0.1", "--port", str(PORT)],
-                 env, url + "/v1/ready", home / "server.log")
+                 env, url + "/v1/ready", home / f"server-{kind}.log")
     try:
         steady = measure(url, key, sid, args.requests, args.runs)
-        report("steady (no refresh running)", steady)
+        report(f"[{kind}] steady (no refresh running)", steady)
         version = promote_copy(home)
-        admin_key = open_store(db_url).keys.create(f"bench-admin-{time.time_ns()}", "admin")
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_key}"},
                           timeout=60) as admin:
             admin.post("/v1/admin/reload")
+            time.sleep(2)  # the refresh under way
             during = measure(url, key, sid, max(10, args.requests // 3), 1)
             job = admin.get("/v1/admin/refresh").json()
-        report(f"during the all-twin refresh to version {version} "
+        report(f"[{kind}] during the all-twin refresh to version {version} "
                f"({job['done']:,} of {job['total']:,} done when measured)", during)
     finally:
         stop(proc)
     bar = steady["population p1 (risk)"]["p50_ms"]
     worst = max(v["p50_ms"] for k, v in steady.items() if k.startswith("population"))
-    print(f"\npopulation page of 50: p50 {bar:.1f} ms (slowest variant {worst:.1f} ms); "
-          f"bar 100 ms: {'met' if worst < 100 else 'NOT met'}")
+    print(f"\n[{kind}] population page of 50: p50 {bar:.1f} ms (slowest variant "
+          f"{worst:.1f} ms); bar 100 ms: {'met' if worst < 100 else 'NOT met'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -253,8 +253,8 @@ class TwinService:
         model = self.models.current_served()
         horizons = list(model.bundle.horizons)
         horizon = horizon_days if horizon_days is not None else model.bundle.task.primary_horizon
-        if horizon not in horizons:
-            raise BadInput(f"horizon_days must be one of {horizons}", ["query", "horizon_days"])
+        if horizon not in horizons:  # the list at a horizon the model has not: no such list
+            raise NotFound(f"the served model forecasts at {horizons} days, not at {horizon}")
         now = now or utcnow()
 
         def read(s) -> dict[str, Any]:

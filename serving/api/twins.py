@@ -141,8 +141,8 @@ def bulk_answer(twins: list[tuple], report: dict | None = None) -> dict:
     return out
 
 
-@router.get("/v1/twins", response_model=S.PopulationPage, responses={**ERRORS},
-            tags=["population"])
+@router.get("/v1/twins", response_model=S.PopulationPage,
+            responses={**ERRORS, **NOT_FOUND}, tags=["population"])
 def population(request: Request, service: Service,
                caller: Annotated[Principal, Depends(require(Action.READ_TWINS,
                                                             "read_population"))],

@@ -305,9 +305,15 @@ class TwinRisk(Base):
 
     __tablename__ = "twin_risks"
     __table_args__ = (
-        Index("ix_twin_risks_rank", "horizon_days", "risk", "subject_id"),
-        Index("ix_twin_risks_rise", "horizon_days", "rise", "subject_id"),
-        Index("ix_twin_risks_quiet", "horizon_days", "last_event_time", "subject_id"),
+        # one index per order, each holding the window's end (the filter every list
+        # has), one covering the counts, one for the open-alert filter
+        Index("ix_twin_risks_rank", "horizon_days", "risk", "subject_id", "expires_at"),
+        Index("ix_twin_risks_rise", "horizon_days", "rise", "subject_id", "expires_at"),
+        Index("ix_twin_risks_quiet", "horizon_days", "last_event_time", "subject_id",
+              "expires_at"),
+        Index("ix_twin_risks_window", "horizon_days", "expires_at", "risk", "rise",
+              "last_event_time"),
+        Index("ix_twin_risks_open", "horizon_days", "open_alert_id"),
     )
 
     subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), primary_key=True)

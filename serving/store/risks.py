@@ -214,6 +214,12 @@ class Risks:
             where.append(r.last_event_time >= now - timedelta(days=max_quiet_days))
         if sort == "rise" and not expired:
             where.append(r.rise.is_not(None))
+        if open_alert:  # few twins: found by their own index first (planners guess wrong)
+            flagged = list(s.execute(select(r.subject_id).where(
+                r.horizon_days == horizon, r.open_alert_id.is_not(None))).scalars())
+            if not flagged:
+                return [], 0
+            where.append(r.subject_id.in_(flagged))
         alert_on = and_(a.id == r.open_alert_id, a.expires_at > now)
         base = TwinRisk.__table__
         counted = base.join(TwinAlert.__table__, alert_on) if open_alert else base

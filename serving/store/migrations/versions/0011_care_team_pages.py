@@ -15,6 +15,13 @@ branch_labels = None
 depends_on = None
 
 APPEND_ONLY = ("twin_alerts", "alert_acks")
+INDEXES = {  # as serving.store.models.TwinRisk declares them
+    "ix_twin_risks_rank": ["horizon_days", "risk", "subject_id", "expires_at"],
+    "ix_twin_risks_rise": ["horizon_days", "rise", "subject_id", "expires_at"],
+    "ix_twin_risks_quiet": ["horizon_days", "last_event_time", "subject_id", "expires_at"],
+    "ix_twin_risks_window": ["horizon_days", "expires_at", "risk", "rise", "last_event_time"],
+    "ix_twin_risks_open": ["horizon_days", "open_alert_id"],
+}
 
 
 def upgrade() -> None:
@@ -56,10 +63,8 @@ def upgrade() -> None:
         sa.Column("armed", sa.Boolean(), nullable=False),
         sa.Column("open_alert_id", sa.BigInteger(), nullable=True),
     )
-    op.create_index("ix_twin_risks_rank", "twin_risks", ["horizon_days", "risk", "subject_id"])
-    op.create_index("ix_twin_risks_rise", "twin_risks", ["horizon_days", "rise", "subject_id"])
-    op.create_index("ix_twin_risks_quiet", "twin_risks",
-                    ["horizon_days", "last_event_time", "subject_id"])
+    for name, cols in INDEXES.items():
+        op.create_index(name, "twin_risks", cols)
     op.create_table(
         "twin_alerts",
         sa.Column("id", big, primary_key=True, autoincrement=True),
@@ -149,9 +154,8 @@ def downgrade() -> None:
     op.drop_index("ix_twin_alerts_open", "twin_alerts")
     op.drop_index("ix_twin_alerts_subject_id", "twin_alerts")
     op.drop_table("twin_alerts")
-    op.drop_index("ix_twin_risks_quiet", "twin_risks")
-    op.drop_index("ix_twin_risks_rise", "twin_risks")
-    op.drop_index("ix_twin_risks_rank", "twin_risks")
+    for name in INDEXES:
+        op.drop_index(name, "twin_risks")
     op.drop_table("twin_risks")
     with op.batch_alter_table("access_log") as b:
         b.drop_column("user_id")
