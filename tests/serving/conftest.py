@@ -167,6 +167,26 @@ def server(request, trained, mlflow_home, tmp_path_factory):
         yield srv
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """A fresh twin database URL: SQLite, then PostgreSQL (which fails under CI=true
+    when unreachable)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'twins.db'}"
+    else:
+        yield request.getfixturevalue("pg_database")
+
+
+@pytest.fixture
+def store(database):
+    """A migrated twin store on each database."""
+    from serving.store import open_store
+
+    st = open_store(database)
+    yield st
+    st.dispose()
+
+
 @pytest.fixture(scope="module")
 def pg_database_module():
     """A PostgreSQL database for one test module (fails under CI=true if unreachable)."""

@@ -29,15 +29,6 @@ TASK = parse_task({"name": "t", "outcome": {"codes": ["DX//ESKD"]}, "horizons_da
 POLICY = levels(TASK)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (f"sqlite:///{tmp_path / 'twins.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("pg_database"))
-    st = open_store(url)
-    yield st
-    st.dispose()
-
-
 def forecast(sid: int, risk730: float | None, as_of: datetime = NOW - timedelta(days=10)):
     return {"subject_id": sid, "forecast_id": str(uuid.uuid4()), "as_of": as_of,
             "status": "ok" if risk730 is not None else "not_eligible",
@@ -87,8 +78,7 @@ def test_one_open_alert_per_twin_and_horizon_with_hysteresis(store):
     assert opened[0]["previous_risk"] == pytest.approx(0.10)
     assert apply(store, [forecast(sid, 0.40)]) == []  # still above: the same alert stands
     [row] = open_alerts(store, sid)
-    store.db.transact(lambda s: store.risks.acknowledge(s, row["id"], None, "nurse",
-                                                        "seen; referral booked", NOW))
+    ack(store, row["id"], "seen; referral booked")
     assert open_alerts(store, sid) == []
     assert apply(store, [forecast(sid, 0.45)]) == []  # acknowledged, still disarmed
     assert apply(store, [forecast(sid, 0.27)]) == []  # below 0.30, not below 0.25: disarmed
@@ -101,7 +91,7 @@ def test_one_open_alert_per_twin_and_horizon_with_hysteresis(store):
     assert apply(store, [forecast(sid, 0.5)]) == []
     assert len(open_alerts(store, sid)) == 1
     with pytest.raises(Conflict, match="acknowledged already"):
-        store.db.transact(lambda s: store.risks.acknowledge(s, row["id"], None, "x", "y", NOW))
+        ack(store, row["id"])
     with store.read() as s:
         acked = store.risks.alerts(s, NOW, state="acknowledged", subject_id=sid)[0]
     assert [(a["acknowledged_by"], a["reason"]) for a in acked] == [
@@ -240,14 +230,6 @@ def _low_risk_twin(svc, small_cohort, trained, threshold):
         if fc["status"] == "ok" and fc["risks"]["730d"] < threshold * 0.5:
             return sid, events
     raise AssertionError("no held-out history with a low forecast")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'twins.db'}"
-    else:
-        yield request.getfixturevalue("pg_database")
 
 
 def test_concurrent_writers_on_postgresql_open_one_alert(pg_database, tracker, trained,

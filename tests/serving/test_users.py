@@ -10,20 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from serving.errors import Conflict
-from serving.store import open_store
 from serving.store.models import User
 from serving.store.twins import utcnow
 
 PASSWORD = "a long enough password"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (f"sqlite:///{tmp_path / 'twins.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("pg_database"))
-    st = open_store(url)
-    yield st
-    st.dispose()
 
 
 def test_accounts_are_hashed_and_checked(store):

@@ -23,14 +23,6 @@ from tests.serving.test_service import history
 TABLES = (Twin, Identifier, Event, Forecast, AccessLog)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'twins.db'}"
-    else:
-        yield request.getfixturevalue("pg_database")
-
-
 def service(db_url: str, tracker, failpoints: frozenset[str] = frozenset()):
     """The service without its background threads: the champion served, no refresh."""
     svc = build_service(ServingConfig(
