@@ -325,3 +325,37 @@ def test_acknowledgements_racing_writers_on_postgresql_keep_one_open_alert(pg_da
     finally:
         for st in stores:
             st.dispose()
+
+
+def test_the_migration_fills_each_twins_current_risks(database, tracker, trained,
+                                                      small_cohort):
+    """A store written before the pages existed (0010), upgraded: every twin's current
+    forecast is in ``twin_risks`` at once, armed, with no alert raised."""
+    from alembic import command
+
+    from serving.store.db import Database, _alembic_config
+
+    db = Database(database)
+    cfg = _alembic_config(db.engine)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0010")
+    with db.engine.begin() as conn:  # a twin as 0010 kept it: its view with a forecast
+        view = ('{"subject_id": 81, "forecast": {"forecast_id": "f81", "status": "ok", '
+                '"as_of": "2026-05-01T00:00:00Z", "risks": {"365d": 0.1, "730d": 0.4}, '
+                '"model": {"name": "twincast-eskd", "version": "3"}}}')
+        conn.execute(text("INSERT INTO twins (subject_id, created_at, updated_at, "
+                          "event_count, view, last_event_time) VALUES (81, :t, :t, 1, :v, :t)"),
+                     {"t": datetime(2026, 5, 1), "v": view})  # noqa: DTZ001
+    db.dispose()
+    st = open_store(database)  # migrates to the head
+    try:
+        with st.read() as s:
+            rows = st.risks.current(s, 81, NOW)
+            ranked, _ = st.risks.population(s, 730, NOW)
+        assert [(r["horizon_days"], r["risk"], r["forecast_id"]) for r in rows] == [
+            (365, 0.1, "f81"), (730, 0.4, "f81")]
+        assert [r["subject_id"] for r in ranked] == [81]
+        assert open_alerts(st) == []
+    finally:
+        st.dispose()
