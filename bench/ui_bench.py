@@ -110,18 +110,21 @@ def main() -> None:
     from features.events import read_events
 
     home = OUT / "ui_home"
+    keep = args.keep and (home / "mlflow.db").exists()
+    kinds = args.db.split(",")
     events = None
-    if not (args.keep and (home / "mlflow.db").exists()):
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(parents=True)
+    if not keep or "postgresql" in kinds:
         events = read_events(cohort(OUT, args.twins))
         end = pd.Timestamp.now(tz="UTC").tz_localize(None) - pd.Timedelta(days=60)
         events["time"] = events["time"] + (end - events["time"].max())
+    if not keep:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
         t0 = time.perf_counter()
         train_model(home, events)
         print(f"trained the served model in {time.perf_counter() - t0:.0f}s", flush=True)
-    for kind in args.db.split(","):
-        run_db(kind, home, events, args)
+    for kind in kinds:
+        run_db(kind, home, None if keep and kind == "sqlite" else events, args)
 
 
 def run_db(kind: str, home: Path, events, args) -> None:
@@ -132,9 +135,7 @@ def run_db(kind: str, home: Path, events, args) -> None:
 
     db_url = (f"sqlite:///{home / 'twins.db'}" if kind == "sqlite"
               else fresh_pg("twincast_ui_bench"))
-    if events is not None or kind != "sqlite":
-        if events is None:
-            raise SystemExit("--keep reuses only the SQLite store: run without it")
+    if events is not None:
         print(f"[{kind}] loaded {args.twins:,} twins in {load_twins(db_url, events):.0f}s",
               flush=True)
         n, wall = refresh_in_process(home, db_url)

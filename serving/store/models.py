@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -307,13 +308,17 @@ class TwinRisk(Base):
     __table_args__ = (
         # one index per order, each holding the window's end (the filter every list
         # has), one covering the counts, one for the open-alert filter
-        Index("ix_twin_risks_rank", "horizon_days", "risk", "subject_id", "expires_at"),
-        Index("ix_twin_risks_rise", "horizon_days", "rise", "subject_id", "expires_at"),
-        Index("ix_twin_risks_quiet", "horizon_days", "last_event_time", "subject_id",
-              "expires_at"),
-        Index("ix_twin_risks_window", "horizon_days", "expires_at", "risk", "rise",
+        Index("ix_twin_risks_rank", "horizon_days", "risk", "subject_id", "expires_at",
               "last_event_time"),
-        Index("ix_twin_risks_open", "horizon_days", "open_alert_id"),
+        Index("ix_twin_risks_rise", "horizon_days", "rise", "subject_id", "expires_at",
+              "risk", "last_event_time"),
+        Index("ix_twin_risks_quiet", "horizon_days", "last_event_time", "subject_id",
+              "expires_at", "risk"),
+        Index("ix_twin_risks_window", "horizon_days", "expires_at", "risk", "rise",
+              "last_event_time", "subject_id"),
+        Index("ix_twin_risks_open", "horizon_days", "risk", "subject_id", "expires_at",
+              sqlite_where=text("open_alert_id IS NOT NULL"),
+              postgresql_where=text("open_alert_id IS NOT NULL")),
     )
 
     subject_id: Mapped[int] = mapped_column(ForeignKey("twins.subject_id"), primary_key=True)

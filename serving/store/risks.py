@@ -214,31 +214,36 @@ class Risks:
             where.append(r.last_event_time >= now - timedelta(days=max_quiet_days))
         if sort == "rise" and not expired:
             where.append(r.rise.is_not(None))
-        if open_alert:  # few twins: found by their own index first (planners guess wrong)
-            flagged = list(s.execute(select(r.subject_id).where(
-                r.horizon_days == horizon, r.open_alert_id.is_not(None))).scalars())
-            if not flagged:
-                return [], 0
-            where.append(r.subject_id.in_(flagged))
-        alert_on = and_(a.id == r.open_alert_id, a.expires_at > now)
+        if open_alert:  # the few twins with one: their own (partial) index
+            where.append(r.open_alert_id.is_not(None))
         base = TwinRisk.__table__
-        counted = base.join(TwinAlert.__table__, alert_on) if open_alert else base
-        joined = (base.join(TwinAlert.__table__, alert_on) if open_alert
-                  else base.outerjoin(TwinAlert.__table__, alert_on))
+        # an alert is open only until its forecast's window ends
+        alert_on = and_(a.id == r.open_alert_id, a.expires_at > now)
+        ranked = base.join(TwinAlert.__table__, alert_on) if open_alert else base
         order = {"risk": [r.risk.desc(), r.subject_id.desc()],
                  "rise": [r.rise.desc(), r.subject_id.desc()],
                  "quiet": [r.last_event_time.asc(), r.subject_id.asc()]}[sort]
         if expired:
             order = [r.expires_at.desc(), r.subject_id.desc()]
-        total = s.execute(select(func.count()).select_from(counted).where(*where)).scalar_one()
-        rows = s.execute(select(r.subject_id, r.risk, r.previous_risk, r.rise, r.as_of,
-                                r.expires_at, r.forecast_id, r.model_version,
-                                r.last_event_time, a.id).select_from(joined).where(*where)
-                         .order_by(*order).limit(limit).offset(offset)).all()
-        out = [{"subject_id": int(x[0]), "risk": x[1], "previous_risk": x[2], "rise": x[3],
-                "as_of": x[4], "expires_at": x[5], "forecast_id": x[6], "model_version": x[7],
-                "last_event_time": x[8], "open_alert_id": x[9],
-                "expired": x[5] is not None and x[5] <= now} for x in rows]
+        total = s.execute(select(func.count()).select_from(ranked).where(*where)).scalar_one()
+        # the page's ids from the index alone (skipping ``offset`` entries costs no row
+        # reads), then its rows by primary key
+        ids = list(s.execute(select(r.subject_id).select_from(ranked).where(*where)
+                             .order_by(*order).limit(limit).offset(offset)).scalars())
+        if not ids:
+            return [], int(total)
+        rows = {int(x[0]): x for x in s.execute(
+            select(r.subject_id, r.risk, r.previous_risk, r.rise, r.as_of, r.expires_at,
+                   r.forecast_id, r.model_version, r.last_event_time, a.id)
+            .select_from(base.outerjoin(TwinAlert.__table__, alert_on))
+            .where(r.horizon_days == horizon, r.subject_id.in_(ids)))}
+        out = []
+        for sid in ids:
+            x = rows[sid]
+            out.append({"subject_id": sid, "risk": x[1], "previous_risk": x[2], "rise": x[3],
+                        "as_of": x[4], "expires_at": x[5], "forecast_id": x[6],
+                        "model_version": x[7], "last_event_time": x[8], "open_alert_id": x[9],
+                        "expired": x[5] is not None and x[5] <= now})
         return out, int(total)
 
     def current(self, s: Session, subject_id: int, now: datetime) -> list[dict[str, Any]]:
