@@ -214,8 +214,11 @@ class Risks:
             where.append(r.last_event_time >= now - timedelta(days=max_quiet_days))
         if sort == "rise" and not expired:
             where.append(r.rise.is_not(None))
-        if open_alert:  # the few twins with one: their own (partial) index
+        if open_alert:  # the few twins with one: their own (partial) index, which a
+            # range on its second column steers SQLite's planner to for the count too
             where.append(r.open_alert_id.is_not(None))
+            if min_risk is None:
+                where.append(r.risk >= 0)
         base = TwinRisk.__table__
         # an alert is open only until its forecast's window ends
         alert_on = and_(a.id == r.open_alert_id, a.expires_at > now)
