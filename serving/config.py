@@ -68,7 +68,7 @@ class ServingConfig(BaseModel):
     cds_clients: dict[str, CdsClientConfig] = Field(default_factory=dict)
     ui_session_minutes: float = Field(default=480, gt=0, le=7 * 24 * 60, description=(
         "how long a care-team page session lasts from sign-in"))
-    ui_idle_minutes: float = Field(default=30, gt=0, le=24 * 60, description=(
+    ui_idle_minutes: float = Field(default=30, ge=1, le=24 * 60, description=(
         "a page session unused this long ends"))
     failpoints: frozenset[str] = Field(default_factory=frozenset, description="fault "
                                        "injection for tests; empty in production")

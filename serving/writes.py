@@ -336,7 +336,8 @@ class TwinWriter:
         self._failpoint("after_events")
         heads = self.store.twins.add_forecasts(s, plan.forecasts, plan.heads)
         self.store.twins.write_views(s, plan.views, heads)
-        self._risks(s, model, plan.forecasts, plan.views, plan.now, refresh=False)
+        self._risks(s, model, plan.forecasts, plan.views, plan.now, refresh=False,
+                    explicit=_explicit(plan.ids, inputs))
         self._log(s, plan.ids, inputs)
         self._failpoint("before_commit")
         plan.new_heads = heads
@@ -403,7 +404,7 @@ class TwinWriter:
                                   inp.as_of, model)]
         fresh = self._forecast_and_persist(
             s, model, twins, [sid for sid, _ in redo], [inp.as_of for _, inp in redo],
-            _callers(ids, inputs), now)
+            _callers(ids, inputs), now, _explicit(ids, inputs))
         self._log(s, ids, inputs)
         self._failpoint("before_commit")
         return [_outcome(sid, inp.label, counts[sid], twins[sid],
@@ -418,17 +419,20 @@ class TwinWriter:
 
     def _forecast_and_persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
                               ids: list[int], as_of: list[datetime | None],
-                              callers: dict[int, Caller], now: datetime
+                              callers: dict[int, Caller], now: datetime,
+                              explicit: frozenset[int] = frozenset()
                               ) -> dict[int, tuple[dict[str, Any], str]]:
         if not ids:
             return {}
         history = self.store.twins.histories(s, ids)
         results = forecast_batch(model, history.arrays, ids, as_of)
-        return self._persist(s, model, twins, history, results, callers, now)
+        return self._persist(s, model, twins, history, results, callers, now,
+                             explicit=explicit)
 
     def _persist(self, s: Session, model: LoadedModel, twins: dict[int, TwinRow],
                  history: History, results: list[ForecastResult],
-                 callers: dict[int, Caller], now: datetime, *, refresh: bool = False
+                 callers: dict[int, Caller], now: datetime, *, refresh: bool = False,
+                 explicit: frozenset[int] = frozenset()
                  ) -> dict[int, tuple[dict[str, Any], str]]:
         forecasts, views, out = self._rows(
             model, {sid: t.created_at for sid, t in twins.items()}, history, results,
@@ -436,11 +440,12 @@ class TwinWriter:
         heads = self.store.twins.add_forecasts(
             s, forecasts, {sid: t.forecast_head for sid, t in twins.items()})
         self.store.twins.write_views(s, views, heads)
-        self._risks(s, model, forecasts, views, now, refresh=refresh)
+        self._risks(s, model, forecasts, views, now, refresh=refresh, explicit=explicit)
         return out
 
     def _risks(self, s: Session, model: LoadedModel, forecasts: list[dict[str, Any]],
-               views: list[dict[str, Any]], now: datetime, *, refresh: bool) -> None:
+               views: list[dict[str, Any]], now: datetime, *, refresh: bool,
+               explicit: frozenset[int] = frozenset()) -> None:
         """The twins' current risks and the alerts their new forecasts raise, by the
         served task's thresholds (the refresh's crossings after a model change are
         queued for review)."""
@@ -448,7 +453,7 @@ class TwinWriter:
         if cached is None or cached[0] is not model:
             cached = self._levels = (model, levels(model.bundle.task))
         self.store.risks.apply(s, forecasts, model.name, model.version, cached[1], now,
-                               refresh=refresh,
+                               refresh=refresh, explicit=explicit,
                                last_times={u["sid"]: u["last_time"] for u in views})
 
     def _rows(self, model: LoadedModel, created_at: dict[int, datetime], history: History,
@@ -519,6 +524,12 @@ def _sources(ids: list[int], inputs: list[TwinInput], source: str | None
              ) -> dict[int, str]:
     """The source recorded on events that name none: the adapter's, else who sent them."""
     return {sid: source or inp.caller.name for sid, inp in zip(ids, inputs, strict=True)}
+
+
+def _explicit(ids: list[int], inputs: list[TwinInput]) -> frozenset[int]:
+    """The twins whose forecast is at an as-of time the request named."""
+    return frozenset(sid for sid, inp in zip(ids, inputs, strict=True)
+                     if inp.as_of is not None)
 
 
 def _callers(ids: list[int], inputs: list[TwinInput]) -> dict[int, Caller]:

@@ -133,6 +133,10 @@ class Unmatched(Route):
         return super().matches(scope)
 
     async def _answer(self, request: Request):
+        if request.url.path == "/ui" or request.url.path.startswith("/ui/"):
+            from serving.ui.pages import not_found_page  # the pages answer as pages
+
+            return not_found_page(request)
         allowed = sorted({m for r in _flat(self._app.router.routes) if r is not self
                           and r.path_regex.match(request.url.path) for m in (r.methods or ())})
         if allowed:

@@ -30,8 +30,11 @@ def access_row(*, key_id: int | None, key_name: str | None, role: str | None, me
                user_id: int | None = None) -> dict[str, Any]:
     """One access-log row (names and roles, never a secret or a clinical value): a key's,
     or a signed-in person's (``user_id``, their name as ``key_name``)."""
+    if key_name is not None:  # a NUL (which PostgreSQL refuses) would stall the batch
+        key_name = key_name.replace("\x00", "")[:255]
     return {"time": utcnow(), "api_key_id": key_id, "key_name": key_name, "role": role,
-            "user_id": user_id, "method": method, "path": path[:512], "action": action,
+            "user_id": user_id, "method": method, "path": path.replace("\x00", "")[:512],
+            "action": action,
             "subject_id": subject_id, "status_code": status_code}
 
 

@@ -78,16 +78,19 @@ class Risks:
     # ------------------------------------------------------------------ the write path
     def apply(self, s: Session, forecasts: list[dict[str, Any]], model_name: str,
               model_version: str, policy: Mapping[int, Level], now: datetime, *,
-              refresh: bool, last_times: Mapping[int, datetime | None] | None = None
-              ) -> list[dict[str, Any]]:
+              refresh: bool, last_times: Mapping[int, datetime | None] | None = None,
+              explicit: frozenset[int] | set[int] = frozenset()) -> list[dict[str, Any]]:
         """Rewrite the forecast twins' risk rows and open the alerts their forecasts
         raise.  The caller holds the twins' locks.  Returns the alerts opened.
 
         ``refresh``: the all-twin refresh (no new events); its crossings of twins whose
         previous forecast came from another model version are ``review`` items, which
         leave the slot armed (the twin's next own forecast above the line alerts, unless
-        a reviewer marked it reviewed).  A forecast with an earlier as-of time than the
-        stored one (an explicit ``as_of`` in the past) changes nothing here."""
+        a reviewer marked it reviewed); so are those at a horizon the twin has no row for
+        yet while it has rows from another version (a new version's new horizon).  A
+        forecast at an ``explicit`` as-of time (twins named) earlier than the stored one
+        changes nothing here; a twin's own latest-event forecast always does (its latest
+        event may have been retracted)."""
         if not forecasts:
             return []
         conn = s.connection()
@@ -101,9 +104,9 @@ class Risks:
             for key in (risks or {}) if risks else _horizon_keys(state, sid):
                 h = int(key.removesuffix("d"))
                 prev = state.get((sid, h))
-                if prev is not None and prev[7] is not None and (as_of is None
-                                                                 or as_of < prev[7]):
-                    continue  # an older as-of time than the current row's
+                if sid in explicit and prev is not None and prev[7] is not None \
+                        and as_of is not None and as_of < prev[7]:
+                    continue  # asked about an earlier time: not the current risk
                 risk = risks[key] if risks else None
                 armed, open_id = True, None
                 if prev is not None:
@@ -113,7 +116,11 @@ class Risks:
                     if prev[8] is not None and prev[8] <= now:
                         armed = True  # back after an expired forecast
                 same_version = prev is not None and prev[6] == model_version
-                review = refresh and prev is not None and not same_version
+                if prev is not None:
+                    review = refresh and not same_version
+                else:  # a new horizon of a new version, or a twin's first forecast
+                    review = refresh and any(k[0] == sid and v[6] != model_version
+                                             for k, v in state.items())
                 expires = as_of + timedelta(days=h) if as_of is not None else None
                 level = policy.get(h)
                 if level is not None and risk is not None and expires is not None \
@@ -182,9 +189,10 @@ class Risks:
             raise Conflict(f"alert {alert_id} was acknowledged already") from None
         r = TwinRisk.__table__.c
         slot = (r.subject_id == alert.subject_id, r.horizon_days == alert.horizon_days)
-        if alert.kind == REVIEW:
-            s.execute(update(TwinRisk.__table__).where(*slot, r.risk >= alert.threshold)
-                      .values(armed=False))
+        if alert.kind == REVIEW:  # while the reviewed version's forecast stands
+            s.execute(update(TwinRisk.__table__).where(
+                *slot, r.risk >= alert.threshold, r.model_version == alert.model_version)
+                .values(armed=False))
         else:
             s.execute(update(TwinRisk.__table__).where(*slot, r.open_alert_id == alert_id)
                       .values(open_alert_id=None))

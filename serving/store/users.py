@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +27,7 @@ from serving.store.db import Database
 from serving.store.models import UiSession, User
 from serving.store.twins import utcnow
 
+log = logging.getLogger("twincast.users")
 MIN_PASSWORD = 12
 SEEN_EVERY_SECONDS = 60  # how often a session's last use is written (the idle timeout's)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
@@ -154,10 +156,14 @@ class Users:
                        User.disabled_at.is_(None))).first()
         if row is None:
             return None
-        if row[4] < now - timedelta(seconds=SEEN_EVERY_SECONDS):  # at most one write a minute
-            with self.db.write(urgent=False) as s:
-                s.execute(update(UiSession).where(UiSession.id == row[0])
-                          .values(last_seen_at=now))
+        every = min(SEEN_EVERY_SECONDS, idle_minutes * 30)  # well inside the timeout
+        if row[4] < now - timedelta(seconds=every):
+            try:
+                with self.db.write(urgent=False) as s:
+                    s.execute(update(UiSession).where(UiSession.id == row[0])
+                              .values(last_seen_at=now))
+            except Exception as exc:  # the page still shows; the next use writes it
+                log.warning("a session's last use was not written (%s)", type(exc).__name__)
         return Person(int(row[1]), row[2], row[3], int(row[0]), csrf_token(token))
 
     def sign_out(self, session_id: int) -> None:

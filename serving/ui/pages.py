@@ -22,7 +22,7 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,12 @@ def signed_in(request: Request, action: Action, name: str, subject_id: int | Non
     return service, person, caller
 
 
+def not_found_page(request: Request) -> Response:
+    """A path under /ui that no page serves."""
+    return render(request, "error.html", 404, heading="Not found",
+                  message="There is no such page.", person=None)
+
+
 def _guard(request: Request, fn) -> Response:
     """Run a page; sign-in, refusals and errors become pages, never JSON or a 500."""
     try:
@@ -181,8 +187,13 @@ def _person_or_none(request: Request) -> Person | None:
         return None
 
 
-def _check_csrf(form: FormData, person: Person) -> None:
-    if not hmac.compare_digest(str(form.get("csrf", "")), person.csrf):
+def same(a: str, b: str) -> bool:
+    """Constant-time equality of two texts (any characters)."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _check_csrf(form: FormData | None, person: Person) -> None:
+    if form is None or not same(str(form.get("csrf", "")), person.csrf):
         raise PageRefused(403, "This form has expired or did not come from this site: "
                           "reload the page and try again.")
 
@@ -248,41 +259,53 @@ def login_form(request: Request, next: str | None = None) -> Response:
 
 
 class SignInLimits:
-    """Failed sign-ins per name and per client address (per worker, in memory): past
-    the limit within the window, sign-in is refused for a while without hashing; and
-    at most ``HASHING`` argon2 checks run at once (each takes ~50 ms and 64 MiB)."""
+    """Sign-in attempts per name and per client address (per worker, in memory), counted
+    before the password is checked (a burst cannot slip past); a success takes its own
+    back.  Past the limit within the window, sign-in is refused for a while without
+    hashing; at most ``HASHING`` argon2 checks run at once (each ~50 ms and 64 MiB) and
+    one more is answered "busy" at once rather than holding a thread."""
 
     WINDOW = 15 * 60
-    PER_NAME, PER_ADDRESS, HASHING = 5, 20, 2
+    PER_NAME, PER_ADDRESS, HASHING, KEYS = 5, 20, 2, 50_000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._fails: dict[tuple[str, str], deque] = {}
+        self._seen: OrderedDict[tuple[str, str], deque] = OrderedDict()
         self.hashing = threading.BoundedSemaphore(self.HASHING)
 
-    def _recent(self, key: tuple[str, str], now: float) -> deque:
-        q = self._fails.setdefault(key, deque())
+    def _count(self, key: tuple[str, str], now: float, add: bool) -> int:
+        q = self._seen.get(key)
+        if q is None:
+            if not add:
+                return 0
+            q = self._seen[key] = deque()
+            while len(self._seen) > self.KEYS:  # the least recently tried go first
+                self._seen.popitem(last=False)
+        self._seen.move_to_end(key)
         while q and q[0] < now - self.WINDOW:
             q.popleft()
-        return q
+        if add:
+            q.append(now)
+        return len(q)
 
-    def blocked(self, name: str, address: str) -> bool:
+    def attempt(self, name: str, address: str) -> bool:
+        """Count an attempt; False when the name or the address is over its limit."""
         now = time.monotonic()
+        keys = (("name", name[:255].lower()), ("addr", address))
         with self._lock:
-            return (len(self._recent(("name", name.lower()), now)) >= self.PER_NAME
-                    or len(self._recent(("addr", address), now)) >= self.PER_ADDRESS)
+            if self._count(keys[0], now, False) >= self.PER_NAME \
+                    or self._count(keys[1], now, False) >= self.PER_ADDRESS:
+                return False
+            for k in keys:
+                self._count(k, now, True)
+            return True
 
-    def failed(self, name: str, address: str) -> None:
-        now = time.monotonic()
+    def succeeded(self, name: str, address: str) -> None:
         with self._lock:
-            if len(self._fails) > 100_000:  # a flood of names: forget rather than grow
-                self._fails.clear()
-            self._recent(("name", name.lower()), now).append(now)
-            self._recent(("addr", address), now).append(now)
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._fails.pop(("name", name.lower()), None)
+            self._seen.pop(("name", name[:255].lower()), None)
+            q = self._seen.get(("addr", address))
+            if q:
+                q.pop()
 
 
 LIMITS = SignInLimits()
@@ -291,23 +314,22 @@ LIMITS = SignInLimits()
 def _sign_in(service, request: Request, name: str, password: str):
     """Check a name and password (throttled; failures in the access log, by name)."""
     address = request.client.host if request.client else "?"
-    if LIMITS.blocked(name, address):
-        return "blocked"
-    if not LIMITS.hashing.acquire(timeout=5):
+    if not LIMITS.hashing.acquire(blocking=False):
         return "busy"
     try:
+        if not LIMITS.attempt(name, address):
+            return "blocked"
         done = service.store.users.sign_in(name, password, service.config.ui_session_minutes)
     finally:
         LIMITS.hashing.release()
     if done is None:
-        LIMITS.failed(name, address)
         from serving.store.access import access_row
 
         service.store.access.queue(access_row(
             key_id=None, key_name=name[:64] or None, role=None, method="POST",
             path="/ui/login", action="ui_sign_in_failed", subject_id=None, status_code=401))
         return None
-    LIMITS.succeeded(name)
+    LIMITS.succeeded(name, address)
     old = request.cookies.get(COOKIE, "")
     if old:  # a session already in this browser ends: one person, one session here
         person = service.store.users.session(old, service.config.ui_idle_minutes)
@@ -316,13 +338,24 @@ def _sign_in(service, request: Request, name: str, password: str):
     return done
 
 
+async def _form(request: Request) -> FormData | None:
+    """The posted form, or None when the body is not one (answered as a page)."""
+    try:
+        return await request.form()
+    except Exception:
+        return None
+
+
 @router.post("/ui/login")
 async def login(request: Request) -> Response:
-    form = await request.form()
+    form = await _form(request)
+    if form is None:
+        return _login_page(request, 400, "The sign-in form did not arrive whole: please "
+                           "try again.")
     next_url = _safe_next(str(form.get("next", "")))
     sent = str(form.get("csrf", ""))
     cookie = request.cookies.get(LOGIN_CSRF, "")
-    if not cookie or not hmac.compare_digest(sent, cookie):
+    if not cookie or not same(sent, cookie):
         return _login_page(request, 403, "The sign-in form expired: please try again.",
                            next_url)
     name, password = str(form.get("name", "")).strip(), str(form.get("password", ""))
@@ -332,7 +365,12 @@ async def login(request: Request) -> Response:
                            next_url)
     import anyio
 
-    done = await anyio.to_thread.run_sync(_sign_in, service, request, name, password)
+    try:
+        done = await anyio.to_thread.run_sync(_sign_in, service, request, name, password)
+    except DBAPIError as exc:
+        log.error("database error %s on sign-in", type(exc.orig).__name__)
+        return _login_page(request, 503, "The service cannot check sign-ins just now: try "
+                           "again shortly.", next_url)
     if done == "blocked":
         return _login_page(request, 429, "Too many failed sign-ins: try again in 15 "
                            "minutes.", next_url)
@@ -352,7 +390,7 @@ async def login(request: Request) -> Response:
 
 @router.post("/ui/logout")
 async def logout(request: Request) -> Response:
-    form = await request.form()
+    form = await _form(request)
 
     def work() -> Response:
         service, person, _ = signed_in(request, Action.READ_TWINS, "ui_sign_out")
@@ -582,7 +620,7 @@ def alerts(request: Request) -> Response:
 
 @router.post("/ui/alerts/{alert_id}/acknowledge")
 async def acknowledge(request: Request, alert_id: str) -> Response:
-    form = await request.form()
+    form = await _form(request)
 
     def work() -> Response:
         service, person, caller = signed_in(request, Action.WRITE_TWINS, "ui_acknowledge")

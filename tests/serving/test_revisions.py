@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-import pytest
 from alembic import command
 from sqlalchemy import func, select, text
 
@@ -23,13 +22,6 @@ from tests.serving.test_writes import service
 EGFR = "Observation/egfr-1"
 SBP = "Observation/bp-1#http://loinc.org|8480-6"
 DBP = "Observation/bp-1#http://loinc.org|8462-4"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'twins.db'}"
-    return request.getfixturevalue("pg_database")
 
 
 def obs(logical_id: str, value: float, at, code: str = "LAB//EGFR") -> EventRow:

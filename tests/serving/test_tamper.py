@@ -15,7 +15,7 @@ from serving.tamper import anchor, forecast_dict, verify_anchors, verify_chains
 from serving.writes import AccessInfo, Caller, TwinInput
 from tests.serving.conftest import event_rows
 from tests.serving.test_service import history
-from tests.serving.test_writes import database, service  # noqa: F401 - the fixture
+from tests.serving.test_writes import service
 from training.tracking import Tracker
 
 TRIGGERS = {"sqlite": ["DROP TRIGGER forecasts_no_update", "DROP TRIGGER forecasts_no_delete",
@@ -37,7 +37,7 @@ def rewrite(store, seq: int, **values) -> dict:
     return {**row, "row_digest": forecast_digest(row)}
 
 
-def test_every_rewrite_is_caught_by_the_chain_or_the_anchors(database, tracker, trained,  # noqa: F811
+def test_every_rewrite_is_caught_by_the_chain_or_the_anchors(database, tracker, trained,
                                                              small_cohort, tmp_path):
     shutil.copy(tracker.tracking_uri.removeprefix("sqlite:///"), tmp_path / "mlflow.db")
     copy = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tracker.artifact_root)
@@ -90,7 +90,7 @@ def test_every_rewrite_is_caught_by_the_chain_or_the_anchors(database, tracker, 
     store.dispose()
 
 
-def test_a_trajectory_altered_is_caught(database, tracker, trained, small_cohort):  # noqa: F811
+def test_a_trajectory_altered_is_caught(database, tracker, trained, small_cohort):
     """From digest version 3 a row's digest covers its trajectories: a forecast eGFR
     changed in the database no longer matches."""
     svc, sid = one_forecast(database, tracker, trained, small_cohort, 8_300_001, 2)
@@ -111,7 +111,7 @@ def test_a_trajectory_altered_is_caught(database, tracker, trained, small_cohort
     store.dispose()
 
 
-def one_forecast(database, tracker, trained, small_cohort, sid: int, k: int):  # noqa: F811
+def one_forecast(database, tracker, trained, small_cohort, sid: int, k: int):
     """A service on ``database`` and one twin written with a held-out history."""
     svc = service(database, tracker)
     svc.writer.write([TwinInput(sid, events=event_rows(history(small_cohort, trained, k)))],
@@ -124,7 +124,7 @@ def digest_at(store, seq: int) -> str:
         return s.execute(select(Forecast.row_digest).where(Forecast.seq == seq)).scalar_one()
 
 
-def test_rows_from_before_the_chains_still_verify(database, tracker, trained,  # noqa: F811
+def test_rows_from_before_the_chains_still_verify(database, tracker, trained,
                                                   small_cohort):
     svc, sid = one_forecast(database, tracker, trained, small_cohort, 8_200_001, 3)
     store = svc.store
