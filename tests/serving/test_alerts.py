@@ -35,10 +35,11 @@ def forecast(sid: int, risk730: float | None, as_of: datetime = NOW - timedelta(
             "risks": None if risk730 is None else {"365d": risk730 / 2, "730d": risk730}}
 
 
-def apply(store, rows, *, refresh=False, now=NOW, version="1"):
+def apply(store, rows, *, refresh=False, now=NOW, version="1", explicit=frozenset()):
     def work(s):
         store.twins.lock(s, [r["subject_id"] for r in rows], create=True, now=now)
-        return store.risks.apply(s, rows, "twincast-t", version, POLICY, now, refresh=refresh)
+        return store.risks.apply(s, rows, "twincast-t", version, POLICY, now, refresh=refresh,
+                                 explicit=explicit)
     return store.db.transact(work)
 
 
@@ -167,13 +168,27 @@ def test_a_lapsed_alert_and_a_return_after_an_expired_forecast_re_arm(store):
     assert [a["id"] for a in open_now] == [again["id"]]
 
 
-def test_a_forecast_at_an_earlier_as_of_time_changes_nothing(store):
+def test_a_forecast_asked_at_an_earlier_time_changes_nothing(store):
     apply(store, [forecast(39, 0.1)])
     stale = forecast(39, 0.9, as_of=NOW - timedelta(days=300))
-    assert apply(store, [stale]) == []
+    assert apply(store, [stale], explicit={39}) == []
     with store.read() as s:
         [row] = [r for r in store.risks.current(s, 39, NOW) if r["horizon_days"] == 730]
     assert row["risk"] == pytest.approx(0.1) and row["forecast_id"] != stale["forecast_id"]
+    # the twin's own forecast at its latest event, earlier now (that event was retracted),
+    # is the current risk all the same
+    back = forecast(39, 0.2, as_of=NOW - timedelta(days=40))
+    apply(store, [back])
+    with store.read() as s:
+        [row] = [r for r in store.risks.current(s, 39, NOW) if r["horizon_days"] == 730]
+    assert row["forecast_id"] == back["forecast_id"]
+
+
+def test_a_new_versions_new_horizon_is_a_review(store):
+    only_1y = {**forecast(40, None), "status": "ok", "risks": {"365d": 0.05}}
+    apply(store, [only_1y])  # version 1 forecast one year only
+    [queued] = apply(store, [forecast(40, 0.6)], refresh=True, version="2")
+    assert (queued["kind"], queued["horizon_days"]) == ("review", 730)
 
 
 def test_alert_rows_are_append_only(store):

@@ -128,8 +128,11 @@ def _backfill() -> None:
         "subject_id", "horizon_days", "risk", "previous_risk", "rise", "last_event_time",
         "as_of", "expires_at", "forecast_id", "model_version", "armed", "open_alert_id")))
     rows = []
-    result = bind.execution_options(stream_results=True, yield_per=2000).execute(
-        sa.text("SELECT subject_id, view, last_event_time FROM twins WHERE view IS NOT NULL"))
+    # streamed (a server-side cursor on PostgreSQL): the options on the statement only,
+    # never on the connection, which runs the DDL after it
+    result = bind.execute(sa.text("SELECT subject_id, view, last_event_time FROM twins "
+                                  "WHERE view IS NOT NULL")
+                          .execution_options(stream_results=True, yield_per=2000))
     for sid, view, last in result:
         fc = json.loads(view).get("forecast") or {}
         if fc.get("status") != "ok" or not fc.get("risks") or not fc.get("as_of"):
