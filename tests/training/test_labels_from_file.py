@@ -48,6 +48,8 @@ def aces_task(tmp_path, small_cohort, tiny_task):
     write_aces_labels(labels, tmp_path / "aces" / "eskd")
     data = tiny_task.model_dump(mode="json")
     data.update(name=NAME, horizons_days=[H], labels={"path": "aces/eskd"})
+    data["alerts"]["thresholds"] = [t for t in data["alerts"]["thresholds"]
+                                    if t["horizon_days"] == H]  # its one horizon's
     (tmp_path / "task.yaml").write_text(yaml.safe_dump(data))
     return load_task(tmp_path / "task.yaml"), labels
 
