@@ -163,6 +163,14 @@ class TwinService:
                 "changed": changed, "refresh": self.refresh_status()}
 
     # ------------------------------------------------------------------ reads
+    def _logged_read(self, read, access: AccessInfo | None):
+        """``read(s)`` in a read session, or — when there is an access-log row to write —
+        in one write transaction with it (committed before the answer exists)."""
+        if access is None:
+            with self.store.read() as s:
+                return read(s)
+        return self.store.db.transact(read)
+
     def twin_view(self, subject_id: int, caller: Caller | None = None,
                   access: AccessInfo | None = None) -> str:
         """The twin's current state as JSON: one primary-key read of its kept view.  With
@@ -180,10 +188,7 @@ class TwinService:
                 access.written = True
             return view
 
-        if access is None:
-            with self.store.read() as s:
-                return read(s)
-        return self.store.db.transact(read)
+        return self._logged_read(read, access)
 
     def current_forecast(self, subject_id: int, caller: Caller | None = None,
                          access: AccessInfo | None = None) -> dict[str, Any]:
@@ -269,10 +274,7 @@ class TwinService:
                     "horizon_days": horizon, "now": iso(now), "sort": sort,
                     "expired": expired}
 
-        if access is None:
-            with self.store.read() as s:
-                return read(s)
-        return self.store.db.transact(read)
+        return self._logged_read(read, access)
 
     def alerts(self, *, kind: str = "alert", state: str = "open",
                subject_id: int | None = None, limit: int = 50, offset: int = 0,
@@ -293,10 +295,7 @@ class TwinService:
             return {"items": [alert_item(r) for r in rows], "total": total, "limit": limit,
                     "offset": offset, "kind": kind, "state": state}
 
-        if access is None:
-            with self.store.read() as s:
-                return read(s)
-        return self.store.db.transact(read)
+        return self._logged_read(read, access)
 
     def acknowledge(self, alert_id: int, reason: str, caller: Caller,
                     access: AccessInfo | None = None) -> dict[str, Any]:

@@ -96,12 +96,17 @@ class Risks:
         conn = s.connection()
         state = {(row[0], row[1]): row for row in conn.execute(
             self._state, {"ids": sorted({f["subject_id"] for f in forecasts})})}
+        by_twin: dict[int, list] = {}  # each twin's rows, every horizon
+        for (sid, _), row in state.items():
+            by_twin.setdefault(sid, []).append(row)
         last_times = last_times or {}
         upserts, alerts, slots = [], [], []
         for f in forecasts:
             sid, as_of = f["subject_id"], f["as_of"]
             risks = f["risks"] if f["status"] == "ok" else None
-            for key in (risks or {}) if risks else _horizon_keys(state, sid):
+            # a not-eligible forecast clears the horizons the twin has rows for
+            keys = risks or {f"{row[1]}d": None for row in by_twin.get(sid, ())}
+            for key in keys:
                 h = int(key.removesuffix("d"))
                 prev = state.get((sid, h))
                 if sid in explicit and prev is not None and prev[7] is not None \
@@ -119,8 +124,8 @@ class Risks:
                 if prev is not None:
                     review = refresh and not same_version
                 else:  # a new horizon of a new version, or a twin's first forecast
-                    review = refresh and any(k[0] == sid and v[6] != model_version
-                                             for k, v in state.items())
+                    review = refresh and any(row[6] != model_version
+                                             for row in by_twin.get(sid, ()))
                 expires = as_of + timedelta(days=h) if as_of is not None else None
                 level = policy.get(h)
                 if level is not None and risk is not None and expires is not None \
@@ -305,7 +310,3 @@ class Risks:
             out.append(d)
         return out, int(total)
 
-
-def _horizon_keys(state: dict, sid: int) -> list[str]:
-    """The horizons a twin already has rows for (a not-eligible forecast clears them)."""
-    return [f"{h}d" for (s, h) in state if s == sid]

@@ -596,23 +596,14 @@ def alerts(request: Request) -> Response:
         kind = "review" if q.get("kind") == "review" else "alert"
         state = q.get("state") if q.get("state") in ("open", "acknowledged") else "open"
         page = _int(q.get("page"), 1, 1, 200_000) or 1
-        now = utcnow()
-        with service.store.read() as s:
-            rows, total = service.store.risks.alerts(s, now, kind=kind, state=state,
-                                                     limit=PAGE_SIZE,
-                                                     offset=(page - 1) * PAGE_SIZE)
-        if rows:  # the twins listed are shown: in the access log
-            info = _access(request, "ui_alerts")
-
-            def log_it(s) -> None:
-                service.store.access.add(s, [info.row(caller, r["subject_id"])
-                                             for r in rows])
-            service.store.db.transact(log_it)
-            info.written = True
+        data = service.alerts(kind=kind, state=state, limit=PAGE_SIZE,
+                              offset=(page - 1) * PAGE_SIZE, caller=caller,
+                              access=_access(request, "ui_alerts"))  # its twins logged
+        rows, total = data["items"], data["total"]
         pages = max(1, -(-total // PAGE_SIZE))
         return render(request, "alerts.html", person=person, rows=rows, total=total,
                       kind=kind, state=state, page=page, pages=pages, csrf=person.csrf,
-                      may_ack=may(person.role, Action.WRITE_TWINS), now=now,
+                      may_ack=may(person.role, Action.WRITE_TWINS),
                       notice=_int(q.get("done"), None, 1, 2**62))
 
     return _guard(request, work)
