@@ -15,11 +15,12 @@ times and labels as given, and a directory's own split wins over the dataset's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -194,13 +195,7 @@ def write_training_set(
     out.parent.mkdir(parents=True, exist_ok=True)
     builder = TrainingSetBuilder(dataset, task, chunk_subjects=chunk_subjects)
     spec = builder.fit_spec()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    writer = None
-    rows, subjects, events = 0, 0, 0
-    by_split: dict[str, int] = {}
-    pos = dict.fromkeys(task.horizons_days, 0)
-    cens = dict.fromkeys(task.horizons_days, 0)
+    events = 0
 
     def count(n: int) -> None:
         nonlocal events
@@ -208,36 +203,90 @@ def write_training_set(
         if progress:
             progress(n)
 
-    pool = ThreadPoolExecutor(max_workers=1)  # compress and write while the next chunk builds
+    with atomic_file(out) as tmp:
+        counts = write_frames(builder.chunks(spec, count), tmp, task)
+        if counts.rows == 0:
+            raise ValueError(NO_ROWS)
+    counts.events = events
+    return counts.summary(spec)
+
+
+NO_ROWS = ("no eligible prediction times: check the task's outcome, eligibility and "
+           "prediction-time settings")
+
+
+@dataclass
+class FrameCounts:
+    """What a training set (or a part of one) holds, summed chunk by chunk."""
+
+    rows: int = 0
+    subjects: int = 0
+    events: int = 0
+    by_split: dict[str, int] = field(default_factory=dict)
+    positives: dict[int, int] = field(default_factory=dict)
+    censored: dict[int, int] = field(default_factory=dict)
+
+    def add(self, frame: pd.DataFrame, task: Task) -> None:
+        self.rows += len(frame)
+        self.subjects += frame["subject_id"].nunique()  # chunks never share a subject
+        for k, v in frame["split"].value_counts().items():
+            self.by_split[str(k)] = self.by_split.get(str(k), 0) + int(v)
+        for h in task.horizons_days:
+            lab = frame[label_column(h)].to_numpy()
+            self.positives[h] = self.positives.get(h, 0) + int(np.nansum(lab == 1))
+            self.censored[h] = self.censored.get(h, 0) + int(np.isnan(lab).sum())
+
+    def merge(self, other: FrameCounts) -> None:
+        self.rows += other.rows
+        self.subjects += other.subjects
+        self.events += other.events
+        for mine, theirs in ((self.by_split, other.by_split),
+                             (self.positives, other.positives),
+                             (self.censored, other.censored)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+    def summary(self, spec: FeatureSpec) -> TrainingSetSummary:
+        return TrainingSetSummary(self.rows, self.subjects, self.events, self.by_split,
+                                  self.positives, self.censored, spec)
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path) -> Iterator[str]:
+    """A temporary path beside ``out`` that becomes ``out`` when the block succeeds (a
+    failure, or a killed process, leaves no ``out``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_frames(frames: Iterator[pd.DataFrame], path: str, task: Task) -> FrameCounts:
+    """Stream labelled chunks to one parquet file, a row group each (zstd, the split
+    dictionary-encoded), compressing one chunk while the next is built."""
+    counts = FrameCounts(positives=dict.fromkeys(task.horizons_days, 0),
+                         censored=dict.fromkeys(task.horizons_days, 0))
+    writer = None
+    pool = ThreadPoolExecutor(max_workers=1)
     pending = None
     try:
-        for frame in builder.chunks(spec, count):
+        for frame in frames:
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd",
+                writer = pq.ParquetWriter(path, table.schema, compression="zstd",
                                           use_dictionary=["split"])
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.write_table, table)
-            rows += len(frame)
-            subjects += frame["subject_id"].nunique()
-            for k, v in frame["split"].value_counts().items():
-                by_split[str(k)] = by_split.get(str(k), 0) + int(v)
-            for h in task.horizons_days:
-                lab = frame[label_column(h)].to_numpy()
-                pos[h] += int(np.nansum(lab == 1))
-                cens[h] += int(np.isnan(lab).sum())
-        if writer is None:
-            raise ValueError("no eligible prediction times: check the task's outcome, "
-                             "eligibility and prediction-time settings")
-        pending.result()
-        writer.close()
-        writer = None
-        os.replace(tmp, out)
+            counts.add(frame, task)
+        if pending is not None:
+            pending.result()
     finally:
         pool.shutdown(wait=True)
         if writer is not None:
             writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return TrainingSetSummary(rows, subjects, events, by_split, pos, cens, spec)
+    return counts

@@ -195,6 +195,17 @@ class CodeStats:
             self.valued[c] = self.valued.get(c, 0) + int(val[i])
             self.timed[c] = self.timed.get(c, 0) + int(tim[i])
 
+    def merge(self, other: CodeStats) -> None:
+        """Add another shard's counts.  Merged in shard order, the sums are those that
+        :meth:`add` makes shard by shard, to the last bit (the Kalman noise too)."""
+        for mine, theirs in ((self.train_subjects, other.train_subjects),
+                             (self.events, other.events), (self.valued, other.valued),
+                             (self.timed, other.timed)):
+            for c, n in theirs.items():
+                mine[c] = mine.get(c, 0) + n
+        for c, add in other.pair_sums.items():
+            self.pair_sums[c] = self.pair_sums[c] + add if c in self.pair_sums else add
+
     def _add_pairs(self, arrays: EventArrays, is_train: np.ndarray) -> None:
         keep = is_train & (arrays.time_us != NAT_US) & ~np.isnan(arrays.value)
         sid, code = arrays.subject_id[keep], arrays.code[keep].astype(np.int64)

@@ -208,3 +208,50 @@ def stop(proc) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def dask_cluster(workers: int = 2, log_dir: Path | None = None):
+    """A real ``dask scheduler`` and ``workers`` ``dask worker`` processes (one thread
+    each, with their nannies) on loopback, started as an operator would; yields the
+    scheduler's address."""
+    import subprocess
+    import sys
+    import time
+
+    dask = str(Path(sys.executable).parent / "dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = []
+
+    def start(*args: str):
+        log = (open(log_dir / f"dask-{len(logs)}.log", "w") if log_dir  # noqa: SIM115
+               else subprocess.DEVNULL)
+        logs.append(log)
+        return subprocess.Popen([dask, *args], stdout=log, stderr=subprocess.STDOUT)
+
+    procs = [start("scheduler", "--host", "127.0.0.1", "--port", str(port),
+                   "--no-dashboard")]
+    try:
+        procs += [start("worker", address, "--nthreads", "1", "--nworkers", "1",
+                        "--no-dashboard", "--host", "127.0.0.1", "--memory-limit", "0",
+                        "--name", f"w{i}") for i in range(workers)]
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(workers, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        for log in logs:
+            if log is not subprocess.DEVNULL:
+                log.close()
