@@ -229,9 +229,12 @@ class FrameCounts:
     def add(self, frame: pd.DataFrame, task: Task) -> None:
         self.rows += len(frame)
         self.subjects += frame["subject_id"].nunique()  # chunks never share a subject
-        for k, v in frame["split"].value_counts().items():
-            self.by_split[str(k)] = self.by_split.get(str(k), 0) + int(v)
+        if "split" in frame:
+            for k, v in frame["split"].value_counts().items():
+                self.by_split[str(k)] = self.by_split.get(str(k), 0) + int(v)
         for h in task.horizons_days:
+            if label_column(h) not in frame:  # forecasts (training.scoring) carry none
+                continue
             lab = frame[label_column(h)].to_numpy()
             self.positives[h] = self.positives.get(h, 0) + int(np.nansum(lab == 1))
             self.censored[h] = self.censored.get(h, 0) + int(np.isnan(lab).sum())

@@ -151,19 +151,23 @@ def write_training_set_on(
     return counts.summary(spec)
 
 
-def concat_parts(parts: list[str], out: str) -> None:
+def concat_parts(parts: list[str], out: str, metadata: dict[str, str] | None = None) -> None:
     """Copy the parts' row groups, in order, into one parquet file (one row group in
-    memory at a time)."""
-    writer = None
+    memory at a time); ``metadata`` is added to the file's schema."""
+    writer, schema = None, None
     try:
         for p in parts:
             f = pq.ParquetFile(p)
             for g in range(f.num_row_groups):
                 table = f.read_row_group(g)
                 if writer is None:
-                    writer = pq.ParquetWriter(out, f.schema_arrow, compression="zstd",
+                    schema = f.schema_arrow
+                    if metadata:
+                        schema = schema.with_metadata({**(schema.metadata or {}), **{
+                            k.encode(): v.encode() for k, v in metadata.items()}})
+                    writer = pq.ParquetWriter(out, schema, compression="zstd",
                                               use_dictionary=["split"])
-                writer.write_table(table)
+                writer.write_table(table.replace_schema_metadata(schema.metadata))
     finally:
         if writer is not None:
             writer.close()

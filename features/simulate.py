@@ -70,14 +70,31 @@ events before the date.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from features.events import BIRTH_CODE, DEATH_CODE, END_OF_FOLLOWUP_CODE, canonical_order
+from features.events import (
+    BIRTH_CODE,
+    DEATH_CODE,
+    END_OF_FOLLOWUP_CODE,
+    canonical_order,
+    meds_directory,
+    write_shard,
+)
 from features.timeindex import US_PER_DAY
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 EPOCH = np.datetime64("1970-01-01", "D")
 ENROL_FIRST = (np.datetime64("2012-01-01", "D") - EPOCH).astype(int)
@@ -173,6 +190,10 @@ class Shift:
         date = str(EPOCH + np.timedelta64(self.start_day, "D"))
         return f"{self.kind}: x{self.factor:g} from {date}"
 
+    def text(self) -> str:
+        """The ``KIND:FACTOR@YYYY-MM-DD`` form :meth:`parse` reads."""
+        return f"{self.kind}:{self.factor:g}@{EPOCH + np.timedelta64(self.start_day, 'D')}"
+
 
 @dataclass(frozen=True)
 class Intervention:
@@ -187,13 +208,14 @@ class Intervention:
     start: bool
 
 
-def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
-                    shift: Shift | None = None, steady: bool = False,
+def simulate_cohort(n_subjects: int, seed: int | np.random.SeedSequence = 0,
+                    first_subject_id: int = 1, shift: Shift | None = None,
+                    steady: bool = False,
                     intervention: Intervention | None = None) -> pd.DataFrame:
     """Simulate ``n_subjects`` CKD patients as canonical MEDS events (``shift``: a
     documented change from a date on; ``steady``: an open cohort in a steady state;
     ``intervention``: a treatment decided for everyone at one month, see
-    :class:`Intervention`)."""
+    :class:`Intervention`; ``seed``: anything ``numpy.random.default_rng`` takes)."""
     rng = np.random.default_rng(seed)
     n = int(n_subjects)
     sid = np.arange(first_subject_id, first_subject_id + n, dtype=np.int64)
@@ -331,3 +353,135 @@ def simulate_cohort(n_subjects: int, seed: int = 0, first_subject_id: int = 1,
     ev.add(sid[still], np.full(still.sum(), STUDY_END * day_us + 23 * 3_600_000_000),
            END_OF_FOLLOWUP_CODE)
     return ev.frame()
+
+
+# ----------------------------------------------------------------------------- shards
+
+DATASET_NAME = "twincast-synthetic-ckd"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A cohort of ``n_subjects`` in ``shards`` contiguous id ranges, each simulated on its
+    own: memory is bounded by one shard, and the shards can be made anywhere, in any order.
+
+    Shard ``k`` holds ids ``first_subject_id + offset_k`` onwards (sizes as equal as
+    possible, the larger first) and draws from ``SeedSequence(seed, spawn_key=(k,))`` —
+    ``SeedSequence(seed).spawn(shards)[k]``.  Same plan, same bytes; another number of
+    shards (``shards=1`` included) is another, equally valid, cohort, and none is the
+    cohort :func:`simulate_cohort` draws from ``seed`` itself.
+
+    >>> [ShardPlan(10, 3).ids(k) for k in range(3)]
+    [range(1, 5), range(5, 8), range(8, 11)]
+    """
+
+    n_subjects: int
+    shards: int
+    seed: int = 0
+    first_subject_id: int = 1
+    shift: Shift | None = None
+    steady: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"shards must be at least 1, got {self.shards}")
+        if self.n_subjects < self.shards:
+            raise ValueError(f"{self.shards} shards need at least as many subjects, got "
+                             f"{self.n_subjects}")
+        if self.seed < 0:
+            raise ValueError(f"the seed must be a non-negative integer, got {self.seed}")
+        if self.first_subject_id < 0:
+            raise ValueError(f"the first subject id must be non-negative, got "
+                             f"{self.first_subject_id}")
+
+    def ids(self, index: int) -> range:
+        """The subject ids of shard ``index``."""
+        if not 0 <= index < self.shards:
+            raise IndexError(f"shard {index} of {self.shards}")
+        size, extra = divmod(self.n_subjects, self.shards)
+        start = self.first_subject_id + index * size + min(index, extra)
+        return range(start, start + size + (index < extra))
+
+    def seed_of(self, index: int) -> np.random.SeedSequence:
+        """Shard ``index``'s seed: from the plan's seed and the index alone."""
+        return np.random.SeedSequence(self.seed, spawn_key=(index,))
+
+    def simulate(self, index: int) -> pd.DataFrame:
+        """Shard ``index`` as canonical MEDS events."""
+        ids = self.ids(index)
+        return simulate_cohort(len(ids), seed=self.seed_of(index), first_subject_id=ids.start,
+                               shift=self.shift, steady=self.steady)
+
+    def version(self) -> str:
+        """``dataset_version`` for ``metadata/dataset.json``: what makes the same bytes."""
+        return (f"subjects={self.n_subjects},seed={self.seed},shards={self.shards}"
+                + (f",first={self.first_subject_id}" if self.first_subject_id != 1 else "")
+                + (f",shift={self.shift.text()}" if self.shift else "")
+                + (",steady" if self.steady else ""))
+
+
+def simulate_shards(n_subjects: int, shards: int, seed: int = 0, first_subject_id: int = 1,
+                    shift: Shift | None = None, steady: bool = False,
+                    ) -> Iterator[tuple[int, pd.DataFrame]]:
+    """``(index, events)`` for each shard of a :class:`ShardPlan`, one at a time."""
+    plan = ShardPlan(n_subjects, shards, seed, first_subject_id, shift, steady)
+    for k in range(plan.shards):
+        yield k, plan.simulate(k)
+
+
+def write_plan_shard(directory: Path, plan: ShardPlan, index: int) -> int:
+    """Simulate shard ``index`` into ``directory/data/{index}.parquet`` atomically (written
+    under a temporary name, then renamed), so a task re-run after a lost worker is
+    harmless.  Returns its number of events."""
+    directory = Path(directory)
+    events = plan.simulate(index)
+    work = Path(tempfile.mkdtemp(prefix=f".shard-{index}.", dir=directory))
+    try:
+        (work / "data").mkdir()
+        write_shard(work, index, events)
+        os.replace(work / "data" / f"{index}.parquet", directory / "data" / f"{index}.parquet")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return len(events)
+
+
+def write_sharded_cohort(out: str | os.PathLike, plan: ShardPlan, *, overwrite: bool = False,
+                         client: Client | None = None,
+                         progress: Callable[[int], None] | None = None) -> int:
+    """Write ``plan`` as a MEDS directory, atomically: ``data/{k}.parquet`` per shard,
+    ``metadata/codes.parquet`` and ``dataset.json``.  Returns the number of events.
+
+    Shards are made one at a time in this process, or as tasks on ``client``'s Dask
+    workers (which must see ``out``'s parent directory); the bytes are the same.
+    ``progress`` is called with each finished shard's event count.
+    """
+    done = progress or (lambda n: None)
+    total = 0
+    dataset = {"dataset_name": DATASET_NAME, "dataset_version": plan.version()}
+    with meds_directory(out, overwrite=overwrite, dataset=dataset) as tmp:
+        if client is None:
+            for k in range(plan.shards):
+                n = write_plan_shard(tmp, plan, k)
+                total += n
+                done(n)
+        else:
+            from distributed import as_completed
+
+            futures = [client.submit(write_plan_shard, tmp, plan, k, pure=False)
+                       for k in range(plan.shards)]
+            try:
+                for future in as_completed(futures):
+                    n = future.result()
+                    total += n
+                    done(n)
+            finally:
+                client.cancel(futures)
+            for stray in tmp.glob(".shard-*"):  # left by a worker that died mid-write
+                shutil.rmtree(stray, ignore_errors=True)
+        missing = [k for k in range(plan.shards)
+                   if not (tmp / "data" / f"{k}.parquet").is_file()]
+        if missing:
+            raise RuntimeError(f"shards {missing[:5]} of {plan.shards} were not written")
+        pq.write_table(pa.Table.from_pandas(CODES, preserve_index=False),
+                       tmp / "metadata" / "codes.parquet")
+    return total

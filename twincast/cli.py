@@ -37,6 +37,11 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
+SchedulerOption = Annotated[str | None, typer.Option(
+    help="run on a Dask cluster: local, local:N (N worker processes) or tcp://HOST:PORT "
+         "(default: TWINCAST_DASK_SCHEDULER, else this process)")]
+
+
 def _settings() -> Settings:
     """The settings, imported when a command needs them (``twincast features`` does not:
     pydantic-settings and the service's configuration cost a sixth of a second)."""
@@ -71,7 +76,15 @@ def simulate(
     out_dir: Annotated[Path, typer.Option("--out", help="MEDS directory to write")],
     subjects: Annotated[int, typer.Option(min=1, help="number of patients")] = 2000,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same bytes)")] = 0,
-    shard_subjects: Annotated[int, typer.Option(min=1)] = 10_000,
+    shard_subjects: Annotated[int | None, typer.Option(min=1, help=(
+        "patients per data file of the unsharded cohort (default 10,000)"))] = None,
+    shards: Annotated[int | None, typer.Option(min=1, help=(
+        "simulate K shards of contiguous ids, each on its own (its seed from --seed and "
+        "its index), one data file each: memory bounded by one shard; another K is "
+        "another cohort, and none is the unsharded one"))] = None,
+    scheduler: Annotated[str | None, typer.Option(help=(
+        "with --shards, simulate them on Dask: local, local:N or tcp://HOST:PORT "
+        "(default: $TWINCAST_DASK_SCHEDULER, else this process); the same bytes"))] = None,
     first_subject_id: Annotated[int, typer.Option(min=0, help="the first patient's id")] = 1,
     shift: Annotated[str | None, typer.Option(help=(
         "a documented change from a date on, KIND:FACTOR@YYYY-MM-DD: egfr_assay:1.15@2021-01-01 "
@@ -82,27 +95,55 @@ def simulate(
     overwrite: bool = False,
 ) -> None:
     """Write a synthetic CKD cohort (the embedded default) as a MEDS directory."""
+    from features.cluster import SchedulerError, connect, from_environment
     from features.events import write_meds
-    from features.simulate import CODES, Shift, simulate_cohort
+    from features.simulate import CODES, ShardPlan, Shift, simulate_cohort, write_sharded_cohort
 
     with _errors():
         try:
             change = None if shift is None else Shift.parse(shift)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--shift") from None
-        t0 = time.perf_counter()
-        events = simulate_cohort(subjects, seed=seed, first_subject_id=first_subject_id,
-                                 shift=change, steady=steady)
-        version = f"subjects={subjects},seed={seed}" + (
-            f",first={first_subject_id}" if first_subject_id != 1 else "") + (
-            f",shift={shift}" if change else "") + (",steady" if steady else "")
-        write_meds(events, out_dir, shard_subjects=shard_subjects, codes=CODES,
-                   overwrite=overwrite, dataset={
-                       "dataset_name": "twincast-synthetic-ckd",
-                       "dataset_version": version})
         note = f" (shift {change.describe()})" if change else ""
-        console.print(f"wrote {len(events):,} events of {subjects:,} subjects to {out_dir} "
-                      f"in {time.perf_counter() - t0:.1f}s{note}")
+        t0 = time.perf_counter()
+        if shards is None:
+            if scheduler is not None:
+                raise typer.BadParameter("needs --shards (the unsharded cohort is simulated "
+                                         "in this process)", param_hint="--scheduler")
+            events = simulate_cohort(subjects, seed=seed, first_subject_id=first_subject_id,
+                                     shift=change, steady=steady)
+            version = f"subjects={subjects},seed={seed}" + (
+                f",first={first_subject_id}" if first_subject_id != 1 else "") + (
+                f",shift={shift}" if change else "") + (",steady" if steady else "")
+            write_meds(events, out_dir, shard_subjects=shard_subjects or 10_000, codes=CODES,
+                       overwrite=overwrite, dataset={
+                           "dataset_name": "twincast-synthetic-ckd",
+                           "dataset_version": version})
+            console.print(f"wrote {len(events):,} events of {subjects:,} subjects to "
+                          f"{out_dir} in {time.perf_counter() - t0:.1f}s{note}")
+            return
+        if shard_subjects is not None:
+            raise typer.BadParameter("is for the unsharded cohort: with --shards each shard "
+                                     "is one data file", param_hint="--shard-subjects")
+        try:
+            plan = ShardPlan(subjects, shards, seed=seed, first_subject_id=first_subject_id,
+                             shift=change, steady=steady)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        try:
+            where = from_environment(scheduler)
+            with connect(where) as client, _progress("simulating", shards) as bar:
+                job = bar.add_task(f"simulating {shards:,} shards", total=shards)
+                events_written = write_sharded_cohort(
+                    out_dir, plan, overwrite=overwrite, client=client,
+                    progress=lambda _: bar.advance(job))
+        except SchedulerError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--scheduler") from None
+        on = f" on {where.describe()}" if where else ""
+        console.print(f"wrote {events_written:,} events of {subjects:,} subjects in "
+                      f"{shards:,} shard{'s' * (shards != 1)} to {out_dir} in "
+                      f"{time.perf_counter() - t0:.1f}s"
+                      f"{on}{note}", soft_wrap=True)
 
 
 @import_app.command("csv")
@@ -276,10 +317,11 @@ def features_cmd(
     events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],
     task: Annotated[Path, typer.Option(help="task YAML")],
     out_file: Annotated[Path, typer.Option("--out", help="training set (parquet) to write")],
+    scheduler: SchedulerOption = None,
 ) -> None:
     """Build the point-in-time training set of a task: labels, features and split."""
     with _errors():
-        summary = build_training_set(events, task, out_file)
+        summary = build_training_set(events, task, out_file, _scheduler(scheduler))
         _print_summary(summary)
     _exit_now()
 
@@ -295,9 +337,18 @@ def _exit_now() -> None:
     os._exit(0)
 
 
-def build_training_set(events: Path, task_path: Path, out_file: Path):
+def _scheduler(option: str | None):
+    """The Dask scheduler named by ``--scheduler`` or ``TWINCAST_DASK_SCHEDULER``."""
+    from features.cluster import SchedulerError, from_environment
+
+    try:
+        return from_environment(option)
+    except SchedulerError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scheduler") from None
+
+
+def build_training_set(events: Path, task_path: Path, out_file: Path, scheduler=None):
     from features.events import open_meds
-    from features.pipeline import write_training_set
     from features.task import load_task
 
     task = load_task(task_path)
@@ -305,10 +356,22 @@ def build_training_set(events: Path, task_path: Path, out_file: Path):
     import pyarrow.parquet as pq
 
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in dataset.files)
-    with _progress("features", total) as bar:
-        job = bar.add_task(f"building {task.name} features", total=total)
-        summary = write_training_set(dataset, task, out_file,
-                                     progress=lambda n: bar.advance(job, n))
+    if scheduler is not None:
+        from features.cluster import connect
+        from features.sharded import write_training_set_on
+
+        with connect(scheduler) as client, _progress("features", total) as bar:
+            job = bar.add_task(f"building {task.name} features on {scheduler.describe()} "
+                               f"({len(dataset.files)} shards)", total=2 * total)
+            summary = write_training_set_on(client, dataset, task, out_file,
+                                            progress=lambda n: bar.advance(job, n))
+    else:
+        from features.pipeline import write_training_set
+
+        with _progress("features", total) as bar:
+            job = bar.add_task(f"building {task.name} features", total=total)
+            summary = write_training_set(dataset, task, out_file,
+                                         progress=lambda n: bar.advance(job, n))
     console.print(f"wrote {summary.rows:,} rows × {len(summary.spec.feature_names)} features "
                   f"to {out_file}")
     return summary
@@ -406,6 +469,58 @@ def train(
               f"registered version {result.version}: "
               f"{'champion' if result.promoted else 'challenger'} — {result.reason}",
               soft_wrap=True)
+
+
+@app.command()
+def score(
+    events: Annotated[Path, typer.Option(help="MEDS directory or parquet file")],
+    out_file: Annotated[Path, typer.Option("--out", help="forecasts (parquet) to write")],
+    task: Annotated[str | None, typer.Option(
+        help="the task whose model scores (default: TWINCAST_TASK, or the only one)")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="the registered model version (default: the champion)")] = None,
+    at: Annotated[str, typer.Option(
+        help="prediction-times (every subject's prediction times, as the task defines "
+             "them) or last-event (every subject at its last timed event)")
+    ] = "prediction-times",
+    scheduler: SchedulerOption = None,
+) -> None:
+    """Forecast a whole MEDS cohort with a registered model version, as parquet."""
+    import pyarrow.parquet as pq
+
+    from features.cluster import connect
+    from features.events import open_meds
+    from training.registry import BUNDLE_DIGEST_TAG
+    from training.scoring import write_scores
+
+    if at not in ("prediction-times", "last-event"):
+        raise typer.BadParameter("choose prediction-times or last-event", param_hint="--at")
+    _quiet_mlflow()
+    where = _scheduler(scheduler)
+    settings = _settings()
+    source = _source(settings, task)
+    with _errors():
+        try:
+            model = source.load(version)
+        except Exception as exc:  # unknown version, no champion, unreachable registry
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        dataset = open_meds(events)
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in dataset.files)
+        t0 = time.perf_counter()
+        meta = {"twincast.model": model.name, "twincast.version": model.version,
+                "twincast.run_id": model.run_id, "twincast.at": at,
+                "twincast.bundle_sha256": model.tags.get(BUNDLE_DIGEST_TAG, "")}
+        on = f" on {where.describe()}" if where else ""
+        with connect(where) as client, _progress("scoring", total) as bar:
+            job = bar.add_task(f"scoring with {model.name} v{model.version}{on}", total=total)
+            summary = write_scores(dataset, model.bundle, out_file, at=at, client=client,
+                                   metadata=meta, progress=lambda n: bar.advance(job, n))
+        secs = time.perf_counter() - t0
+    console.print(f"wrote {summary.rows:,} forecasts of {summary.subjects:,} subjects "
+                  f"({model.name} version {model.version}) to {out_file} in {secs:.1f}s "
+                  f"({summary.events / max(secs, 1e-9):,.0f} events/s){on}", soft_wrap=True)
+    _exit_now()
 
 
 def _fmt_ci(ci: dict) -> str:
@@ -741,6 +856,91 @@ def twins_replay(
     out.print(f"replayed {result.events:,} events of {result.twins:,} twins in "
               f"{result.steps:,} steps ({result.writes:,} writes), simulated "
               f"{result.first:%Y-%m-%d} to {result.last:%Y-%m-%d}")
+
+
+@app.command("refresh")
+def refresh_cmd(
+    task: Annotated[str | None, typer.Option(help="task name (its champion forecasts)")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="run on a Dask cluster: local, local:N (N worker processes) or "
+             "tcp://HOST:PORT (default: TWINCAST_DASK_SCHEDULER, else this process)")] = None,
+    chunk: Annotated[int, typer.Option(min=16, max=20_000, help=(
+        "stale twins per task (each task writes them in transactions of "
+        "TWINCAST_REFRESH_CHUNK twins)"))] = 1024,
+) -> None:
+    """Re-forecast every twin not on the champion version, under the lease the service's
+    own refresh takes (refused while the service or another runner holds it), on a Dask
+    cluster with --scheduler, else in this process.  Resumable: a run after a failure
+    re-forecasts only the twins still stale.  Exit status 0 when every twin is on the
+    champion, 3 when another runner holds the refresh, 1 when the refresh failed or lost
+    its lease, 2 for bad input."""
+    from features.cluster import SchedulerError, connect, from_environment
+    from serving.cluster_refresh import (
+        LeaseLost,
+        RefreshBusy,
+        RefreshFailed,
+        Target,
+        adopt_champion,
+        holder,
+        refresh_twins,
+    )
+    from serving.errors import NotReady
+    from serving.store import open_store
+    from serving.store.db import worker_name
+
+    _quiet_mlflow()
+    try:
+        where = from_environment(scheduler)
+    except SchedulerError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scheduler") from None
+    settings = _settings()
+    config = settings.serving()
+    source = _source(settings, task)
+    worker = f"{'dask' if where else 'refresh'}:{worker_name()}"
+    store = open_store(config.database_url)
+    try:
+        model = adopt_champion(store, source, worker)
+        busy = holder(store, model.name, model.version)  # before starting a cluster
+    except NotReady as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.dispose()
+    if busy is not None:
+        console.print(f"[bold red]refused:[/] {escape(busy)}: not running beside it",
+                      soft_wrap=True)
+        raise typer.Exit(3)
+    target = Target(config.database_url, config.tracking_uri, config.artifact_root,
+                    source.task_name, model.version, chunk=config.refresh_chunk,
+                    failpoints=config.failpoints)
+    t0 = time.monotonic()
+    try:
+        with connect(where) as client, _progress("refreshing", None) as bar:
+            job = bar.add_task(f"refreshing twins to {model.name} version {model.version} "
+                               f"on {where.describe() if where else 'this process'}",
+                               total=None)
+            result = refresh_twins(
+                target, client, worker=worker, model=model, per_task=chunk,
+                lease_seconds=config.refresh_lease_seconds,
+                progress=lambda n, total: bar.update(job, completed=n, total=total))
+    except SchedulerError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except RefreshBusy as exc:
+        console.print(f"[bold red]refused:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(3) from None
+    except (LeaseLost, RefreshFailed) as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if result.job is None:
+        out.print(f"every twin is on {model.name} version {model.version}: nothing to "
+                  "refresh")
+        return
+    out.print(f"refreshed {result.refreshed:,} twins to {model.name} version "
+              f"{model.version} in {result.seconds:.1f} s ({result.per_second:,.0f} twins/s; "
+              f"{time.monotonic() - t0:.1f} s with the cluster's start) on "
+              f"{where.describe() if where else 'this process'}: job {result.job}, "
+              f"{result.passes} pass{'es' if result.passes > 1 else ''}, verified")
 
 
 def _days(text: str) -> int:
