@@ -32,10 +32,11 @@ from training.bundle import ModelBundle
 from training.calibration import PlattCalibrator, monotone
 from training.card import model_card
 from training.censoring import CensoringSurvival, ipcw_weights
+from training.cluster import ClusterData, predict_rows
 from training.errors import TrainingError
 from training.evaluate import EvalFrame, evaluate, flat_metrics, paired_difference
 from training.hazard import HazardHorizon, HazardModel
-from training.models import FAMILIES, Candidate
+from training.models import FAMILIES, LGB_THREADS, Candidate
 from training.monitoring import reference_profile, settings_of
 from training.package import PREDICT_CODE, log_package
 from training.plots import evaluation_plots
@@ -81,6 +82,10 @@ class TrainOptions(BaseModel):
         return v
     min_subgroup: int = Field(default=100, ge=1)
     promote: bool = True
+    # on a Dask cluster (training.cluster): LightGBM's fixed number of rounds, cut at the
+    # best one, and where the training set is written (a folder every worker sees)
+    cluster_rounds: int = Field(default=1000, ge=10)
+    work_dir: str | None = None
 
 
 @dataclass
@@ -138,10 +143,16 @@ def _xy(part: pd.DataFrame, names: list[str], h: int, g: CensoringSurvival):
 
 
 def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: list[str],
-                   seed: int, pruner_for=None) -> tuple[Candidate, np.ndarray]:
-    """Per-horizon models (fit part, early stopping part) and tuning calibrators."""
-    g = {k: CensoringSurvival.fit(p["event_time_days"].to_numpy(), p["event_type"].to_numpy())
-         for k, p in parts.items()}
+                   seed: int, pruner_for=None, cluster: ClusterData | None = None,
+                   options: TrainOptions | None = None, log: Log | None = None
+                   ) -> tuple[Candidate, np.ndarray]:
+    """Per-horizon models (fit part, early stopping part) and tuning calibrators; on a
+    cluster, LightGBM trains there on the whole parts (``training.cluster``)."""
+    if cluster is not None:
+        g = cluster.censoring
+    else:
+        g = {k: CensoringSurvival.fit(p["event_time_days"].to_numpy(),
+                                      p["event_type"].to_numpy()) for k, p in parts.items()}
     cand = Candidate(family, params)
     x_tune = parts["tuning"][names].to_numpy(np.float32)
     t_tune = parts["tuning"]["event_time_days"].to_numpy()
@@ -154,8 +165,15 @@ def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: li
         xe, ye, we = _xy(parts["early_stopping"], names, h, g["early_stopping"])
         if len(np.unique(y)) < 2:
             raise TrainingError(f"no positive (or no negative) training rows at {h} days")
-        model = cls(params=params, seed=seed).fit(
-            x, y, w, xe, ye, we, pruner=pruner_for(i) if pruner_for is not None else None)
+        if cluster is not None and family == "lightgbm":
+            try:
+                model = cluster.fit_lightgbm(params, h, seed, options.cluster_rounds,
+                                             LGB_THREADS, log)
+            except ValueError as exc:
+                raise TrainingError(f"lightgbm on the cluster: {exc}") from None
+        else:
+            model = cls(params=params, seed=seed).fit(
+                x, y, w, xe, ye, we, pruner=pruner_for(i) if pruner_for is not None else None)
         yt = parts["tuning"][label_column(h)].to_numpy(dtype=np.float64)
         wt = ipcw_weights(t_tune, yt, h, g["tuning"])
         raw = model.score(x_tune)
@@ -297,20 +315,13 @@ def heldout_request(events: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def train(events_path: str | Path, task: Task, tracker: Tracker,
-          options: TrainOptions | None = None, log: Log = print) -> TrainResult:
-    """Run one training job and return what it did (see module docstring)."""
-    options = options or TrainOptions()
-    dataset = open_meds(events_path)
-    log(f"building the {task.name} training set from {events_path}")
+def _local_data(dataset, task: Task, options: TrainOptions):
     builder = TrainingSetBuilder(dataset, task)
     spec = builder.fit_spec()
     frames = list(builder.chunks(spec))
     if not frames:
         raise TrainingError("no eligible prediction times in the data for this task")
     frame = pd.concat(frames, ignore_index=True)
-    names = spec.feature_names
-    digest = dataset_digest(dataset)
     parts = _split_frame(frame, task, options)
     summary = {"rows": len(frame), "subjects": int(frame["subject_id"].nunique()),
                "rows_by_split": {k: len(v) for k, v in parts.items()},
@@ -320,6 +331,60 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                             for h in task.horizons_days},
                "median_followup_days": _median_or_none(frame["event_time_days"]),
                "labels": "derived" if task.labels is None else "MEDS label file"}
+    return spec, parts, summary
+
+
+def _cluster_data(client, dataset, task: Task, options: TrainOptions, log: Log):
+    try:
+        cluster = ClusterData.build(client, dataset, task, options.early_stopping_fraction,
+                                    options.work_dir, options.seed, log)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    counts = cluster.summary_counts
+    for name, n in cluster.rows_by_part.items():
+        if n == 0:
+            cluster.close()
+            raise TrainingError(f"the {name} part of the data is empty: too few subjects "
+                                "for the task's split settings")
+    times = pd.concat([cluster.parts["tuning"]["event_time_days"],
+                       cluster.parts["held_out"]["event_time_days"]])
+    summary = {"rows": counts.rows, "subjects": counts.subjects,
+               "rows_by_split": dict(cluster.rows_by_part),
+               "positives": dict(counts.positives), "censored": dict(counts.censored),
+               "median_followup_days": _median_or_none(times),
+               "labels": "derived" if task.labels is None else "MEDS label file",
+               "sampled_train_rows": {k: len(cluster.parts[k])
+                                      for k in ("fit", "early_stopping")}}
+    return cluster, summary
+
+
+def train(events_path: str | Path, task: Task, tracker: Tracker,
+          options: TrainOptions | None = None, log: Log = print,
+          client=None) -> TrainResult:
+    """Run one training job and return what it did (see module docstring); on a Dask
+    cluster when ``client`` is given (``training.cluster``)."""
+    options = options or TrainOptions()
+    dataset = open_meds(events_path)
+    log(f"building the {task.name} training set from {events_path}")
+    cluster = None
+    if client is None:
+        spec, parts, summary = _local_data(dataset, task, options)
+    else:
+        cluster, summary = _cluster_data(client, dataset, task, options, log)
+        spec, parts = cluster.spec, cluster.parts
+    try:
+        return _train(events_path, dataset, task, tracker, options, log, spec, parts,
+                      summary, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _train(events_path, dataset, task: Task, tracker: Tracker, options: TrainOptions,
+           log: Log, spec, parts: dict[str, pd.DataFrame], summary: dict,
+           cluster: ClusterData | None) -> TrainResult:
+    names = spec.feature_names
+    digest = dataset_digest(dataset)
     heldout = parts["held_out"]
     eval_frame = EvalFrame.from_training_rows(heldout, task.horizons_days)
     x_held = heldout[names].to_numpy(np.float32)
@@ -353,6 +418,17 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
             mlflow.log_dict(json.loads(spec.canonical_json()), "feature_spec.json")
             mlflow.log_dict(summary, "data_summary.json")
             families = list(options.families)
+            if cluster is not None and "hazard" in families:
+                # person-period rows are built in one process: not on a cluster yet
+                families.remove("hazard")
+                log("  hazard: skipped on a cluster (it needs person-period rows)")
+                mlflow.set_tag("skipped_families", "hazard: not run on a cluster")
+                if not families:
+                    raise TrainingError("the hazard family does not run on a cluster: "
+                                        "choose lightgbm or logistic")
+            if cluster is not None:
+                mlflow.set_tags({"twincast.cluster": "dask",
+                                 "twincast.cluster.rounds": options.cluster_rounds})
             if task.labels is not None and "hazard" in families:
                 # a label file has no event times for person-period rows
                 families.remove("hazard")
@@ -367,7 +443,8 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
 
                 def objective(params, pruner_for, family=family):
                     cand, tune_risk = _fit_candidate(family, params, parts, task, names,
-                                                     options.seed, pruner_for)
+                                                     options.seed, pruner_for, cluster,
+                                                     options, log)
                     return _brier_all(tune_risk, parts["tuning"], task), (cand, tune_risk)
 
                 found = search(family, options.trials, options.seed, objective,
@@ -457,7 +534,8 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
                 for line in reference_lines(references, task.promotion.primary_metric):
                     log(line)
             version, promoted, reason = _register_and_gate(
-                tracker, task, best_family, eval_frame, dataset, heldout, options, name, log)
+                tracker, task, best_family, eval_frame, dataset, heldout, options, name, log,
+                cluster)
             mlflow.set_tags({"registered_version": version, "gate_decision":
                              "promoted" if promoted else "rejected", "gate_reason": reason[:4000]})
         finally:
@@ -470,7 +548,7 @@ def train(events_path: str | Path, task: Task, tracker: Tracker,
 
 def _register_and_gate(tracker: Tracker, task: Task, best: CandidateResult, eval_frame: EvalFrame,
                        dataset, heldout: pd.DataFrame, options: TrainOptions, name: str,
-                       log: Log) -> tuple[str, bool, str]:
+                       log: Log, cluster: ClusterData | None = None) -> tuple[str, bool, str]:
     reg = tracker.registry
     tags = {"task": task.name, "family": best.family,
             "data_digest": best.bundle.metadata["data_digest"],
@@ -487,9 +565,12 @@ def _register_and_gate(tracker: Tracker, task: Task, best: CandidateResult, eval
     elif champion is None:
         promoted, reason = True, f"first champion: no champion to beat; {cal_reason}"
     else:
-        events = dataset.read_all()
         model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
-        champ = model.predict(heldout_request(events, heldout))
+        if cluster is not None:  # scored shard by shard on the workers
+            champ = predict_rows(cluster.client, dataset, model.unwrap_python_model().bundle,
+                                 heldout)
+        else:
+            champ = model.predict(heldout_request(dataset.read_all(), heldout))
         i = task.horizons_days.index(h)
         if f"risk_{h}d" not in champ:
             promoted, reason = True, (f"champion version {champion.version} does not forecast "

@@ -436,6 +436,12 @@ def train(
     search_seconds: Annotated[float | None, typer.Option(
         min=1, help="stop each family's search after this long (the run says so); the "
                     "trial count alone decides the result otherwise")] = None,
+    scheduler: SchedulerOption = None,
+    rounds: Annotated[int, typer.Option(
+        min=10, help="on a cluster: LightGBM's rounds, cut at the best one")] = 1000,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="on a cluster: where the training set is written (a folder every worker "
+             "sees; default: a temporary folder)")] = None,
 ) -> None:
     """Train and compare candidates, track them in MLflow, register the best, run the gate."""
     from features.task import load_task
@@ -450,9 +456,17 @@ def train(
             t = load_task(task)
             options = TrainOptions(trials=trials, n_bootstrap=bootstrap, seed=seed,
                                    families=[f.strip() for f in families.split(",")],
-                                   promote=promote, search_seconds=search_seconds)
-            result = run_training(events, t, _tracker(settings), options,
-                                  log=lambda m: console.print(escape(m)))
+                                   promote=promote, search_seconds=search_seconds,
+                                   cluster_rounds=rounds,
+                                   work_dir=str(work_dir) if work_dir else None)
+            from features.cluster import connect
+
+            where = _scheduler(scheduler)
+            if where is not None:
+                console.print(f"training on the Dask cluster {where.describe()}")
+            with connect(where) as client:
+                result = run_training(events, t, _tracker(settings), options,
+                                      log=lambda m: console.print(escape(m)), client=client)
     except TrainingError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
