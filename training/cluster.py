@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,13 +99,12 @@ class ClusterData:
     rows_by_part: dict[str, int]
     summary_counts: Any
     spec: Any
-    _train: dict[str, Any] = field(default_factory=dict)
+    _sources: dict[str, Any]
+    _persisted: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, client: Client, dataset: MedsDataset, task: Task, early_stopping: float,
               work_dir: str | None, seed: int, log: Log) -> ClusterData:
-        import dask.dataframe as dd
-
         work = Path(tempfile.mkdtemp(prefix="twincast-train-", dir=work_dir))
         path = work / "training_set.parquet"
         t0 = time.perf_counter()
@@ -123,18 +123,17 @@ class ClusterData:
                    *[c for c in held.columns if c.startswith("target_")], *names]
         meta = held.iloc[:0][columns]
         groups = pq.ParquetFile(path).num_row_groups
-        train: dict[str, Any] = {}
+        sources = {part: ([(str(path), g, columns, task.split.salt, early_stopping, part)
+                           for g in range(groups)], meta) for part in ("fit", "early_stopping")}
         censoring: dict[str, CensoringSurvival] = {}
         rows: dict[str, int] = {}
+        data = cls(client, work, path, names, parts, censoring, rows, summary, spec, sources)
         for part in ("fit", "early_stopping"):
-            ddf = dd.from_map(_read_group, [(str(path), g, columns, task.split.salt,
-                                             early_stopping, part) for g in range(groups)],
-                              meta=meta, enforce_metadata=False).persist()
+            ddf = data.train_part(part)
             times = ddf[["event_time_days", "event_type"]].compute()
             censoring[part] = CensoringSurvival.fit(times["event_time_days"].to_numpy(),
                                                     times["event_type"].to_numpy())
             rows[part] = len(times)
-            train[part] = ddf
             n = min(SAMPLE_ROWS, len(times))
             frac = n / max(len(times), 1)
             parts[part] = (ddf.sample(frac=frac, random_state=seed).compute()
@@ -143,56 +142,124 @@ class ClusterData:
             censoring[k] = CensoringSurvival.fit(parts[k]["event_time_days"].to_numpy(),
                                                  parts[k]["event_type"].to_numpy())
             rows[k] = len(parts[k])
-        return cls(client, work, path, names, parts, censoring, rows, summary, spec, train)
+        return data
+
+    def train_part(self, part: str, *, fresh: bool = False):
+        """The train split's fit or early-stopping part as a Dask DataFrame, a partition
+        per row group, persisted on the workers (rebuilt after a worker restart)."""
+        import dask.dataframe as dd
+
+        if fresh or part not in self._persisted:
+            args, meta = self._sources[part]
+            self._persisted[part] = dd.from_map(_read_group, args, meta=meta,
+                                                enforce_metadata=False).persist()
+        return self._persisted[part]
 
     def close(self) -> None:
-        for ddf in self._train.values():
-            del ddf
-        self._train.clear()
+        self._persisted.clear()
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def fit_lightgbm(self, params: dict, h: int, seed: int, rounds: int, threads: int,
+    def fit_lightgbm(self, params: dict, h: int, seed: int, rounds: int,
                      log: Log | None = None) -> LightGBMHorizon:
-        """One horizon's model by ``lightgbm.dask``, cut at its best iteration."""
-        import lightgbm.dask as ldask
+        """One horizon's model by ``lightgbm.dask``, cut at its best iteration.
 
-        data = {}
-        for part in ("fit", "early_stopping"):
-            ddf = self._train[part].map_partitions(
-                _weighted, h, self.censoring[part], self.names,
-                meta=_weighted_meta(self.names))
-            ddf = ddf.persist()
-            lengths = ddf.map_partitions(len).compute()
-            ddf = ddf.partitions[[i for i, n in enumerate(lengths) if n > 0]]
-            if not len(ddf.divisions) > 1:
-                raise ValueError(f"no {part} rows observed at {h} days")
-            data[part] = ddf
-        fit, es = data["fit"], data["early_stopping"]
-        settings = {"objective": "binary", "verbose": -1, "deterministic": True,
-                    "force_row_wise": True, "num_threads": threads, "seed": seed,
-                    "bagging_seed": seed, "feature_fraction_seed": seed,
-                    "data_random_seed": seed, **params}
+        A worker lost during the fit leaves LightGBM's other machines waiting on it for
+        ever (and its pinned task with no worker to run on): a watchdog sees the worker
+        go, restarts the fit's workers, and the fit runs again on rebuilt partitions, up
+        to ``FIT_ATTEMPTS`` times."""
         for attempt in range(1, FIT_ATTEMPTS + 1):
+            fresh = attempt > 1
+            fit, es = (self._observed(part, h, fresh) for part in ("fit", "early_stopping"))
+            watchdog = _Watchdog(self.client)
             try:
-                model = ldask.DaskLGBMClassifier(client=self.client, n_estimators=rounds,
-                                                 **settings)
-                model.fit(fit[self.names], fit["_y"], sample_weight=fit["_w"],
-                          eval_set=[(es[self.names], es["_y"])],
-                          eval_sample_weight=[es["_w"]], eval_metric="binary_logloss")
+                model = self._fit_once(fit, es, params, seed, rounds)
                 break
-            except Exception as exc:  # a worker lost mid-fit breaks LightGBM's collective
+            except Exception as exc:
+                if not watchdog.tripped:
+                    raise  # not a lost worker: a real error
                 if attempt == FIT_ATTEMPTS:
                     raise
                 if log:
-                    log(f"  lightgbm.dask fit at {h} days failed ({type(exc).__name__}); "
-                        f"running it again (attempt {attempt + 1} of {FIT_ATTEMPTS})")
-                self.client.wait_for_workers(1, timeout=120)
-                fit, es = fit.persist(), es.persist()
+                    log(f"  lightgbm.dask fit at {h} days lost a worker "
+                        f"({type(exc).__name__}); running it again "
+                        f"(attempt {attempt + 1} of {FIT_ATTEMPTS})")
+            finally:
+                watchdog.stop()
+            self.client.wait_for_workers(1, timeout=120)
         loss = np.asarray(model.evals_result_["valid_0"]["binary_logloss"])
         best = int(np.argmin(loss)) + 1  # the first round with the lowest loss
-        booster = model.booster_
-        cut = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
+        cut = lgb.Booster(model_str=model.booster_.model_to_string(num_iteration=best))
         return LightGBMHorizon(params=params, seed=seed, booster_=cut, best_iteration_=best)
+
+    def _observed(self, part: str, h: int, fresh: bool):
+        """A part's rows observed at ``h`` with their weights; no empty partitions."""
+        ddf = self.train_part(part, fresh=fresh).map_partitions(
+            _weighted, h, self.censoring[part], self.names, meta=_weighted_meta(self.names))
+        ddf = ddf.persist()
+        lengths = ddf.map_partitions(len).compute()
+        keep = [i for i, n in enumerate(lengths) if n > 0]
+        if not keep:
+            raise ValueError(f"no {part} rows observed at {h} days")
+        return ddf.partitions[keep]
+
+    def _fit_once(self, fit, es, params: dict, seed: int, rounds: int):
+        import lightgbm.dask as ldask
+
+        # threads: lightgbm.dask gives each worker's fit the worker's own threads
+        settings = {"objective": "binary", "verbose": -1, "deterministic": True,
+                    "force_row_wise": True, "seed": seed, "bagging_seed": seed,
+                    "feature_fraction_seed": seed, "data_random_seed": seed, **params}
+        model = ldask.DaskLGBMClassifier(client=self.client, n_estimators=rounds,
+                                         time_out=2, **settings)
+        model.fit(fit[self.names], fit["_y"], sample_weight=fit["_w"],
+                  eval_X=(es[self.names],), eval_y=(es["_y"],),
+                  eval_sample_weight=[es["_w"]], eval_metric="binary_logloss")
+        return model
+
+
+class _Watchdog:
+    """Restarts the cluster's workers when one that was there at the start goes away
+    (see :meth:`ClusterData.fit_lightgbm`)."""
+
+    def __init__(self, client: Client, every: float = 0.5):
+        self.client = client
+        self.start = set(client.scheduler_info(n_workers=-1)["workers"])
+        self.tripped = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(every,), daemon=True)
+        self._thread.start()
+
+    def lost(self) -> bool:
+        return bool(self.start - set(self.client.scheduler_info(n_workers=-1)["workers"]))
+
+    def _watch(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                if self.lost():
+                    self.tripped = True
+                    self._abort()
+                    return
+            except Exception:  # the client closing under us: nothing to watch
+                return
+
+    def _abort(self) -> None:
+        """Cancel the fit's tasks (pinned to their machines, they would wait for the lost
+        one for ever: the fit then raises) and restart the workers still there (their
+        LightGBM threads are blocked in its network code)."""
+        from distributed import Future
+
+        keys = self.client.run_on_scheduler(_training_keys)
+        self.client.cancel([Future(k, self.client) for k in keys], force=True)
+        alive = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        self.client.restart_workers(alive, raise_for_error=False)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _training_keys(dask_scheduler=None) -> list:
+    return [k for k in dask_scheduler.tasks if str(k).startswith("_train_part")]
 
 
 def _weighted_meta(names: list[str]) -> pd.DataFrame:
