@@ -36,7 +36,7 @@ from training.cluster import ClusterData, predict_rows
 from training.errors import TrainingError
 from training.evaluate import EvalFrame, evaluate, flat_metrics, paired_difference
 from training.hazard import HazardHorizon, HazardModel
-from training.models import FAMILIES, LGB_THREADS, Candidate
+from training.models import FAMILIES, Candidate
 from training.monitoring import reference_profile, settings_of
 from training.package import PREDICT_CODE, log_package
 from training.plots import evaluation_plots
@@ -167,8 +167,7 @@ def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: li
             raise TrainingError(f"no positive (or no negative) training rows at {h} days")
         if cluster is not None and family == "lightgbm":
             try:
-                model = cluster.fit_lightgbm(params, h, seed, options.cluster_rounds,
-                                             LGB_THREADS, log)
+                model = cluster.fit_lightgbm(params, h, seed, options.cluster_rounds, log)
             except ValueError as exc:
                 raise TrainingError(f"lightgbm on the cluster: {exc}") from None
         else:
