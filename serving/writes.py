@@ -481,8 +481,9 @@ class TwinWriter:
     def refresh(self, ids: list[int], model: LoadedModel) -> int:
         """Re-forecast twins with ``model``: histories read and forecasts computed outside
         any lock, then written in one short transaction for the twins that did not
-        change meanwhile (the others stay stale for the next pass).  Returns how many
-        were written; 0 when ``model`` is no longer the served version."""
+        change meanwhile (the others stay stale for the next pass) and are not on
+        ``model`` already (a re-run chunk, or another runner's, writes nothing twice).
+        Returns how many were written; 0 when ``model`` is no longer the served version."""
         with self.store.read() as s:  # heads first: a change after them is seen below
             heads = {sid: t.forecast_head for sid, t in self.store.twins.peek(s, ids).items()}
             history = self.store.twins.histories(s, ids)
@@ -493,10 +494,12 @@ class TwinWriter:
             twins = self.store.twins.lock(s, ids, create=False)
             if self.store.jobs.served_version(s, model.name, lock=True) != model.version:
                 return 0
-            # unchanged since the read: a correction keeps the count but moves the head
-            keep = [r for r in results if r.subject_id in twins
-                    and twins[r.subject_id].event_count == seen[r.subject_id]
-                    and twins[r.subject_id].forecast_head == heads.get(r.subject_id)]
+            # unchanged since the read (a correction keeps the count but moves the
+            # head) and still stale, judged under the lock
+            keep = [r for r in results if (t := twins.get(r.subject_id)) is not None
+                    and t.event_count == seen[r.subject_id]
+                    and t.forecast_head == heads.get(r.subject_id)
+                    and (t.model_name, t.model_version) != (model.name, model.version)]
             system = Caller(REFRESH_CALLER)
             self._persist(s, model, twins, history, keep, dict.fromkeys(twins, system),
                           self.clock(), refresh=True)

@@ -875,9 +875,7 @@ def twins_replay(
 @app.command("refresh")
 def refresh_cmd(
     task: Annotated[str | None, typer.Option(help="task name (its champion forecasts)")] = None,
-    scheduler: Annotated[str | None, typer.Option(
-        help="run on a Dask cluster: local, local:N (N worker processes) or "
-             "tcp://HOST:PORT (default: TWINCAST_DASK_SCHEDULER, else this process)")] = None,
+    scheduler: SchedulerOption = None,
     chunk: Annotated[int, typer.Option(min=16, max=20_000, help=(
         "stale twins per task (each task writes them in transactions of "
         "TWINCAST_REFRESH_CHUNK twins)"))] = 1024,
@@ -888,7 +886,7 @@ def refresh_cmd(
     re-forecasts only the twins still stale.  Exit status 0 when every twin is on the
     champion, 3 when another runner holds the refresh, 1 when the refresh failed or lost
     its lease, 2 for bad input."""
-    from features.cluster import SchedulerError, connect, from_environment
+    from features.cluster import SchedulerError, connect
     from serving.cluster_refresh import (
         LeaseLost,
         RefreshBusy,
@@ -903,10 +901,7 @@ def refresh_cmd(
     from serving.store.db import worker_name
 
     _quiet_mlflow()
-    try:
-        where = from_environment(scheduler)
-    except SchedulerError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--scheduler") from None
+    where = _scheduler(scheduler)
     settings = _settings()
     config = settings.serving()
     source = _source(settings, task)
