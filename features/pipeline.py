@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.errors import FeaturesError
 from features.events import EventArrays, MedsDataset, subject_bounds
 from features.featurize import build_features
 from features.label_files import read_labels
@@ -98,19 +99,23 @@ class TrainingSetBuilder:
             self._cache = cache
         return stats.freeze(self.task, self.dataset.units())
 
-    def chunks(self, spec: FeatureSpec, progress: Progress | None = None) -> Iterator[pd.DataFrame]:
-        """Pass 2: labelled feature rows, one frame per chunk of subjects."""
+    def array_chunks(self) -> Iterator[EventArrays]:
+        """The events in chunks of at most ``chunk_subjects`` subjects."""
         for arrays in self.shards():
             subjects, starts, ends = subject_bounds(arrays.subject_id)
             for i in range(0, subjects.size, self.chunk_subjects):
                 lo = starts[i]
                 hi = ends[min(i + self.chunk_subjects, subjects.size) - 1]
-                part = _slice(arrays, lo, hi)
-                frame = self.rows_for(part, spec)
-                if progress:
-                    progress(hi - lo)
-                if len(frame):
-                    yield frame
+                yield _slice(arrays, lo, hi)
+
+    def chunks(self, spec: FeatureSpec, progress: Progress | None = None) -> Iterator[pd.DataFrame]:
+        """Pass 2: labelled feature rows, one frame per chunk of subjects."""
+        for part in self.array_chunks():
+            frame = self.rows_for(part, spec)
+            if progress:
+                progress(len(part))
+            if len(frame):
+                yield frame
 
     def rows_for(self, arrays: EventArrays, spec: FeatureSpec) -> pd.DataFrame:
         """Label and featurise the subjects in ``arrays``."""
@@ -206,11 +211,12 @@ def write_training_set(
     with atomic_file(out) as tmp:
         counts = write_frames(builder.chunks(spec, count), tmp, task)
         if counts.rows == 0:
-            raise ValueError(NO_ROWS)
+            raise FeaturesError(NO_ROWS)
     counts.events = events
     return counts.summary(spec)
 
 
+SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())
 NO_ROWS = ("no eligible prediction times: check the task's outcome, eligibility and "
            "prediction-time settings")
 
@@ -279,6 +285,10 @@ def write_frames(frames: Iterator[pd.DataFrame], path: str, task: Task) -> Frame
     try:
         for frame in frames:
             table = pa.Table.from_pandas(frame, preserve_index=False)
+            if "split" in table.column_names:  # one type, whatever pandas made of it
+                i = table.column_names.index("split")
+                table = table.set_column(i, table.schema.field(i).with_type(SPLIT_TYPE),
+                                         table.column(i).cast(SPLIT_TYPE))
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema, compression="zstd",
                                           use_dictionary=["split"])

@@ -21,18 +21,20 @@ The MEDS directory and the output's folder must be visible to every worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow.parquet as pq
 
+from features.cluster import check_visible, keep, map_shards
+from features.errors import FeaturesError
 from features.events import MedsDataset
 from features.pipeline import (
     NO_ROWS,
@@ -46,18 +48,67 @@ from features.spec import CodeStats, FeatureSpec, wants_kalman
 from features.task import Task
 
 if TYPE_CHECKING:
+    import pandas as pd
     from distributed import Client
 
 Progress = Callable[[int], None]
 
 
 def shard_of(dataset: MedsDataset, path: Path) -> MedsDataset:
-    """The dataset restricted to one data file (its split, when files carry splits)."""
+    """The dataset restricted to one data file: its split when files carry splits, and
+    only its own subjects' rows of ``metadata/subject_splits.parquet`` (a worker holds
+    its shard, not the cohort's split table)."""
     splits = {path: dataset.file_splits[path]} if dataset.file_splits else None
-    return replace(dataset, files=(path,), file_splits=splits)
+    subject_splits = dataset.subject_splits
+    if subject_splits is not None:
+        lo, hi = _id_range(path)
+        ids = subject_splits["subject_id"]
+        subject_splits = subject_splits[(ids >= lo) & (ids <= hi)]
+    return replace(dataset, files=(path,), file_splits=splits, subject_splits=subject_splits)
 
 
-def shard_stats(dataset: MedsDataset, task: Task, path: Path) -> tuple[CodeStats, int]:
+def _id_range(path: Path) -> tuple[int, int]:
+    """The smallest and largest subject id in a data file, from its footer's statistics
+    when they are there."""
+    meta = pq.ParquetFile(path).metadata
+    col = meta.schema.to_arrow_schema().get_field_index("subject_id")
+    lo, hi = None, None
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max:
+            ids = pq.read_table(path, columns=["subject_id"]).column(0).to_numpy()
+            return (int(ids.min()), int(ids.max())) if ids.size else (0, -1)
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    return (int(lo), int(hi)) if lo is not None else (0, -1)
+
+
+def write_part(frames: Iterable[pd.DataFrame], part: str, task: Task) -> FrameCounts:
+    """A task's frames as one part file, written under a temporary name and renamed (a
+    re-run task replaces it; no file when there are no rows)."""
+    tmp = f"{part}.{uuid.uuid4().hex}.tmp"
+    try:
+        counts = write_frames(frames, tmp, task)
+        if counts.rows:
+            os.replace(tmp, part)
+        return counts
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def parts_beside(out: Path, n: int) -> Iterator[list[str]]:
+    """Names for ``n`` part files in a temporary folder beside ``out``, removed after."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts.", dir=out.parent))
+    try:
+        yield [str(folder / f"part-{i:06d}.parquet") for i in range(n)]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def shard_stats(path: Path, dataset: MedsDataset, task: Task) -> tuple[CodeStats, int]:
     """Pass 1 on one shard: its code statistics over training subjects, and its size."""
     builder = TrainingSetBuilder(shard_of(dataset, path), task)
     stats = CodeStats(kalman=wants_kalman(task))
@@ -68,10 +119,10 @@ def shard_stats(dataset: MedsDataset, task: Task, path: Path) -> tuple[CodeStats
     return stats, events
 
 
-def shard_rows(dataset: MedsDataset, task: Task, spec: FeatureSpec, path: Path,
-               part: str, chunk_subjects: int) -> FrameCounts:
-    """Pass 2 on one shard: its labelled feature rows, written to ``part`` (atomically;
-    no file when the shard has no rows)."""
+def shard_rows(item: tuple[Path, str], dataset: MedsDataset, task: Task, spec: FeatureSpec,
+               chunk_subjects: int) -> FrameCounts:
+    """Pass 2 on one shard: its labelled feature rows, written to its part file."""
+    path, part = item
     builder = TrainingSetBuilder(shard_of(dataset, path), task, chunk_subjects=chunk_subjects)
     events = 0
 
@@ -79,31 +130,19 @@ def shard_rows(dataset: MedsDataset, task: Task, spec: FeatureSpec, path: Path,
         nonlocal events
         events += n
 
-    tmp = f"{part}.{uuid.uuid4().hex}.tmp"
-    try:
-        counts = write_frames(builder.chunks(spec, count), tmp, task)
-        counts.events = events
-        if counts.rows:
-            os.replace(tmp, part)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    counts = write_part(builder.chunks(spec, count), part, task)
+    counts.events = events
     return counts
 
 
 def fit_spec_on(client: Client, dataset: MedsDataset, task: Task,
                 progress: Progress | None = None) -> tuple[FeatureSpec, int]:
     """Pass 1 on the cluster: the FeatureSpec (and the number of events)."""
-    from distributed import as_completed
-
-    data, job = client.scatter([dataset, task], broadcast=True, hash=False)
-    futures = {client.submit(shard_stats, data, job, path, pure=False): i
-               for i, path in enumerate(dataset.files)}
     results: list[CodeStats | None] = [None] * len(dataset.files)
     total = 0
-    for future in as_completed(futures):
-        stats, events = future.result()
-        results[futures[future]] = stats
+    for i, (stats, events) in map_shards(client, shard_stats, dataset.files,
+                                         keep(client, dataset), keep(client, task)):
+        results[i] = stats
         total += events
         if progress:
             progress(events)
@@ -123,31 +162,23 @@ def write_training_set_on(
     chunk_subjects: int = 25_000,
 ) -> TrainingSetSummary:
     """:func:`features.pipeline.write_training_set` on a Dask cluster (same output)."""
-    from distributed import as_completed
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_visible(client, dataset.root, out.parent)
     spec, _ = fit_spec_on(client, dataset, task, progress)
-    parts_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts.", dir=out.parent))
-    try:
-        parts = [str(parts_dir / f"part-{i:06d}.parquet") for i in range(len(dataset.files))]
-        data, job, frozen = client.scatter([dataset, task, spec], broadcast=True, hash=False)
-        futures = {client.submit(shard_rows, data, job, frozen, path, parts[i],
-                                 chunk_subjects, pure=False): i
-                   for i, path in enumerate(dataset.files)}
+    with parts_beside(out, len(dataset.files)) as parts:
         counts = FrameCounts(positives=dict.fromkeys(task.horizons_days, 0),
                              censored=dict.fromkeys(task.horizons_days, 0))
-        for future in as_completed(futures):
-            part = future.result()
+        items = list(zip(dataset.files, parts, strict=True))
+        for _, part in map_shards(client, shard_rows, items, keep(client, dataset),
+                                  keep(client, task), keep(client, spec), chunk_subjects):
             counts.merge(part)
             if progress:
                 progress(part.events)
         if counts.rows == 0:
-            raise ValueError(NO_ROWS)
+            raise FeaturesError(NO_ROWS)
         with atomic_file(out) as tmp:
             concat_parts([p for p in parts if os.path.exists(p)], tmp)
-    finally:
-        shutil.rmtree(parts_dir, ignore_errors=True)
     return counts.summary(spec)
 
 
@@ -171,9 +202,3 @@ def concat_parts(parts: list[str], out: str, metadata: dict[str, str] | None = N
     finally:
         if writer is not None:
             writer.close()
-
-
-def shard_sizes(dataset: MedsDataset) -> np.ndarray:
-    """Events per data file, from the parquet footers (nothing else is read)."""
-    return np.array([pq.ParquetFile(f).metadata.num_rows for f in dataset.files],
-                    dtype=np.int64)

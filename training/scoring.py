@@ -3,7 +3,9 @@
 ``twincast score`` forecasts, with one registered model version's bundle, either every
 subject's prediction times as the task defines them (``at="prediction-times"``: the
 rows of its training set, each with its split) or every subject once, at its last timed
-event (``at="last-event"``: where each patient stands today).  One MEDS shard is one
+event (``at="last-event"``: where each patient's record ends; no eligibility rule is
+applied there, so a patient who has died or reached the outcome is scored too, where the
+service would answer "not eligible").  One MEDS shard is one
 unit of work, in this process or on a Dask cluster (:mod:`features.cluster`); each
 shard's rows are written as a part file and the parts are copied in shard order into
 the output, so both give the same file contents.  A worker holds one shard's events and
@@ -17,9 +19,6 @@ horizon (float64, calibrated and non-decreasing across horizons, as served).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from features.cluster import check_visible, keep, map_shards
+from features.errors import FeaturesError
 from features.events import NAT_US, EventArrays, MedsDataset, subject_bounds
-from features.pipeline import TrainingSetBuilder, atomic_file, write_frames
-from features.sharded import concat_parts, shard_of
+from features.pipeline import TrainingSetBuilder, atomic_file
+from features.sharded import concat_parts, parts_beside, shard_of, write_part
 from training.bundle import ModelBundle
 
 if TYPE_CHECKING:
@@ -79,36 +80,23 @@ def score_chunk(builder: TrainingSetBuilder, bundle: ModelBundle, arrays: EventA
     return ids
 
 
-def score_shard(dataset: MedsDataset, bundle: ModelBundle, path: Path, part: str, at: At,
+def score_shard(item: tuple[Path, str], dataset: MedsDataset, bundle: ModelBundle, at: At,
                 chunk_subjects: int) -> tuple[int, int, int]:
-    """One shard's forecasts, written to ``part`` atomically (no file without rows);
-    returns (rows, subjects, events)."""
+    """One shard's forecasts, written to its part file; returns (rows, subjects, events)."""
+    path, part = item
     builder = TrainingSetBuilder(shard_of(dataset, path), bundle.task,
                                  chunk_subjects=chunk_subjects)
     events = 0
 
     def frames():
         nonlocal events
-        for arrays in builder.shards():
+        for arrays in builder.array_chunks():
             events += len(arrays)
-            subjects, starts, ends = subject_bounds(arrays.subject_id)
-            for i in range(0, subjects.size, chunk_subjects):
-                lo, hi = starts[i], ends[min(i + chunk_subjects, subjects.size) - 1]
-                part_arrays = EventArrays(arrays.subject_id[lo:hi], arrays.time_us[lo:hi],
-                                          arrays.code[lo:hi], arrays.categories,
-                                          arrays.value[lo:hi])
-                frame = score_chunk(builder, bundle, part_arrays, at)
-                if len(frame):
-                    yield frame
+            frame = score_chunk(builder, bundle, arrays, at)
+            if len(frame):
+                yield frame
 
-    tmp = f"{part}.{uuid.uuid4().hex}.tmp"
-    try:
-        counts = write_frames(frames(), tmp, bundle.task)
-        if counts.rows:
-            os.replace(tmp, part)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    counts = write_part(frames(), part, bundle.task)
     return counts.rows, counts.subjects, events
 
 
@@ -120,30 +108,25 @@ def write_scores(dataset: MedsDataset, bundle: ModelBundle, out: str | os.PathLi
     atomically; on the cluster when ``client`` is given."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    parts_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts.", dir=out.parent))
-    parts = [str(parts_dir / f"part-{i:06d}.parquet") for i in range(len(dataset.files))]
+    if client is not None:
+        check_visible(client, dataset.root, out.parent)
     rows = subjects = events = 0
-    try:
+    with parts_beside(out, len(dataset.files)) as parts:
+        items = list(zip(dataset.files, parts, strict=True))
         if client is None:
-            results = (score_shard(dataset, bundle, path, parts[i], at, chunk_subjects)
-                       for i, path in enumerate(dataset.files))
+            results = ((i, score_shard(item, dataset, bundle, at, chunk_subjects))
+                       for i, item in enumerate(items))
         else:
-            from distributed import as_completed
-
-            data, model = client.scatter([dataset, bundle], broadcast=True, hash=False)
-            futures = [client.submit(score_shard, data, model, path, parts[i], at,
-                                     chunk_subjects, pure=False)
-                       for i, path in enumerate(dataset.files)]
-            results = (f.result() for f in as_completed(futures))
-        for r, s, e in results:
+            results = map_shards(client, score_shard, items, keep(client, dataset),
+                                 keep(client, bundle), at, chunk_subjects)
+        for _, (r, s, e) in results:
             rows, subjects, events = rows + r, subjects + s, events + e
             if progress:
                 progress(e)
         if rows == 0:
-            raise ValueError("no subject has a prediction time to score: check the task's "
-                             "prediction-time settings, or score at the last event")
+            raise FeaturesError("no subject has a prediction time to score: check the "
+                                "task's prediction-time settings, or score at the last "
+                                "event")
         with atomic_file(out) as tmp:
             concat_parts([p for p in parts if os.path.exists(p)], tmp, metadata)
-    finally:
-        shutil.rmtree(parts_dir, ignore_errors=True)
     return ScoreSummary(rows, subjects, events, len(dataset.files))

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -52,9 +52,13 @@ from training.trajectory import (
     flat_trajectory_metrics,
 )
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 Log = Callable[[str], None]
 DIGEST_FIELD = 32  # MLflow's dataset digest holds 36 characters: the full one is a tag
 KNOWN_FAMILIES = ("lightgbm", "hazard", "logistic")
+CLUSTER_ROUNDS = 1000
 HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "uno_c": True, "brier": False}
 
 
@@ -84,8 +88,8 @@ class TrainOptions(BaseModel):
     promote: bool = True
     # on a Dask cluster (training.cluster): LightGBM's fixed number of rounds, cut at the
     # best one, and where the training set is written (a folder every worker sees)
-    cluster_rounds: int = Field(default=1000, ge=10)
-    work_dir: str | None = None
+    cluster_rounds: int = Field(default=CLUSTER_ROUNDS, ge=10)
+    work_dir: Path | None = None
 
 
 @dataclass
@@ -337,7 +341,7 @@ def _cluster_data(client, dataset, task: Task, options: TrainOptions, log: Log):
     try:
         cluster = ClusterData.build(client, dataset, task, options.early_stopping_fraction,
                                     options.work_dir, options.seed, log)
-    except ValueError as exc:
+    except ValueError as exc:  # features' errors (no rows, bad data) and the cluster's
         raise TrainingError(str(exc)) from None
     counts = cluster.summary_counts
     for name, n in cluster.rows_by_part.items():
@@ -345,8 +349,7 @@ def _cluster_data(client, dataset, task: Task, options: TrainOptions, log: Log):
             cluster.close()
             raise TrainingError(f"the {name} part of the data is empty: too few subjects "
                                 "for the task's split settings")
-    times = pd.concat([cluster.parts["tuning"]["event_time_days"],
-                       cluster.parts["held_out"]["event_time_days"]])
+    times = pd.Series(np.concatenate(cluster.event_times))
     summary = {"rows": counts.rows, "subjects": counts.subjects,
                "rows_by_split": dict(cluster.rows_by_part),
                "positives": dict(counts.positives), "censored": dict(counts.censored),
@@ -359,7 +362,7 @@ def _cluster_data(client, dataset, task: Task, options: TrainOptions, log: Log):
 
 def train(events_path: str | Path, task: Task, tracker: Tracker,
           options: TrainOptions | None = None, log: Log = print,
-          client=None) -> TrainResult:
+          client: Client | None = None) -> TrainResult:
     """Run one training job and return what it did (see module docstring); on a Dask
     cluster when ``client`` is given (``training.cluster``)."""
     options = options or TrainOptions()

@@ -37,6 +37,7 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
+CLUSTER_ROUNDS = 1000  # training.train.CLUSTER_ROUNDS (not imported: it loads MLflow)
 SchedulerOption = Annotated[str | None, typer.Option(
     help="run on a Dask cluster: local, local:N (N worker processes) or tcp://HOST:PORT "
          "(default: TWINCAST_DASK_SCHEDULER, else this process)")]
@@ -438,7 +439,8 @@ def train(
                     "trial count alone decides the result otherwise")] = None,
     scheduler: SchedulerOption = None,
     rounds: Annotated[int, typer.Option(
-        min=10, help="on a cluster: LightGBM's rounds, cut at the best one")] = 1000,
+        min=10, help="on a cluster: LightGBM's rounds, then cut where early stopping on "
+                     "the whole early-stopping part would have")] = CLUSTER_ROUNDS,
     work_dir: Annotated[Path | None, typer.Option(
         help="on a cluster: where the training set is written (a folder every worker "
              "sees; default: a temporary folder)")] = None,
@@ -458,7 +460,7 @@ def train(
                                    families=[f.strip() for f in families.split(",")],
                                    promote=promote, search_seconds=search_seconds,
                                    cluster_rounds=rounds,
-                                   work_dir=str(work_dir) if work_dir else None)
+                                   work_dir=work_dir)
             from features.cluster import connect
 
             where = _scheduler(scheduler)

@@ -9,18 +9,21 @@ import signal
 import threading
 import time
 
+import lightgbm as lgb
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from features.cluster import Scheduler, connect
 from features.events import open_meds
 from serving.model_source import ModelSource
 from tests.conftest import TINY_OPTIONS, dask_cluster
-from training.cluster import predict_rows
+from training.cluster import _round_losses, early_stopping_round, predict_rows
 from training.registry import model_name
 from training.tracking import Tracker
-from training.train import TrainOptions, heldout_request, train
+from training.train import CLUSTER_ROUNDS, TrainOptions, heldout_request, train
+from twincast.cli import CLUSTER_ROUNDS as CLI_ROUNDS
 
 # Trees grown on partitioned data differ from one process's (each machine bins and
 # sums its own histograms), and on a 400-subject cohort a few held-out positives move
@@ -60,7 +63,8 @@ def test_cluster_metrics_match_the_single_process_within_tolerance(on_cluster, t
     assert on_cluster.heldout_rows.equals(trained.heldout_rows)
 
 
-def test_cluster_run_is_tracked_registered_and_gated(on_cluster, trained, tracker, tiny_task):
+def test_cluster_run_is_tracked_registered_and_gated(on_cluster, trained, tracker, tiny_task,
+                                                    events):
     run = tracker.client.get_run(on_cluster.parent_run_id)
     assert run.data.tags["twincast.cluster"] == "dask"
     assert run.data.tags["twincast.cluster.rounds"] == str(OPTIONS["cluster_rounds"])
@@ -78,22 +82,45 @@ def test_cluster_run_is_tracked_registered_and_gated(on_cluster, trained, tracke
     loaded = ModelSource(tracker, tiny_task.name).load(on_cluster.version)
     model = on_cluster.candidates[on_cluster.best].bundle
     held = on_cluster.heldout_rows.iloc[:50]
-    events = open_meds_events(tiny_task)
     x, risk = loaded.bundle.predict_events(events, held["subject_id"].to_numpy(),
                                            held["prediction_time"].to_numpy().view(np.int64))
     np.testing.assert_array_equal(risk, model.predict_features(x))
 
 
-_EVENTS = {}
+@pytest.fixture(scope="module")
+def events(small_cohort_dir):
+    return open_meds(small_cohort_dir).read_all()
 
 
-def open_meds_events(task):
-    return _EVENTS["events"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _events(small_cohort_dir):
-    _EVENTS["events"] = open_meds(small_cohort_dir).read_all()
+def test_the_cut_is_early_stopping_on_the_whole_eval_curve(small_cohort_dir, trained):
+    """``_round_losses`` summed over any split of the eval rows is LightGBM's own eval
+    curve, and ``early_stopping_round`` on it is where ``early_stopping(50)`` stops."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 5)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(size=3000) > 0.5).astype(np.float64)
+    w = rng.uniform(0.5, 2.0, size=3000)
+    xe, ye, we = x[:1000], y[:1000], w[:1000]
+    record: dict = {}
+    booster = lgb.train({"objective": "binary", "verbose": -1, "learning_rate": 0.3,
+                         "num_leaves": 15, "deterministic": True, "num_threads": 1},
+                        lgb.Dataset(x[1000:], y[1000:], weight=w[1000:]), 300,
+                        valid_sets=[lgb.Dataset(xe, ye, weight=we)],
+                        callbacks=[lgb.record_evaluation(record)])
+    frame = pd.DataFrame(xe, columns=[f"f{i}" for i in range(5)])
+    frame["_y"], frame["_w"] = ye, we
+    names = [f"f{i}" for i in range(5)]
+    sums = sum(_round_losses(part, booster.model_to_string(), names)
+               for part in (frame.iloc[:400], frame.iloc[400:410], frame.iloc[410:]))
+    curve = sums[:-1] / sums[-1]
+    np.testing.assert_allclose(curve, record["valid_0"]["binary_logloss"], rtol=1e-6)
+    stopped = lgb.train({"objective": "binary", "verbose": -1, "learning_rate": 0.3,
+                         "num_leaves": 15, "deterministic": True, "num_threads": 1},
+                        lgb.Dataset(x[1000:], y[1000:], weight=w[1000:]), 300,
+                        valid_sets=[lgb.Dataset(xe, ye, weight=we)],
+                        callbacks=[lgb.early_stopping(50, verbose=False)])
+    assert stopped.best_iteration < 250  # it did stop early: the test can tell
+    assert early_stopping_round(curve) == stopped.best_iteration
+    assert CLI_ROUNDS == CLUSTER_ROUNDS  # the CLI's default is the training default
 
 
 def test_the_gates_cluster_scoring_equals_the_model_package(small_cohort_dir, trained,
@@ -109,14 +136,14 @@ def test_the_gates_cluster_scoring_equals_the_model_package(small_cohort_dir, tr
         got = predict_rows(client, open_meds(small_cohort_dir),
                            model.unwrap_python_model().bundle, rows)
     for h in tiny_task.horizons_days:
-        np.testing.assert_allclose(got[f"risk_{h}d"].to_numpy(),
-                                   expected[f"risk_{h}d"].to_numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(got[f"risk_{h}d"].to_numpy(),
+                                      expected[f"risk_{h}d"].to_numpy())
 
 
 def test_a_worker_killed_during_training_is_retried(small_cohort_dir, tiny_task, trained,
                                                     tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "art").as_uri())
-    killed = []
+    killed, logs = [], []
     with dask_cluster(2) as address, connect(Scheduler.parse(address)) as client:
         pids = client.run(os.getpid)
         stop = threading.Event()
@@ -137,11 +164,12 @@ def test_a_worker_killed_during_training_is_retried(small_cohort_dir, tiny_task,
             result = train(small_cohort_dir, tiny_task, tracker,
                            TrainOptions(**{**OPTIONS, "families": ["lightgbm"],
                                            "trials": 1}),
-                           log=lambda m: None, client=client)
+                           log=logs.append, client=client)
         finally:
             stop.set()
             watcher.join(5)
     assert killed, "no LightGBM training task was seen to kill"
+    assert any("lost a worker" in m and "running it again" in m for m in logs), logs
     for h in tiny_task.horizons_days:
         assert abs(auroc(result, "lightgbm", h) - auroc(trained, "lightgbm", h)) \
             <= AUROC_TOLERANCE
