@@ -274,9 +274,11 @@ def atomic_file(out: Path) -> Iterator[str]:
             os.unlink(tmp)
 
 
-def write_frames(frames: Iterator[pd.DataFrame], path: str, task: Task) -> FrameCounts:
+def write_frames(frames: Iterator[pd.DataFrame], path: str, task: Task,
+                 metadata: dict[str, str] | None = None) -> FrameCounts:
     """Stream labelled chunks to one parquet file, a row group each (zstd, the split
-    dictionary-encoded), compressing one chunk while the next is built."""
+    dictionary-encoded), compressing one chunk while the next is built; ``metadata`` is
+    added to the file's schema."""
     counts = FrameCounts(positives=dict.fromkeys(task.horizons_days, 0),
                          censored=dict.fromkeys(task.horizons_days, 0))
     writer = None
@@ -289,6 +291,9 @@ def write_frames(frames: Iterator[pd.DataFrame], path: str, task: Task) -> Frame
                 i = table.column_names.index("split")
                 table = table.set_column(i, table.schema.field(i).with_type(SPLIT_TYPE),
                                          table.column(i).cast(SPLIT_TYPE))
+            if metadata:
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
+                    k.encode(): v.encode() for k, v in metadata.items()}})
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema, compression="zstd",
                                           use_dictionary=["split"])

@@ -83,12 +83,13 @@ def _id_range(path: Path) -> tuple[int, int]:
     return (int(lo), int(hi)) if lo is not None else (0, -1)
 
 
-def write_part(frames: Iterable[pd.DataFrame], part: str, task: Task) -> FrameCounts:
+def write_part(frames: Iterable[pd.DataFrame], part: str, task: Task,
+               metadata: dict[str, str] | None = None) -> FrameCounts:
     """A task's frames as one part file, written under a temporary name and renamed (a
     re-run task replaces it; no file when there are no rows)."""
     tmp = f"{part}.{uuid.uuid4().hex}.tmp"
     try:
-        counts = write_frames(frames, tmp, task)
+        counts = write_frames(frames, tmp, task, metadata)
         if counts.rows:
             os.replace(tmp, part)
         return counts
@@ -163,6 +164,7 @@ def write_training_set_on(
 ) -> TrainingSetSummary:
     """:func:`features.pipeline.write_training_set` on a Dask cluster (same output)."""
     out = Path(out)
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_visible(client, dataset.root, out.parent)
     spec, _ = fit_spec_on(client, dataset, task, progress)
@@ -177,28 +179,54 @@ def write_training_set_on(
                 progress(part.events)
         if counts.rows == 0:
             raise FeaturesError(NO_ROWS)
-        with atomic_file(out) as tmp:
-            concat_parts([p for p in parts if os.path.exists(p)], tmp)
+        publish(parts, out)
     return counts.summary(spec)
 
 
-def concat_parts(parts: list[str], out: str, metadata: dict[str, str] | None = None) -> None:
+def as_directory(out: Path) -> bool:
+    """Whether a cluster job's output is a folder of parts (a name without a suffix)
+    rather than one parquet file."""
+    return out.suffix == ""
+
+
+def check_output(out: Path) -> None:
+    """Refuse, before any work, an output folder that exists and is not empty."""
+    if as_directory(out) and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder")
+
+
+def publish(parts: list[str], out: Path) -> None:
+    """The parts as the job's output, atomically: copied in shard order into one parquet
+    file (one row group in memory at a time: a serial copy of the whole output), or —
+    for an output named without a suffix — renamed as a folder of part files, which
+    readers take in name order, that is in shard order (no copy)."""
+    present = [p for p in parts if os.path.exists(p)]
+    if not as_directory(out):
+        with atomic_file(out) as tmp:
+            concat_parts(present, tmp)
+        return
+    check_output(out)
+    if out.exists():
+        out.rmdir()
+    folder = Path(parts[0]).parent
+    for p in folder.glob("*.tmp"):  # a killed task's leftovers
+        p.unlink()
+    os.replace(folder, out)
+
+
+def concat_parts(parts: list[str], out: str) -> None:
     """Copy the parts' row groups, in order, into one parquet file (one row group in
-    memory at a time); ``metadata`` is added to the file's schema."""
-    writer, schema = None, None
+    memory at a time), with the first part's schema and its metadata."""
+    writer = None
     try:
         for p in parts:
             f = pq.ParquetFile(p)
             for g in range(f.num_row_groups):
                 table = f.read_row_group(g)
                 if writer is None:
-                    schema = f.schema_arrow
-                    if metadata:
-                        schema = schema.with_metadata({**(schema.metadata or {}), **{
-                            k.encode(): v.encode() for k, v in metadata.items()}})
-                    writer = pq.ParquetWriter(out, schema, compression="zstd",
+                    writer = pq.ParquetWriter(out, f.schema_arrow, compression="zstd",
                                               use_dictionary=["split"])
-                writer.write_table(table.replace_schema_metadata(schema.metadata))
+                writer.write_table(table.replace_schema_metadata(f.schema_arrow.metadata))
     finally:
         if writer is not None:
             writer.close()

@@ -30,8 +30,8 @@ import pandas as pd
 from features.cluster import check_visible, keep, map_shards
 from features.errors import FeaturesError
 from features.events import NAT_US, EventArrays, MedsDataset, subject_bounds
-from features.pipeline import TrainingSetBuilder, atomic_file
-from features.sharded import concat_parts, parts_beside, shard_of, write_part
+from features.pipeline import TrainingSetBuilder
+from features.sharded import check_output, parts_beside, publish, shard_of, write_part
 from training.bundle import ModelBundle
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ def score_chunk(builder: TrainingSetBuilder, bundle: ModelBundle, arrays: EventA
 
 
 def score_shard(item: tuple[Path, str], dataset: MedsDataset, bundle: ModelBundle, at: At,
-                chunk_subjects: int) -> tuple[int, int, int]:
+                chunk_subjects: int, metadata: dict[str, str] | None = None
+                ) -> tuple[int, int, int]:
     """One shard's forecasts, written to its part file; returns (rows, subjects, events)."""
     path, part = item
     builder = TrainingSetBuilder(shard_of(dataset, path), bundle.task,
@@ -96,7 +97,7 @@ def score_shard(item: tuple[Path, str], dataset: MedsDataset, bundle: ModelBundl
             if len(frame):
                 yield frame
 
-    counts = write_part(frames(), part, bundle.task)
+    counts = write_part(frames(), part, bundle.task, metadata)
     return counts.rows, counts.subjects, events
 
 
@@ -107,6 +108,7 @@ def write_scores(dataset: MedsDataset, bundle: ModelBundle, out: str | os.PathLi
     """Score every shard of ``dataset`` with ``bundle`` into ``out`` (parquet),
     atomically; on the cluster when ``client`` is given."""
     out = Path(out)
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if client is not None:
         check_visible(client, dataset.root, out.parent)
@@ -114,11 +116,11 @@ def write_scores(dataset: MedsDataset, bundle: ModelBundle, out: str | os.PathLi
     with parts_beside(out, len(dataset.files)) as parts:
         items = list(zip(dataset.files, parts, strict=True))
         if client is None:
-            results = ((i, score_shard(item, dataset, bundle, at, chunk_subjects))
+            results = ((i, score_shard(item, dataset, bundle, at, chunk_subjects, metadata))
                        for i, item in enumerate(items))
         else:
             results = map_shards(client, score_shard, items, keep(client, dataset),
-                                 keep(client, bundle), at, chunk_subjects)
+                                 keep(client, bundle), at, chunk_subjects, metadata)
         for _, (r, s, e) in results:
             rows, subjects, events = rows + r, subjects + s, events + e
             if progress:
@@ -127,6 +129,5 @@ def write_scores(dataset: MedsDataset, bundle: ModelBundle, out: str | os.PathLi
             raise FeaturesError("no subject has a prediction time to score: check the "
                                 "task's prediction-time settings, or score at the last "
                                 "event")
-        with atomic_file(out) as tmp:
-            concat_parts([p for p in parts if os.path.exists(p)], tmp, metadata)
+        publish(parts, out)
     return ScoreSummary(rows, subjects, events, len(dataset.files))

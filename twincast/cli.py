@@ -368,7 +368,12 @@ def build_training_set(events: Path, task_path: Path, out_file: Path, scheduler=
                                             progress=lambda n: bar.advance(job, n))
     else:
         from features.pipeline import write_training_set
+        from features.sharded import as_directory
 
+        if as_directory(out_file):
+            raise typer.BadParameter("a folder of parts is what a cluster run writes "
+                                     "(--scheduler); name a .parquet file here",
+                                     param_hint="--out")
         with _progress("features", total) as bar:
             job = bar.add_task(f"building {task.name} features", total=total)
             summary = write_training_set(dataset, task, out_file,

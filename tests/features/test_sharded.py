@@ -176,3 +176,26 @@ def test_an_unreachable_scheduler_is_a_clear_error(sharded, tmp_path):
                            str(ESKD_TASK), "--out", str(tmp_path / "x.parquet"),
                            "--scheduler", "local:zero"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--scheduler" in proc.stderr
+
+
+def test_a_folder_output_is_the_parts_in_shard_order(sharded, kalman_task, single, tmp_path):
+    """An output named without a suffix is a folder of part files (no serial copy on the
+    client), which read back in name order as the single process's file; an existing
+    non-empty folder is refused before any work."""
+    one, summary = single
+    out = tmp_path / "train"
+    with connect(Scheduler.parse("local:2")) as client:
+        dist = write_training_set_on(client, open_meds(sharded), kalman_task, out,
+                                     chunk_subjects=40)
+        assert dist.as_dict() == summary.as_dict()
+        parts = sorted(out.glob("*"))
+        assert len(parts) == len(open_meds(sharded).files)
+        assert all(p.suffix == ".parquet" for p in parts)
+        assert pq.read_table(one).equals(pq.read_table(parts[0].parent))
+        with pytest.raises(FileExistsError):
+            write_training_set_on(client, open_meds(sharded), kalman_task, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["train"]  # nothing beside it
+    proc = subprocess.run([str(BIN), "features", "--events", str(sharded), "--task",
+                           str(TRAJECTORY_TASK), "--out", str(tmp_path / "folder")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--scheduler" in proc.stderr

@@ -84,6 +84,18 @@ def test_last_event_scores_each_subject_once_at_its_last_event(model, nine_shard
                                   model.bundle.predict_features(x)[:, -1])
 
 
+def test_scores_to_a_folder_are_the_parts_with_their_provenance(model, nine_shards,
+                                                                in_process, tmp_path):
+    out = tmp_path / "scores"
+    write_scores(open_meds(nine_shards), model.bundle, out, chunk_subjects=20,
+                 metadata={"twincast.version": model.version})
+    parts = sorted(out.glob("*.parquet"))
+    assert len(parts) == 9
+    assert pq.read_table(out).equals(pq.read_table(in_process[0]), check_metadata=False)
+    assert all(pq.read_schema(p).metadata[b"twincast.version"] == model.version.encode()
+               for p in parts)
+
+
 def test_a_local_cluster_writes_the_same_scores(model, nine_shards, in_process, tmp_path):
     out = tmp_path / "scores.parquet"
     with connect(Scheduler.parse("local:2")) as client:
