@@ -62,6 +62,7 @@ from training.bundle import ModelBundle
 from training.censoring import CensoringSurvival, ipcw_weights
 from training.errors import TrainingError
 from training.models import LightGBMHorizon
+from training.scoring import risk_column
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -374,7 +375,7 @@ def _predict_shard(path, dataset: MedsDataset, bundle: ModelBundle, keys: pd.Dat
     x = bundle.features_for(arrays, mine["subject_id"].to_numpy(),
                             mine["prediction_time"].to_numpy().view(np.int64))
     frame = pd.DataFrame(bundle.predict_features(x),
-                         columns=[f"risk_{h}d" for h in bundle.horizons])
+                         columns=[risk_column(h) for h in bundle.horizons])
     frame.insert(0, "row", mine["row"].to_numpy())
     return frame
 

@@ -164,12 +164,18 @@ def _fit_candidate(family: str, params: dict, parts: dict, task: Task, names: li
     if family == "hazard":  # one model for every horizon, from the event times
         return _fit_hazard(cand, params, parts, task, names, seed, g["tuning"])
     cls = FAMILIES[family]
+    on_cluster = cluster is not None and family == "lightgbm"
     for i, h in enumerate(task.horizons_days):
-        x, y, w = _xy(parts["fit"], names, h, g["fit"])
-        xe, ye, we = _xy(parts["early_stopping"], names, h, g["early_stopping"])
+        if on_cluster:  # the rows stay on the workers: only the labels are checked here
+            fit = parts["fit"]
+            y = fit[label_column(h)].to_numpy(dtype=np.float64)
+            y = y[ipcw_weights(fit["event_time_days"].to_numpy(), y, h, g["fit"]) > 0]
+        else:
+            x, y, w = _xy(parts["fit"], names, h, g["fit"])
+            xe, ye, we = _xy(parts["early_stopping"], names, h, g["early_stopping"])
         if len(np.unique(y)) < 2:
             raise TrainingError(f"no positive (or no negative) training rows at {h} days")
-        if cluster is not None and family == "lightgbm":
+        if on_cluster:
             try:
                 model = cluster.fit_lightgbm(params, h, seed, options.cluster_rounds, log)
             except ValueError as exc:
