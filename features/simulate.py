@@ -73,7 +73,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -418,15 +418,6 @@ class ShardPlan:
                 + (f",first={self.first_subject_id}" if self.first_subject_id != 1 else "")
                 + (f",shift={self.shift.text()}" if self.shift else "")
                 + (",steady" if self.steady else ""))
-
-
-def simulate_shards(n_subjects: int, shards: int, seed: int = 0, first_subject_id: int = 1,
-                    shift: Shift | None = None, steady: bool = False,
-                    ) -> Iterator[tuple[int, pd.DataFrame]]:
-    """``(index, events)`` for each shard of a :class:`ShardPlan`, one at a time."""
-    plan = ShardPlan(n_subjects, shards, seed, first_subject_id, shift, steady)
-    for k in range(plan.shards):
-        yield k, plan.simulate(k)
 
 
 def write_plan_shard(directory: Path, plan: ShardPlan, index: int) -> int:

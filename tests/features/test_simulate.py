@@ -21,7 +21,6 @@ from features.simulate import (
     ShardPlan,
     Shift,
     simulate_cohort,
-    simulate_shards,
     write_plan_shard,
     write_sharded_cohort,
 )
@@ -136,7 +135,8 @@ def test_a_shard_depends_only_on_the_seed_its_index_and_its_ids():
     alone = simulate_cohort(100, seed=np.random.SeedSequence(9).spawn(4)[2],
                             first_subject_id=201, steady=True)
     assert content_digest(plan.simulate(2)) == content_digest(alone)
-    shards = [(k, ev["subject_id"].unique().tolist()) for k, ev in simulate_shards(9, 3)]
+    nine = ShardPlan(9, 3)
+    shards = [(k, nine.simulate(k)["subject_id"].unique().tolist()) for k in range(3)]
     assert shards == [(0, [1, 2, 3]), (1, [4, 5, 6]), (2, [7, 8, 9])]
 
 
