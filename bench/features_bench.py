@@ -97,7 +97,7 @@ CLI_RUNS = 5
 
 def cli_timing(out: Path) -> None:
     """``twincast features`` as a user runs it on ~500,000 events — process start,
-    imports, kernel loading included — beside the work alone in a warm process."""
+    imports included — beside the work alone in a warm process."""
     path = cohort(out, CLI_SUBJECTS)
     exe = Path(sys.executable).parent / "twincast"
     walls = []
@@ -107,13 +107,13 @@ def cli_timing(out: Path) -> None:
                         "--out", str(out / "cli_train.parquet")], check=True,
                        capture_output=True)
         walls.append(time.perf_counter() - t0)
-    run_one(path, out / "cli_train.parquet")  # warm: kernels loaded, pages cached
+    run_one(path, out / "cli_train.parquet")  # warm: modules imported, pages cached
     work = sorted(run_one(path, out / "cli_train.parquet")["wall_s"] for _ in range(3))[1]
     events = run_one(path, out / "cli_train.parquet")["events"]
     wall = sorted(walls)[CLI_RUNS // 2]
     print(f"twincast features on {events:,} events, median of {CLI_RUNS} processes: "
           f"{wall:.2f}s end to end; the work alone (warm process) {work:.2f}s; process "
-          f"start, imports and kernel loading {wall - work:.2f}s ({wall / work:.1f}x the work)")
+          f"start and imports {wall - work:.2f}s ({wall / work:.1f}x the work)")
 
 
 def main() -> None:
@@ -135,7 +135,7 @@ def main() -> None:
         print(f"{n:,} subjects")
         path = cohort(args.out, n)
         runs = []
-        for _ in range(REPEATS):  # each in a fresh process: imports, kernel loading, cold
+        for _ in range(REPEATS):  # each in a fresh process: imports, cold caches
             child = subprocess.run(
                 [sys.executable, __file__, "--child", str(path),
                  str(args.out / f"train_{n}.parquet")],
