@@ -1,4 +1,5 @@
-"""The table-based TreeSHAP gives LightGBM's own pred_contrib values."""
+"""Our TreeSHAP (tables, and per row for deep leaves) gives LightGBM's own pred_contrib
+values."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from training.models import LightGBMHorizon
-from training.treeshap import TreeShap
+from training.treeshap import TABLE_DEPTH, TreeShap
 
 
 def data(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,11 +41,15 @@ def booster(x, y, **params) -> lgb.Booster:
     {"num_leaves": 127, "max_depth": 14, "min_data_in_leaf": 2},  # deep paths
     {"num_leaves": 2},                     # stumps
 ])
-def test_tables_give_lightgbms_own_contributions(params):
+@pytest.mark.parametrize("table_depth", [TABLE_DEPTH, 3, 0])  # tables, mixed, none
+def test_tables_give_lightgbms_own_contributions(params, table_depth):
     x, y = data()
     b = booster(x, y, **params)
-    shap = TreeShap.from_booster(b)
+    shap = TreeShap.from_booster(b, table_depth=table_depth)
     assert shap is not None
+    tabled = shap.leaves["table_start"][:-1] >= 0
+    depth = np.diff(shap.leaves["feat_start"])
+    assert (tabled == (depth <= table_depth)).all()
     probe, _ = data(500, seed=1)
     probe[:5] = np.nan  # rows with every feature missing
     probe[5:10] = 0.0
@@ -58,10 +63,15 @@ def test_tables_give_lightgbms_own_contributions(params):
                                atol=1e-9)
 
 
-def test_too_large_or_categorical_models_fall_back_to_the_booster():
+def test_a_table_budget_moves_leaves_to_per_row_and_categories_fall_back():
     x, y = data()
-    b = booster(x, y)
-    assert TreeShap.from_booster(b, max_bytes=1000) is None
+    b = booster(x, y, num_leaves=63, min_data_in_leaf=2)
+    small = TreeShap.from_booster(b, max_bytes=1000)
+    assert small is not None and small.leaves["table"].nbytes <= 1000
+    assert (small.leaves["table_start"][:-1] < 0).any()
+    probe, _ = data(300, seed=2)
+    np.testing.assert_allclose(small.contributions(probe),
+                               b.predict(probe, pred_contrib=True)[:, :-1], atol=1e-9)
     xc = x.copy()
     xc[:, 4] = np.abs(np.round(xc[:, 4] * 3))
     bc = lgb.train({"objective": "binary", "verbose": -1, "min_data_per_group": 5,
