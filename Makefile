@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml features/_kernels.pyx
+$(STAMP): pyproject.toml setup.py features/_kernels.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
