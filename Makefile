@@ -32,4 +32,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/features_bench.py
 
 clean:
-	rm -rf $(VENV) .twincast .pytest_cache
+	rm -rf $(VENV) .twincast .pytest_cache build features/_kernels.*.so

@@ -2,6 +2,9 @@
 C into build/, so neither the source tree nor a model package carries generated code."""
 
 from Cython.Build import cythonize
-from setuptools import setup
+from setuptools import Extension, setup
 
-setup(ext_modules=cythonize("features/_kernels.pyx", build_dir="build"))
+# no fused multiply-add: the same features, to the bit, on every CPU that builds them
+kernels = Extension("features._kernels", ["features/_kernels.pyx"],
+                    extra_compile_args=["-ffp-contract=off"])
+setup(ext_modules=cythonize([kernels], build_dir="build"))

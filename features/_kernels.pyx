@@ -52,6 +52,25 @@ cdef inline Py_ssize_t _right(const int64_t[::1] t, Py_ssize_t lo, Py_ssize_t hi
     return lo
 
 
+cdef inline Py_ssize_t _upto(const int64_t[::1] offsets, const int64_t[::1] t, int64_t s,
+                             int64_t tq, Py_ssize_t* a) noexcept nogil:
+    """Subject s's rows at or before tq: sets ``a[0]`` to its first row, returns the end."""
+    a[0] = offsets[s]
+    return _right(t, a[0], offsets[s + 1], tq)
+
+
+def _check_shapes(const int64_t[::1] offsets, Py_ssize_t n_events,
+                  const int64_t[::1] q_sidx, const int64_t[::1] q_t, float[:, ::1] out):
+    """What the kernels index without bounds checks agrees (ValueError if not)."""
+    if q_sidx.shape[0] != q_t.shape[0] or out.shape[1] != q_t.shape[0]:
+        raise ValueError("q_sidx, q_t and the columns of out need one entry per query")
+    if offsets.shape[0] == 0 or offsets[offsets.shape[0] - 1] > n_events:
+        raise ValueError("offsets must end within the events")
+    for i in range(q_sidx.shape[0]):
+        if not 0 <= q_sidx[i] < offsets.shape[0] - 1:
+            raise ValueError(f"query {i} names subject index {q_sidx[i]}, outside offsets")
+
+
 cdef inline Py_ssize_t _window_start(const int64_t[::1] t, Py_ssize_t a, Py_ssize_t hi,
                                      int64_t tq, int64_t length) noexcept nogil:
     """First row of [a, hi) inside the window (tq − length, tq]."""
@@ -118,20 +137,18 @@ def numeric(const int64_t[::1] offsets, const int64_t[::1] t, const double[::1] 
     """Numeric aggregations of one code for every query: ``lengths[w]`` is window *w* in
     µs (−1 for all history); ``cols[w, a]`` is the row of ``out`` for window *w* and
     aggregation *a* (``featurize.NUMERIC_AGGS``)."""
-    if cols.shape[1] != N_AGGS:
-        raise ValueError(f"cols has {cols.shape[1]} columns, not {N_AGGS}")
+    _check_shapes(offsets, min(t.shape[0], v.shape[0]), q_sidx, q_t, out)
+    if cols.shape[1] != N_AGGS or cols.shape[0] != lengths.shape[0]:
+        raise ValueError(f"cols needs one row per window and {N_AGGS} columns")
     cdef double pairs[MAX_PAIRS]
-    cdef Py_ssize_t i, w, j, a, b, hi, lo, k, distinct
-    cdef int64_t s, tq, t0
+    cdef Py_ssize_t i, w, j, a, hi, lo, k, distinct
+    cdef int64_t tq, t0
     cdef const int64_t* c
     cdef double tw, sw, d, acc, y0, sy, sx, lo_v, hi_v, y, my, mx, syy, sxx, sxy, dy, dx
     with nogil:
         for i in range(q_t.shape[0]):
-            s = q_sidx[i]
             tq = q_t[i]
-            a = offsets[s]
-            b = offsets[s + 1]
-            hi = _right(t, a, b, tq)
+            hi = _upto(offsets, t, q_sidx[i], tq, &a)
             for w in range(lengths.shape[0]):
                 c = &cols[w, 0]
                 lo = _window_start(t, a, hi, tq, lengths[w])
@@ -220,20 +237,20 @@ def filtered(const int64_t[::1] offsets, const int64_t[::1] t, const double[::1]
     times), and a local-linear-trend Kalman filter (``noise``: measurement, level and
     slope variances, the slope's initial variance; filtering only) — levels carried
     forward to t along their trend, slopes per year."""
-    if noise.shape[0] != 4 or kalman_cols.shape[0] != 2 or ewm_cols.shape[1] != 2:
-        raise ValueError("noise needs 4 values, kalman_cols 2 and ewm_cols 2 columns")
-    cdef Py_ssize_t i, h, j, a, b, hi
-    cdef int64_t s, tq
+    _check_shapes(offsets, min(t.shape[0], v.shape[0]), q_sidx, q_t, out)
+    if noise.shape[0] != 4 or kalman_cols.shape[0] != 2 or ewm_cols.shape[1] != 2 \
+            or ewm_cols.shape[0] != half_lives.shape[0]:
+        raise ValueError("noise needs 4 values, kalman_cols 2, ewm_cols 2 columns and a "
+                         "row per half-life")
+    cdef Py_ssize_t i, h, j, a, hi
+    cdef int64_t tq
     cdef double ahead, level, trend, d, alpha, prev, r, q_l, q_s, x0, x1, p00, p01, p11
     cdef double n00, n01, n11, sk, k0, k1, innov
     cdef double ln2 = log(2.0)
     with nogil:
         for i in range(q_t.shape[0]):
-            s = q_sidx[i]
             tq = q_t[i]
-            a = offsets[s]
-            b = offsets[s + 1]
-            hi = _right(t, a, b, tq)
+            hi = _upto(offsets, t, q_sidx[i], tq, &a)
             if hi == a:
                 continue
             ahead = <double>(tq - t[hi - 1]) / US_PER_YEAR
@@ -285,17 +302,15 @@ def categorical(const int64_t[::1] offsets, const int64_t[::1] t,
                 const int64_t[::1] lengths, const int64_t[::1] count_cols,
                 int64_t ever_col, int64_t first_col, float[:, ::1] out):
     """Ever, days since first and count per window of one code for every query."""
+    _check_shapes(offsets, t.shape[0], q_sidx, q_t, out)
     if count_cols.shape[0] != lengths.shape[0]:
         raise ValueError("count_cols needs one column per window")
-    cdef Py_ssize_t i, w, a, b, hi
-    cdef int64_t s, tq
+    cdef Py_ssize_t i, w, a, hi
+    cdef int64_t tq
     with nogil:
         for i in range(q_t.shape[0]):
-            s = q_sidx[i]
             tq = q_t[i]
-            a = offsets[s]
-            b = offsets[s + 1]
-            hi = _right(t, a, b, tq)
+            hi = _upto(offsets, t, q_sidx[i], tq, &a)
             if ever_col >= 0:
                 out[ever_col, i] = 1.0 if hi > a else 0.0
             if first_col >= 0 and hi > a:

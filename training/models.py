@@ -81,15 +81,15 @@ class LightGBMHorizon:
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """Per-feature contributions on the raw (log-odds) scale, bias dropped: LightGBM's
-        TreeSHAP values, from precomputed tables (:mod:`training.treeshap`, ~9x faster)
-        when they fit, else from the booster itself."""
+        TreeSHAP values, from :mod:`training.treeshap` (tables, deep leaves per row), or
+        from the booster itself for a model with categorical splits."""
         shap = self.explainer()
         if shap is not None:
             return shap.contributions(x)
         return self.booster_.predict(x, pred_contrib=True, num_threads=1)[:, :-1]
 
     def explainer(self) -> TreeShap | None:
-        """The tables, built once per loaded model (not pickled)."""
+        """The TreeSHAP explainer, built once per loaded model (not pickled)."""
         if "_shap" not in self.__dict__:
             self.__dict__["_shap"] = TreeShap.from_booster(self.booster_)
         return self.__dict__["_shap"]

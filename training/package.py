@@ -13,7 +13,7 @@ times::
 Output — one row per PREDICT_AT row: ``subject_id``, ``prediction_time``,
 ``risk_<H>d`` for every horizon (calibrated, non-decreasing across horizons) and, when
 the ``contributions`` parameter is > 0, a JSON column with that many top feature
-contributions per horizon (LightGBM ``pred_contrib`` or coefficient × standardised
+contributions per horizon (TreeSHAP, LightGBM's values, or coefficient × standardised
 value, on the model's raw log-odds scale).
 
 The package bundles the FeatureSpec, the task, the fitted models and calibrators, and the

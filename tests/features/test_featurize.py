@@ -283,3 +283,22 @@ def test_a_features_process_starts_without_a_jit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["[]", "True"]
+
+
+def test_the_kernels_refuse_inputs_they_would_index_out_of_bounds():
+    from features import _kernels
+
+    offsets, t, v = np.array([0, 2]), np.array([1, 2]), np.array([1.0, 2.0])
+    lengths, cols = np.array([-1]), np.full((1, _kernels.N_NUMERIC_AGGS), -1)
+    out = np.zeros((3, 1), dtype=np.float32)
+    _kernels.numeric(offsets, t, v, np.array([0]), np.array([5]), lengths, cols, out)
+    for sidx, q_t, offs, o in [
+        (np.array([1]), np.array([5]), offsets, out),  # a subject past the offsets
+        (np.array([0]), np.array([5]), np.array([0, 3]), out),  # offsets past the events
+        (np.array([0, 0]), np.array([5, 6]), offsets, out),  # fewer columns than queries
+    ]:
+        with pytest.raises(ValueError):
+            _kernels.numeric(offs, t, v, sidx, q_t, lengths, cols, o)
+    with pytest.raises(ValueError):  # a window without its row of columns
+        _kernels.numeric(offsets, t, v, np.array([0]), np.array([5]), np.array([-1, 10]),
+                         cols, out)
