@@ -66,6 +66,13 @@ def _check_shapes(const int64_t[::1] offsets, Py_ssize_t n_events,
         raise ValueError("q_sidx, q_t and the columns of out need one entry per query")
     if offsets.shape[0] == 0 or offsets[offsets.shape[0] - 1] > n_events:
         raise ValueError("offsets must end within the events")
+    cdef Py_ssize_t i
+    cdef int64_t n_subjects = offsets.shape[0] - 1
+    for i in range(q_sidx.shape[0]):
+        if not 0 <= q_sidx[i] < n_subjects:
+            break
+    else:
+        return
     for i in range(q_sidx.shape[0]):
         if not 0 <= q_sidx[i] < offsets.shape[0] - 1:
             raise ValueError(f"query {i} names subject index {q_sidx[i]}, outside offsets")
