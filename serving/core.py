@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from serving.coalesce import Coalescer
+from serving.coalesce import Coalescer, GroupCommit
 from serving.config import ServingConfig
 from serving.errors import BadInput, NotFound, NotReady
 from serving.model_source import ModelSource
@@ -42,6 +42,9 @@ class TwinService:
         self.models = ModelHolder(store, source, self.worker)
         self.writer = TwinWriter(store, self.models, failpoints=config.failpoints)
         self.coalescer = Coalescer(self.writer)  # concurrent one-twin writes, batched
+        # concurrent logged reads of twins' views: their access rows in one commit
+        self.view_reads: GroupCommit[tuple[int, Caller, AccessInfo], str] = GroupCommit(
+            self._logged_views)
         self.refresher = Refresher(store, self.writer, self.worker, chunk=config.refresh_chunk,
                                    lease_seconds=config.refresh_lease_seconds,
                                    failpoints=config.failpoints)
@@ -175,20 +178,32 @@ class TwinService:
                   access: AccessInfo | None = None) -> str:
         """The twin's current state as JSON: one primary-key read of its kept view.  With
         ``access``, the read and its access-log row are one transaction (the row is
-        committed before the answer exists)."""
-        def read(s) -> str:
-            exists, view = self.store.twins.view(s, subject_id)
-            if not exists:
-                raise NotFound(f"no twin with subject_id {subject_id}")
-            if view is None:
-                raise NotFound(f"twin {subject_id} has no forecast yet (a refresh will make "
-                               "one)")
-            if access is not None and caller is not None:
-                self.store.access.add(s, [access.row(caller, subject_id)])
-                access.written = True
-            return view
+        committed before the answer exists), shared with concurrent reads."""
+        if access is not None and caller is not None:
+            return self.view_reads.submit((subject_id, caller, access))
+        with self.store.read() as s:
+            return _view_or_missing(subject_id, self.store.twins.views(s, [subject_id]))
 
-        return self._logged_read(read, access)
+    def _logged_views(self, reads: list[tuple[int, Caller, AccessInfo]]
+                      ) -> list[str | BaseException]:
+        """Reads of twins' views, each answered its view or why not, and the access rows
+        of those answered, in one transaction."""
+        def work(s) -> list[str | BaseException]:
+            views = self.store.twins.views(s, [sid for sid, _, _ in reads])
+            out: list[str | BaseException] = []
+            for sid, _, _ in reads:
+                try:
+                    out.append(_view_or_missing(sid, views))
+                except NotFound as exc:
+                    out.append(exc)
+            self.store.access.add(s, [access.row(caller, sid) for (sid, caller, access), o
+                                      in zip(reads, out, strict=True) if isinstance(o, str)])
+            return out
+
+        out = self.store.db.transact(work)
+        for (_, _, access), o in zip(reads, out, strict=True):
+            access.written = isinstance(o, str)
+        return out
 
     def current_forecast(self, subject_id: int, caller: Caller | None = None,
                          access: AccessInfo | None = None) -> dict[str, Any]:
@@ -346,3 +361,13 @@ def alert_item(r: dict[str, Any]) -> dict[str, Any]:
                if k not in ("expires_at",)},
             "horizon_ends": iso(r["expires_at"]),
             "acknowledged": r["acknowledged_at"] is not None}
+
+
+def _view_or_missing(subject_id: int, views: dict[int, str | None]) -> str:
+    """A twin's kept view, or NotFound saying why there is none."""
+    if subject_id not in views:
+        raise NotFound(f"no twin with subject_id {subject_id}")
+    view = views[subject_id]
+    if view is None:
+        raise NotFound(f"twin {subject_id} has no forecast yet (a refresh will make one)")
+    return view

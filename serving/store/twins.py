@@ -204,7 +204,6 @@ class Twins:
                                    e.superseded_at.is_not(None)).group_by(e.subject_id))
         self._superseded_upto = self._superseded.where(e.superseded_at <= bindparam("upto"))
         self._present = select(t.subject_id).where(t.subject_id.in_(ids))
-        self._view = select(t.view).where(t.subject_id == bindparam("sid"))
         self._create_twins = self._insert(Twin.__table__).on_conflict_do_nothing(
             index_elements=["subject_id"]).returning(t.subject_id)
         self._add_forecasts = insert(Forecast.__table__)
@@ -281,10 +280,18 @@ class Twins:
         """Remove a twin row this transaction created and nothing refers to."""
         s.execute(delete(Twin).where(Twin.subject_id == subject_id))
 
-    def view(self, s: Session, subject_id: int) -> tuple[bool, str | None]:
-        """(exists, kept view JSON) — one primary-key read."""
-        row = s.connection().execute(self._view, {"sid": subject_id}).first()
-        return (row is not None, row[0] if row is not None else None)
+    def views(self, s: Session, subject_ids: Sequence[int]) -> dict[int, str | None]:
+        """The kept views of the twins that exist (None: no forecast yet), one read."""
+        ids = sorted(set(subject_ids))
+        if not ids:
+            return {}
+        sql = ("SELECT subject_id, view FROM twins WHERE subject_id IN "
+               f"({', '.join('?' * len(ids))})")
+        result = s.connection().exec_driver_sql(self._sql(sql), tuple(ids))
+        try:
+            return dict(result.cursor.fetchall())
+        finally:
+            result.close()
 
     def exists(self, s: Session, subject_id: int) -> bool:
         return s.execute(select(Twin.subject_id).where(Twin.subject_id == subject_id)

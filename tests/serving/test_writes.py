@@ -250,6 +250,53 @@ def _same_history(got, want) -> None:
     assert got.count == want.count and got.last_time == want.last_time
 
 
+def test_concurrent_logged_reads_share_a_commit_and_each_get_their_own_twin(
+        database, tracker, trained, small_cohort):
+    """GETs at once: each answer is its own twin's view (a missing twin's is its own
+    404), one access row per answered read under its own caller, fewer commits than
+    reads."""
+    from serving.errors import NotFound
+
+    svc = service(database, tracker)
+    sids = [4_400_000 + k for k in range(8)]
+    svc.writer.write([TwinInput(sid, events=event_rows(history(small_cohort, trained, k)))
+                      for k, sid in enumerate(sids)], Caller("seed"), None)
+    missing = 4_400_999
+    asks = [*sids, missing] * 4
+    n = len(asks)
+    barrier = threading.Barrier(n, timeout=30)
+    answers: dict[int, object] = {}
+    infos: dict[int, AccessInfo] = {}
+
+    def one(k: int) -> None:
+        info = infos[k] = AccessInfo("GET", f"/v1/twins/{asks[k]}", "read_twin")
+        barrier.wait()
+        try:
+            answers[k] = json.loads(svc.twin_view(asks[k], Caller(f"reader-{k}"), info))
+        except NotFound as exc:
+            answers[k] = exc
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    reads = svc.view_reads
+    assert reads.parts == n and reads.batches < n  # reads shared transactions
+    for k, sid in enumerate(asks):
+        if sid == missing:
+            assert isinstance(answers[k], NotFound) and not infos[k].written
+        else:
+            assert answers[k]["subject_id"] == sid and infos[k].written
+    with svc.store.read() as s:
+        logged = sorted(s.execute(select(AccessLog.subject_id, AccessLog.key_name)
+                                  .where(AccessLog.action == "read_twin",
+                                         AccessLog.subject_id.in_([*sids, missing]))).all())
+    assert logged == sorted((sid, f"reader-{k}") for k, sid in enumerate(asks)
+                            if sid != missing)
+    svc.store.dispose()
+
+
 def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
         database, tracker, trained, small_cohort):
     """The history cache: what a worker keeps of a twin after each write equals what the
