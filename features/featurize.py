@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,6 +68,91 @@ class _CodeEvents:
         np.cumsum(np.bincount(sidx, minlength=n_subjects), out=self.offsets[1:])
 
 
+@dataclass(frozen=True)
+class _CodePlan:
+    """One code's kernel arguments, from the spec alone (column indices; -1: not asked)."""
+
+    code: str
+    kind: str
+    numeric: bool
+    static_col: int = -1
+    counts: np.ndarray | None = None  # categorical: a count column per window
+    ever: int = -1
+    days_since_first: int = -1
+    cols: np.ndarray | None = None  # numeric: windows x NUMERIC_AGGS
+    halves: np.ndarray | None = None  # EWM half-lives in years
+    ewm: np.ndarray | None = None
+    kalman: np.ndarray | None = None
+    noise: np.ndarray | None = None
+
+    @property
+    def filtered(self) -> bool:
+        return self.ewm is not None
+
+
+@dataclass(frozen=True)
+class _SpecPlan:
+    n_features: int
+    age_col: int
+    lengths: np.ndarray
+    codes: tuple[_CodePlan, ...]
+
+
+_PLANS: dict[int, tuple[FeatureSpec, _SpecPlan]] = {}  # by id(spec), the spec kept alive
+_PLANS_MAX = 32
+
+
+def _spec_plan(spec: FeatureSpec) -> _SpecPlan:
+    """What ``build_features`` needs from a spec, worked out once per spec (a service
+    featurises one patient at a time: this was most of the Python work per call)."""
+    hit = _PLANS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    col = {name: i for i, name in enumerate(spec.feature_names)}
+
+    def column(code: str, window: str | None, agg: str, asked) -> int:
+        return col[spec.feature_name(code, window, agg)] if agg in asked else -1
+
+    codes = []
+    for cf in spec.codes:
+        if cf.kind == "static":
+            codes.append(_CodePlan(cf.code, cf.kind, cf.numeric,
+                                   static_col=col[spec.static_name(cf.code)]))
+        elif cf.kind == "categorical":
+            aggs = spec.categorical_aggregations
+            codes.append(_CodePlan(
+                cf.code, cf.kind, cf.numeric,
+                counts=np.array([column(cf.code, w, "count", aggs) for w in spec.windows],
+                                dtype=np.int64),
+                ever=column(cf.code, None, "ever", aggs),
+                days_since_first=column(cf.code, None, "days_since_first", aggs)))
+        else:
+            aggs = spec.numeric_aggregations
+            cols = np.array([[column(cf.code, w, agg, aggs) for agg in NUMERIC_AGGS]
+                             for w in spec.windows], dtype=np.int64).reshape(-1, len(NUMERIC_AGGS))
+            halves = getattr(spec, "ewm_half_life_days", None) or []  # older specs: none
+            kalman = getattr(cf, "kalman", None)
+            extra = {}
+            if halves or kalman is not None:
+                extra = {
+                    "halves": np.array(halves, dtype=np.float64) / DAYS_PER_YEAR,
+                    "ewm": np.array([[col[spec.feature_name(cf.code, f"ewm{h}d", a)]
+                                      for a in ("level", "trend")] for h in halves],
+                                    dtype=np.int64).reshape(-1, 2),
+                    "kalman": np.array([col[spec.feature_name(cf.code, "kalman", a)]
+                                        for a in ("level", "slope")] if kalman is not None
+                                       else [-1, -1], dtype=np.int64),
+                    "noise": np.array(kalman if kalman is not None else [1.0] * 4)}
+            codes.append(_CodePlan(cf.code, cf.kind, cf.numeric, cols=cols, **extra))
+    plan = _SpecPlan(len(spec.feature_names), col.get("age_years", -1),
+                     np.array([ALL_HISTORY if np.isinf(d) else int(d * US_PER_DAY)
+                               for d in spec.window_days], dtype=np.int64), tuple(codes))
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[id(spec)] = (spec, plan)
+    return plan
+
+
 def build_features(
     arrays: EventArrays,
     subject_ids: np.ndarray,
@@ -81,14 +167,14 @@ def build_features(
     those subjects' events (canonical order) and may hold events after the query times:
     they are never used.
     """
+    plan = _spec_plan(spec)
     q_sid = np.asarray(subject_ids, dtype=np.int64)
     q_t = np.ascontiguousarray(times_us, dtype=np.int64)
     n = q_sid.size
     # one contiguous row per feature (column-major result): column writes stay in cache
-    out = np.full((len(spec.feature_names), n), np.nan, dtype=np.float32)
+    out = np.full((plan.n_features, n), np.nan, dtype=np.float32)
     if n == 0:
         return out.T
-    col = {name: i for i, name in enumerate(spec.feature_names)}
     ev_sid = arrays.subject_id
     if ev_sid.size and bool((ev_sid[1:] >= ev_sid[:-1]).all()):  # canonical: O(n) indices
         ev_subjects, starts, ends = subject_bounds(ev_sid)
@@ -105,7 +191,7 @@ def build_features(
         i = cat_index.get(code)
         return np.empty(0, np.int64) if i is None else np.flatnonzero(arrays.code == i)
 
-    if "age_years" in col:
+    if plan.age_col >= 0:
         rows = rows_of(BIRTH_CODE)
         rows = rows[timed[rows]]
         birth = np.full(subjects.size, NAT_US)
@@ -114,56 +200,34 @@ def build_features(
         birth[first[0]] = arrays.time_us[rows[first[1]]]
         b = birth[q_sidx]
         known = b != NAT_US
-        out[col["age_years"], known] = (q_t[known] - b[known]) / (US_PER_DAY * DAYS_PER_YEAR)
+        out[plan.age_col, known] = (q_t[known] - b[known]) / (US_PER_DAY * DAYS_PER_YEAR)
 
-    lengths = np.array([ALL_HISTORY if np.isinf(d) else int(d * US_PER_DAY)
-                        for d in spec.window_days], dtype=np.int64)
+    lengths = plan.lengths
 
-    def column(code: str, window: str | None, agg: str, asked) -> int:
-        return col[spec.feature_name(code, window, agg)] if agg in asked else -1
-
-    def one_code(cf, rows: np.ndarray) -> None:
-        if cf.kind == "static":
+    def one_code(cp: _CodePlan, rows: np.ndarray) -> None:
+        if cp.kind == "static":
             rows = rows[~timed[rows]]
             present = np.zeros(subjects.size, dtype=bool)
             value = np.full(subjects.size, np.nan)
             uniq, first = np.unique(e_sidx[rows], return_index=True)
             present[uniq] = True
             value[uniq] = arrays.value[rows[first]]
-            name = spec.static_name(cf.code)
-            out[col[name], :] = value[q_sidx] if cf.numeric else present[q_sidx]
+            out[cp.static_col, :] = value[q_sidx] if cp.numeric else present[q_sidx]
             return
         rows = rows[timed[rows]]
-        if cf.kind == "numeric":
+        if cp.kind == "numeric":
             rows = rows[~np.isnan(arrays.value[rows])]
         ev = _CodeEvents(e_sidx[rows], arrays.time_us[rows], arrays.value[rows], subjects.size)
-        if cf.kind == "categorical":
-            aggs = spec.categorical_aggregations
-            counts = np.array([column(cf.code, w, "count", aggs) for w in spec.windows],
-                              dtype=np.int64)
-            _kernels.categorical(ev.offsets, ev.t, q_sidx, q_t, lengths, counts,
-                                column(cf.code, None, "ever", aggs),
-                                column(cf.code, None, "days_since_first", aggs), out)
-        else:
-            aggs = spec.numeric_aggregations
-            cols = np.array([[column(cf.code, w, agg, aggs) for agg in NUMERIC_AGGS]
-                             for w in spec.windows], dtype=np.int64).reshape(-1, len(NUMERIC_AGGS))
-            _kernels.numeric(ev.offsets, ev.t, ev.v, q_sidx, q_t, lengths, cols, out)
-            halves = getattr(spec, "ewm_half_life_days", None) or []  # older specs: none
-            kalman = getattr(cf, "kalman", None)
-            if halves or kalman is not None:
-                ewm = np.array([[col[spec.feature_name(cf.code, f"ewm{h}d", a)]
-                                 for a in ("level", "trend")] for h in halves],
-                               dtype=np.int64).reshape(-1, 2)
-                kal = np.array([col[spec.feature_name(cf.code, "kalman", a)]
-                                for a in ("level", "slope")] if kalman is not None
-                               else [-1, -1], dtype=np.int64)
-                noise = np.array(kalman if kalman is not None else [1.0] * 4)
-                _kernels.filtered(ev.offsets, ev.t, ev.v, q_sidx, q_t,
-                               np.array(halves, dtype=np.float64) / DAYS_PER_YEAR, ewm,
-                               noise, kal, out)
+        if cp.kind == "categorical":
+            _kernels.categorical(ev.offsets, ev.t, q_sidx, q_t, lengths, cp.counts, cp.ever,
+                                 cp.days_since_first, out)
+            return
+        _kernels.numeric(ev.offsets, ev.t, ev.v, q_sidx, q_t, lengths, cp.cols, out)
+        if cp.filtered:
+            _kernels.filtered(ev.offsets, ev.t, ev.v, q_sidx, q_t, cp.halves, cp.ewm,
+                              cp.noise, cp.kalman, out)
 
-    work = [(cf, rows_of(cf.code)) for cf in spec.codes]
+    work = [(cp, rows_of(cp.code)) for cp in plan.codes]
     # codes write disjoint rows of ``out``; the kernels release the GIL
     threads = min(threads or os.cpu_count() or 1, len(work) or 1)
     if threads > 1 and n >= PARALLEL_MIN_ROWS:

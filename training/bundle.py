@@ -76,17 +76,14 @@ class ModelBundle:
         names = self.spec.feature_names
         out = []
         for r in range(x.shape[0]):
-            items = []
-            values = shortest_f32(x[r])  # 88.1, as measured, not 88.0999984741211
+            picks = []  # (horizon, feature, contribution), each horizon's largest first
             for h, contrib in zip(self.horizons, per_h, strict=True):
                 top = np.argsort(-np.abs(contrib[r]), kind="stable")[:top_k]
-                for j in top:
-                    if contrib[r, j] == 0:
-                        continue
-                    items.append({
-                        "horizon_days": h, "feature": names[j], "value": values[j],
-                        "contribution": float(contrib[r, j]), "scale": RAW_SCALE,
-                    })
+                picks += [(h, int(j), float(contrib[r, j])) for j in top if contrib[r, j] != 0]
+            # 88.1, as measured, not 88.0999984741211 (only the values shown)
+            values = shortest_f32(x[r, [j for _, j, _ in picks]]) if picks else []
+            items = [{"horizon_days": h, "feature": names[j], "value": v, "contribution": c,
+                      "scale": RAW_SCALE} for (h, j, c), v in zip(picks, values, strict=True)]
             out.append(items)
         return out
 
