@@ -12,6 +12,7 @@ stores nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -141,13 +142,17 @@ class HistoryCache:
     bulk import changes the count); it is used only when the row, read in the plan's own
     snapshot, still shows that key, and the commit checks the same key again under the
     twin's lock.  So an entry is either exactly what the store holds or not used: other
-    workers' writes, corrections, imports and restarts just make it miss.  Least
-    recently used entries go first beyond ``max_bytes`` (arrays and texts counted)."""
+    workers' writes, corrections, imports and restarts just make it miss.  An entry also
+    keeps the twin's row as this worker wrote it, so that a write that only appends can
+    be planned with no read at all (:meth:`trusted`): the commit's check under the lock
+    is what makes that safe.  Least recently used entries go first beyond ``max_bytes``
+    (arrays and texts counted)."""
 
     def __init__(self, max_bytes: int = HISTORY_CACHE_BYTES):
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, tuple[int, str | None, EventColumns,
-                                              datetime | None, int]] = OrderedDict()
+                                              datetime | None, int, TwinRow | None]
+                                   ] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -163,8 +168,27 @@ class HistoryCache:
             self.hits += 1
             return entry[2], entry[3]
 
+    def trusted(self, subject_ids: Sequence[int]
+                ) -> dict[int, tuple[TwinRow, EventColumns, datetime | None]] | None:
+        """Every one of these twins' row as this worker last wrote it and its events, or
+        None unless all are here (unverified: the commit checks the row under the lock,
+        and the writer counts a hit or a miss by what it found)."""
+        with self._lock:
+            entries = [self._entries.get(sid) for sid in subject_ids]
+            if any(e is None or e[5] is None for e in entries):
+                return None
+            for sid in subject_ids:
+                self._entries.move_to_end(sid)
+            return {sid: (e[5], e[2], e[3]) for sid, e in zip(subject_ids, entries,
+                                                              strict=True)}
+
+    def count(self, *, hits: int, misses: int) -> None:
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+
     def put(self, subject_id: int, count: int, head: str | None, cols: EventColumns,
-            superseded: datetime | None) -> None:
+            superseded: datetime | None, row: TwinRow | None = None) -> None:
         size = cols.nbytes()
         if len(cols) != count or size > self.max_bytes // 8:
             self.drop(subject_id)
@@ -172,7 +196,7 @@ class HistoryCache:
         with self._lock:
             old = self._entries.pop(subject_id, None)
             self._bytes -= old[4] if old is not None else 0
-            self._entries[subject_id] = (count, head, cols, superseded, size)
+            self._entries[subject_id] = (count, head, cols, superseded, size, row)
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, gone = self._entries.popitem(last=False)
@@ -202,6 +226,8 @@ class _Plan:
     out: dict[int, tuple[dict[str, Any], str]]
     heads: dict[int, str | None]  # each twin's forecast chain head when read
     history: dict[int, tuple[EventColumns, datetime | None]]  # forecast twins' events
+    created_at: dict[int, datetime] = field(default_factory=dict)
+    trusted: bool = False  # planned from the cache alone, with no read
     new_heads: dict[int, str] = field(default_factory=dict)  # set by the commit
 
 
@@ -259,9 +285,12 @@ class TwinWriter:
                         try:
                             out = self.store.db.transact(
                                 lambda s, m=model, p=plan: self._commit(s, m, p, inputs))
-                        except StalePlan:
-                            pass  # a concurrent write to one of the twins: under the locks
+                        except StalePlan:  # a concurrent write to one of the twins, or
+                            if plan.trusted:  # a re-sent event: under the locks
+                                self.cache.count(hits=0, misses=len(known))
                         else:
+                            if plan.trusted:
+                                self.cache.count(hits=len(known), misses=0)
                             self._keep(plan)
                             return out
                     for inp in inputs:  # written under the locks: their entries are stale
@@ -280,9 +309,17 @@ class TwinWriter:
         now = self.clock()
         rows, sent = event_rows({sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
                                 source=_sources(ids, inputs, source), now=now)
-        with self.store.read() as s:  # one snapshot on SQLite; counts are checked anyway
-            twins = self.store.twins.peek(s, ids)
-            existing = self.store.twins.existing_keys(s, rows)
+        # every twin written last by this worker and every part sending events: planned
+        # from the cache with no read — a twin changed since, or an event re-sent, makes
+        # the commit's check under the locks refuse the plan, and it is done under them
+        trusted = self.cache.trusted(ids) if all(inp.events for inp in inputs) else None
+        with contextlib.nullcontext() if trusted else self.store.read() as s:
+            if trusted:
+                twins = {sid: row for sid, (row, _, _) in trusted.items()}
+                existing: set[tuple[int, str]] = set()
+            else:  # one snapshot on SQLite; counts are checked anyway
+                twins = self.store.twins.peek(s, ids)
+                existing = self.store.twins.existing_keys(s, rows)
             fresh = [r for r in rows if (r["subject_id"], r["idempotency_key"]) not in existing]
             added = dict.fromkeys(ids, 0)
             for r in fresh:
@@ -290,9 +327,12 @@ class TwinWriter:
             redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
                     if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
                                                           model)]
-            kept = {sid: hit for sid, _ in redo if sid in twins
-                    and (hit := self.cache.get(twins[sid])) is not None}
-            read = [sid for sid, _ in redo if sid not in kept]
+            if trusted:
+                kept = {sid: (cols, sup) for sid, (_, cols, sup) in trusted.items()}
+            else:
+                kept = {sid: hit for sid, _ in redo if sid in twins
+                        and (hit := self.cache.get(twins[sid])) is not None}
+            read = [sid for sid, _ in redo if sid not in kept]  # none when trusted
             stored = EventColumns.from_rows(self.store.twins.history_rows(s, read))
             superseded = self.store.twins.last_superseded(s, read)
         counts = {sid: t.event_count for sid, t in twins.items()}
@@ -318,7 +358,8 @@ class TwinWriter:
                      sent, forecasts, views, out,
                      {sid: twins[sid].forecast_head if sid in twins else None for sid in ids},
                      {sid: (part, superseded.get(sid)) for sid, part
-                      in cols.by_subject().items() if sid in again})
+                      in cols.by_subject().items() if sid in again}, created_at,
+                     trusted is not None)
 
     def _commit(self, s: Session, model: LoadedModel, plan: _Plan, inputs: list[TwinInput]
                 ) -> list[TwinOutcome]:
@@ -356,6 +397,7 @@ class TwinWriter:
                 self.cache.drop(sid)
 
     def _keep_all(self, plan: _Plan) -> None:
+        views = {u["sid"]: u for u in plan.views}
         for sid, (cols, superseded) in plan.history.items():
             renumbered = cols
             if len(cols) and cols.eid.max() >= NEW_ID:
@@ -367,8 +409,12 @@ class TwinWriter:
                 eid[fresh] = base + np.argsort(np.argsort(eid[fresh]))
                 renumbered = EventColumns(cols.sid, cols.t, cols.code, cols.value, cols.text,
                                           eid, cols.rec)
-            self.cache.put(sid, plan.counts[sid] + plan.added[sid], plan.new_heads.get(sid),
-                           renumbered, superseded)
+            count, head, u = plan.counts[sid] + plan.added[sid], plan.new_heads.get(sid), \
+                views.get(sid)
+            row = None if u is None or u["n_events"] != count else TwinRow(
+                sid, plan.created_at[sid], u["last_time"], count, u["mname"], u["mversion"],
+                u["view"], head)  # the twin's row as this commit left it
+            self.cache.put(sid, count, head, renumbered, superseded, row)
 
     def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:
         """Each part's access row (who asked, through which request), in the write's

@@ -380,6 +380,36 @@ def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
     other.store.dispose()
 
 
+def test_a_write_planned_from_the_cache_alone_is_checked_under_the_lock(
+        database, tracker, trained, small_cohort):
+    """A twin this worker wrote last is planned with no read; an event re-sent to it is
+    still a duplicate (no second row, no new forecast), and a write by another worker in
+    between is seen: the forecast covers both workers' events."""
+    events = event_rows(history(small_cohort, trained, 4))
+    sid, caller = 4_300_101, Caller("ward")
+    one, other = service(database, tracker), service(database, tracker)
+    w = one.writer
+    first = w.write([TwinInput(sid, events=events[:-3])], caller, None)[0]
+    assert w.cache.trusted([sid]) is not None  # the row as this write left it
+    again = w.write([TwinInput(sid, events=events[-4:-3])], caller, None)[0]  # re-sent
+    assert (again.added, again.duplicates) == (0, 1)
+    assert again.forecast["forecast_id"] == first.forecast["forecast_id"]
+    other.writer.write([TwinInput(sid, events=events[-3:-2])], caller, None)
+    out = w.write([TwinInput(sid, events=events[-2:])], caller, None)[0]
+    assert out.added == 2
+    full = w.stateless(sid, events, None)  # the whole history, nothing stored
+    assert out.forecast["risks"] == full["risks"]
+    assert json.loads(out.view)["event_count"] == len(events)
+    with one.store.read() as s:
+        stored = s.execute(select(func.count()).select_from(Event)
+                           .where(Event.subject_id == sid)).scalar_one()
+        forecasts = s.execute(select(func.count()).select_from(Forecast)
+                              .where(Forecast.subject_id == sid)).scalar_one()
+    assert stored == len(events) and forecasts == 3
+    one.store.dispose()
+    other.store.dispose()
+
+
 def test_float32_values_come_back_as_people_wrote_them(database, tracker, trained,
                                                        small_cohort):
     """MEDS holds values as float32: imported and explained, 88.1 shows as 88.1 in the
