@@ -94,6 +94,7 @@ class GroupCommit(Generic[I, O]):
                     self._cond.notify_all()
         if slot.error is not None:
             raise slot.error
+        assert slot.done
         return slot.outcome  # type: ignore[return-value]
 
     def _take(self, own: _Slot[I, O]) -> list[_Slot[I, O]]:
@@ -119,6 +120,8 @@ class GroupCommit(Generic[I, O]):
         self.parts += len(batch)
         try:
             answers = self.apply([s.item for s in batch])
+            if len(answers) != len(batch):
+                raise RuntimeError(f"{len(answers)} answers to a batch of {len(batch)}")
         except BaseException as exc:
             for s in batch:
                 s.error = exc

@@ -280,19 +280,22 @@ class TwinWriter:
             for _ in range(3):
                 model = self.models.current()
                 try:
-                    if len(known) == len(inputs) and not revises:
-                        plan = self._plan(model, inputs, source)
+                    # planned from the cache (when it holds every twin), then from a read
+                    for trust in (True, False) if len(known) == len(inputs) \
+                            and not revises else ():
+                        plan = self._plan(model, inputs, source, trust=trust)
                         try:
                             out = self.store.db.transact(
                                 lambda s, m=model, p=plan: self._commit(s, m, p, inputs))
-                        except StalePlan:  # a concurrent write to one of the twins, or
-                            if plan.trusted:  # a re-sent event: under the locks
+                        except StalePlan:  # a concurrent write to one of the twins, or a
+                            if plan.trusted:  # re-sent event: read it (then the locks)
                                 self.cache.count(hits=0, misses=len(known))
-                        else:
-                            if plan.trusted:
-                                self.cache.count(hits=len(known), misses=0)
-                            self._keep(plan)
-                            return out
+                                continue
+                            break
+                        if plan.trusted:
+                            self.cache.count(hits=len(known), misses=0)
+                        self._keep(plan)
+                        return out
                     for inp in inputs:  # written under the locks: their entries are stale
                         if inp.subject_id is not None:
                             self.cache.drop(inp.subject_id)
@@ -302,9 +305,10 @@ class TwinWriter:
                     self.models.sync_to(behind.version)
         raise Unavailable("the served model changed repeatedly during this request")
 
-    def _plan(self, model: LoadedModel, inputs: list[TwinInput], source: str | None
-              ) -> _Plan:
-        """Everything the write will store, computed from a read of the store."""
+    def _plan(self, model: LoadedModel, inputs: list[TwinInput], source: str | None, *,
+              trust: bool = False) -> _Plan:
+        """Everything the write will store, computed from a read of the store (or, with
+        ``trust``, from this worker's cache alone when it holds every twin)."""
         ids = [inp.subject_id for inp in inputs]
         now = self.clock()
         rows, sent = event_rows({sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
@@ -312,7 +316,8 @@ class TwinWriter:
         # every twin written last by this worker and every part sending events: planned
         # from the cache with no read — a twin changed since, or an event re-sent, makes
         # the commit's check under the locks refuse the plan, and it is done under them
-        trusted = self.cache.trusted(ids) if all(inp.events for inp in inputs) else None
+        trusted = self.cache.trusted(ids) if trust and all(inp.events for inp in inputs) \
+            else None
         with contextlib.nullcontext() if trusted else self.store.read() as s:
             if trusted:
                 twins = {sid: row for sid, (row, _, _) in trusted.items()}
@@ -411,9 +416,11 @@ class TwinWriter:
                                           eid, cols.rec)
             count, head, u = plan.counts[sid] + plan.added[sid], plan.new_heads.get(sid), \
                 views.get(sid)
+            # the twin's row as this commit left it, bar the view (a plan from the cache
+            # forecasts anew, so it never needs one; the cache's bound counts no view)
             row = None if u is None or u["n_events"] != count else TwinRow(
                 sid, plan.created_at[sid], u["last_time"], count, u["mname"], u["mversion"],
-                u["view"], head)  # the twin's row as this commit left it
+                None, head)
             self.cache.put(sid, count, head, renumbered, superseded, row)
 
     def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:

@@ -389,14 +389,25 @@ def test_a_write_planned_from_the_cache_alone_is_checked_under_the_lock(
     sid, caller = 4_300_101, Caller("ward")
     one, other = service(database, tracker), service(database, tracker)
     w = one.writer
-    first = w.write([TwinInput(sid, events=events[:-3])], caller, None)[0]
+
+    def write(svc, evs):
+        cache = w.cache
+        before = (cache.hits, cache.misses)
+        out = svc.writer.write([TwinInput(sid, events=evs)], caller, None)[0]
+        return out, (cache.hits - before[0], cache.misses - before[1])
+
+    write(one, events[:-4])
     assert w.cache.trusted([sid]) is not None  # the row as this write left it
-    again = w.write([TwinInput(sid, events=events[-4:-3])], caller, None)[0]  # re-sent
+    nxt, seen = write(one, events[-4:-3])
+    assert seen == (1, 0) and nxt.added == 1  # planned from the cache alone, no read
+    again, seen = write(one, events[-4:-3])  # re-sent: the trusted plan is refused
+    assert seen == (0, 1)  # then planned from a read: nothing new, nothing to forecast
     assert (again.added, again.duplicates) == (0, 1)
-    assert again.forecast["forecast_id"] == first.forecast["forecast_id"]
-    other.writer.write([TwinInput(sid, events=events[-3:-2])], caller, None)
-    out = w.write([TwinInput(sid, events=events[-2:])], caller, None)[0]
-    assert out.added == 2
+    assert w.cache.trusted([sid]) is not None  # the twin unchanged: its entry stands
+    assert again.forecast["forecast_id"] == nxt.forecast["forecast_id"]
+    write(other, events[-3:-2])  # another worker: the kept row is out of date
+    out, seen = write(one, events[-2:])
+    assert seen == (0, 2) and out.added == 2  # refused, then the entry missed too
     full = w.stateless(sid, events, None)  # the whole history, nothing stored
     assert out.forecast["risks"] == full["risks"]
     assert json.loads(out.view)["event_count"] == len(events)
@@ -405,7 +416,7 @@ def test_a_write_planned_from_the_cache_alone_is_checked_under_the_lock(
                            .where(Event.subject_id == sid)).scalar_one()
         forecasts = s.execute(select(func.count()).select_from(Forecast)
                               .where(Forecast.subject_id == sid)).scalar_one()
-    assert stored == len(events) and forecasts == 3
+    assert stored == len(events) and forecasts == 4
     one.store.dispose()
     other.store.dispose()
 
