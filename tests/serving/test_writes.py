@@ -33,6 +33,16 @@ def service(db_url: str, tracker, failpoints: frozenset[str] = frozenset()):
     return svc
 
 
+def at_once(one, n: int, timeout: float = 120) -> None:
+    """``one(k)`` for k in range(n), each in its own thread (they meet at a barrier)."""
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+
+
 def counts(store) -> dict[str, int]:
     with store.read() as s:
         return {t.__tablename__: s.execute(select(func.count()).select_from(t)).scalar_one()
@@ -211,11 +221,7 @@ def test_concurrent_one_twin_writes_go_as_one_batch_and_keep_their_own_callers(
         except BadInput as exc:
             results[sid] = exc
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    at_once(one, n)
     assert isinstance(results[bad], BadInput)  # its own error, nobody else's
     good = [s for s in sids if s != bad]
     assert all(results[s].subject_id == s and results[s].added > 0 for s in good)
@@ -276,11 +282,7 @@ def test_concurrent_logged_reads_share_a_commit_and_each_get_their_own_twin(
         except NotFound as exc:
             answers[k] = exc
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    at_once(one, n)
     reads = svc.view_reads
     assert reads.parts == n and reads.batches < n  # reads shared transactions
     for k, sid in enumerate(asks):
