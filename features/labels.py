@@ -41,12 +41,74 @@ def censored_column(horizon_days: int) -> str:
 
 def event_mask(arrays: EventArrays, definition: EventDefinition) -> np.ndarray:
     """Rows (with a time) that are an occurrence of ``definition``."""
-    mask = arrays.code_mask(definition.matches_code)
-    for pred in definition.parsed_predicates():
-        on_code = arrays.code_mask(lambda c, p=pred: c == p.code)
+    return _event_mask(arrays, _definition_flags(definition, tuple(arrays.categories)))
+
+
+def _definition_flags(definition: EventDefinition, categories: tuple[str, ...]
+                      ) -> tuple[np.ndarray, list[tuple[np.ndarray, object, float]]]:
+    """Per category: matches the definition's codes; and per value predicate, matches
+    its code (with its comparison and threshold)."""
+    def flags(wanted) -> np.ndarray:
+        return np.fromiter((bool(wanted(c)) for c in categories), dtype=bool,
+                           count=len(categories))
+
+    return flags(definition.matches_code), [
+        (flags(lambda c, p=pred: c == p.code), _OPS[pred.op], pred.value)
+        for pred in definition.parsed_predicates()]
+
+
+def _event_mask(arrays: EventArrays, flags) -> np.ndarray:
+    codes, preds = flags
+    if not codes.size:
+        return np.zeros(len(arrays), dtype=bool)
+    mask = codes[arrays.code]
+    for on_code, op, value in preds:
         with np.errstate(invalid="ignore"):
-            mask |= on_code & _OPS[pred.op](arrays.value, pred.value)
+            mask |= on_code[arrays.code] & op(arrays.value, value)
     return mask & (arrays.time_us != NAT_US)
+
+
+class _TaskFlags:
+    """What the task's summary asks of each code of one vocabulary, worked out once (a
+    service summarises one patient at a time, over the same few codes each call)."""
+
+    def __init__(self, task: Task, categories: tuple[str, ...]):
+        from fnmatch import fnmatchcase
+
+        def flags(wanted) -> np.ndarray:
+            return np.fromiter((bool(wanted(c)) for c in categories), dtype=bool,
+                               count=len(categories))
+
+        excluded = task.features.exclude_codes
+        self.outcome = _definition_flags(task.outcome, categories)
+        self.competing = _definition_flags(task.competing, categories)
+        self.birth = flags(lambda c: c == BIRTH_CODE)
+        self.death = flags(lambda c: c == DEATH_CODE)
+        self.visit = flags(lambda c: c != BIRTH_CODE
+                           and not any(fnmatchcase(c, p) for p in excluded))
+
+    @staticmethod
+    def rows(flags: np.ndarray, arrays: EventArrays) -> np.ndarray:
+        return flags[arrays.code] if flags.size else np.zeros(len(arrays), dtype=bool)
+
+
+_FLAGS: dict[tuple[int, tuple[str, ...]], tuple[Task, _TaskFlags]] = {}
+_FLAGS_MAX = 64
+
+
+def _task_flags(task: Task, categories: tuple[str, ...]) -> _TaskFlags:
+    """The cached flags of ``task`` over ``categories`` (by the task's identity, the task
+    kept alive so that its id is not reused, and the codes themselves)."""
+    categories = tuple(categories)  # hashable (a tuple already: no copy)
+    key = (id(task), categories)
+    hit = _FLAGS.get(key)
+    if hit is not None and hit[0] is task:
+        return hit[1]
+    flags = _TaskFlags(task, categories)
+    if len(_FLAGS) >= _FLAGS_MAX:
+        _FLAGS.clear()
+    _FLAGS[key] = (task, flags)
+    return flags
 
 
 def first_time_per_subject(
@@ -71,36 +133,29 @@ def summary_arrays(arrays: EventArrays, task: Task) -> dict[str, np.ndarray]:
     timed = arrays.time_us != NAT_US
     last = np.where(timed, arrays.time_us, NAT_US)
     end = np.maximum.reduceat(last, starts) if starts.size else np.empty(0, np.int64)
-    visit = _visit_mask(arrays, task)
+    flags = _task_flags(task, arrays.categories)
+    visit = _TaskFlags.rows(flags.visit, arrays) & timed
     return {
             "subject_id": subjects,
             "start": starts,
             "end": ends,
             "followup_end_us": end,
-            "outcome_us": first_time_per_subject(arrays, event_mask(arrays, task.outcome), starts),
+            "outcome_us": first_time_per_subject(
+                arrays, _event_mask(arrays, flags.outcome), starts),
             "competing_us": first_time_per_subject(
-                arrays, event_mask(arrays, task.competing), starts
-            ),
+                arrays, _event_mask(arrays, flags.competing), starts),
             "birth_us": first_time_per_subject(
-                arrays, arrays.code_mask(lambda c: c == BIRTH_CODE) & timed, starts
-            ),
+                arrays, _TaskFlags.rows(flags.birth, arrays) & timed, starts),
             "death_us": first_time_per_subject(
-                arrays, arrays.code_mask(lambda c: c == DEATH_CODE) & timed, starts
-            ),
+                arrays, _TaskFlags.rows(flags.death, arrays) & timed, starts),
             "first_visit_us": first_time_per_subject(arrays, visit, starts),
         }
 
 
 def _visit_mask(arrays: EventArrays, task: Task) -> np.ndarray:
     """Events that make a visit: timed, not birth, not an excluded (administrative) code."""
-    from fnmatch import fnmatchcase
-
-    def counts(code: str) -> bool:
-        return code != BIRTH_CODE and not any(
-            fnmatchcase(code, p) for p in task.features.exclude_codes
-        )
-
-    return arrays.code_mask(counts) & (arrays.time_us != NAT_US)
+    flags = _task_flags(task, arrays.categories)
+    return _TaskFlags.rows(flags.visit, arrays) & (arrays.time_us != NAT_US)
 
 
 def visit_times(arrays: EventArrays, task: Task) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from serving.coalesce import Coalescer, GroupCommit
 from serving.config import ServingConfig
-from serving.errors import BadInput, NotFound, NotReady
+from serving.errors import BadInput, NotFound, NotReady, Unauthorized
 from serving.model_source import ModelSource
 from serving.refresh import Refresher
 from serving.served import ModelHolder
@@ -26,7 +26,7 @@ from serving.store.db import worker_name
 from serving.store.twins import utcnow
 from serving.tamper import ANCHOR_LEASE, anchor
 from serving.views import forecast_json, iso
-from serving.writes import AccessInfo, Caller, TwinWriter
+from serving.writes import REVOKED, AccessInfo, Caller, TwinWriter, confirm_keys
 from training.errors import RegistryUnreachable
 
 log = logging.getLogger("twincast.service")
@@ -189,9 +189,13 @@ class TwinService:
         """Reads of twins' views, each answered its view or why not, and the access rows
         of those answered, in one transaction."""
         def work(s) -> list[str | BaseException]:
+            revoked = confirm_keys(self.store, s, [caller for _, caller, _ in reads])
             views = self.store.twins.views(s, [sid for sid, _, _ in reads])
             out: list[str | BaseException] = []
-            for sid, _, _ in reads:
+            for sid, caller, _ in reads:
+                if caller.key_id in revoked:  # told nothing, not even whether it exists
+                    out.append(Unauthorized(REVOKED))
+                    continue
                 try:
                     out.append(_view_or_missing(sid, views))
                 except NotFound as exc:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from serving.errors import BadInput, Unavailable
+from serving.errors import BadInput, Unauthorized, Unavailable
 from serving.forecasting import ForecastResult, forecast_batch, forecast_values
 from serving.model_source import LoadedModel
 from serving.served import ModelHolder
@@ -55,12 +55,28 @@ REFRESH_CALLER = "system:refresh"
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: a key's name and id (None for the system and CDS clients) and role."""
+    """Who asks: a key's name and id (None for the system and CDS clients) and role;
+    ``confirm``: the key as this worker remembers it, to be confirmed active in the
+    transaction that acts for it (:func:`confirm_keys`)."""
 
     name: str
     key_id: int | None = None
     role: str = "system"
     user_id: int | None = None  # a person signed in to the pages (their name as ``name``)
+    confirm: bool = False
+
+
+def confirm_keys(store: Store, s: Session, callers: Sequence[Caller]) -> set[int]:
+    """The remembered keys among ``callers`` that are no longer active, read in ``s``
+    (and forgotten by this worker, so that their next request reads its key)."""
+    ids = {c.key_id for c in callers if c.confirm and c.key_id is not None}
+    gone = ids - store.keys.active(s, ids) if ids else set()
+    if gone:
+        store.keys.forget(gone)
+    return gone
+
+
+REVOKED = "unknown or revoked API key"
 
 
 @dataclass
@@ -368,6 +384,7 @@ class TwinWriter:
 
     def _commit(self, s: Session, model: LoadedModel, plan: _Plan, inputs: list[TwinInput]
                 ) -> list[TwinOutcome]:
+        self._confirm(s, inputs)
         twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now)
         for sid in plan.ids:
             t = twins[sid]
@@ -435,6 +452,7 @@ class TwinWriter:
 
     def _write(self, s: Session, model: LoadedModel, inputs: list[TwinInput],
                source: str | None) -> list[TwinOutcome]:
+        self._confirm(s, inputs)
         claims = {i: Claim(tuple(sorted(inp.identifiers)), f"patient {i + 1} of the request")
                   for i, inp in enumerate(inputs) if inp.subject_id is None}
         self.store.identities.resolve(s, list(claims.values()))
@@ -463,6 +481,12 @@ class TwinWriter:
         return [_outcome(sid, inp.label, counts[sid], twins[sid],
                          twins[sid].created or (i in claims and claims[i].created), fresh)
                 for i, (sid, inp) in enumerate(zip(ids, inputs, strict=True))]
+
+    def _confirm(self, s: Session, inputs: list[TwinInput]) -> None:
+        """Every part's remembered key still active, or nothing is written (a batch of
+        several callers is then tried part by part, so only the revoked key's fails)."""
+        if confirm_keys(self.store, s, [inp.caller for inp in inputs]):
+            raise Unauthorized(REVOKED)
 
     def _check_served(self, s: Session, model: LoadedModel) -> None:
         # FOR SHARE on PostgreSQL: a version change (FOR UPDATE) waits for this write

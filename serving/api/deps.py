@@ -7,6 +7,8 @@ is noted for the access log.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
@@ -15,9 +17,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
 from serving.core import TwinService
-from serving.errors import Forbidden, NotReady, Unauthorized
+from serving.errors import (
+    BadInput,
+    Conflict,
+    Forbidden,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from serving.states import Action, may
-from serving.writes import AccessInfo, Caller
+from serving.writes import REVOKED, AccessInfo, Caller
 
 bearer = HTTPBearer(auto_error=False, description="a twincast API key (tc_…)")
 Principal = Caller  # who is asking: key name, key id, role
@@ -40,30 +50,66 @@ def note_access(request: Request, action: str, subject_id: int | None = None) ->
                             "info": None}
 
 
-def authenticate(service: TwinService, credentials: HTTPAuthorizationCredentials | None
-                 ) -> Principal:
+def authenticate(service: TwinService, credentials: HTTPAuthorizationCredentials | None,
+                 *, remembered: bool = False) -> Principal:
     if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("missing 'Authorization: Bearer <key>' header")
-    key = service.store.keys.authenticate(credentials.credentials.strip())
+    token = credentials.credentials.strip()
+    keys = service.store.keys
+    key = keys.recall(token) if remembered else keys.authenticate(token)
     if key is None:
-        raise Unauthorized("unknown or revoked API key")
-    return Principal(key.name, key.id, key.role)
+        raise Unauthorized(REVOKED)
+    return Principal(key.name, key.id, key.role, confirm=remembered)
 
 
 def authorize(request: Request, service: TwinService,
               credentials: HTTPAuthorizationCredentials | None, action: Action, name: str,
-              *, twin: bool = False) -> Principal:
+              *, twin: bool = False, remembered: bool = False) -> Principal:
     """Authenticate, check the role may do ``action`` and note the access (``name`` in
     the access log; the path's twin when ``twin``).  Blocking (one indexed read): call it
-    off the event loop."""
+    off the event loop.  ``remembered``: the key as this worker last found it, which the
+    route's transaction confirms (see :func:`acting_for`)."""
     subject = str(request.path_params.get("subject_id", ""))
     note_access(request, name, int(subject) if twin and subject.isdigit()
                 and int(subject) < 2**63 else None)
-    principal = authenticate(service, credentials)
+    principal = authenticate(service, credentials, remembered=remembered)
     request.state.access["caller"] = principal
     if not may(principal.role, action):
+        _vouch(request, service, principal)
         raise Forbidden(f"role '{principal.role}' may not {action.value}")
     return principal
+
+
+REFUSALS = (RequestValidationError, BadInput, NotFound, Conflict, PayloadTooLarge)
+
+
+@contextlib.contextmanager
+def acting_for(request: Request, service: TwinService,
+               credentials: HTTPAuthorizationCredentials | None, action: Action, name: str,
+               *, twin: bool = False) -> Iterator[Principal]:
+    """:func:`authorize` with the key as this worker remembers it, for a route whose one
+    transaction confirms it (``Caller.confirm``): no read of its own.  A refusal the
+    route makes before that (a bad body, a missing twin) is told only to a key still
+    active; a revoked one gets the 401 a fresh read would have given."""
+    caller = authorize(request, service, credentials, action, name, twin=twin,
+                       remembered=True)
+    try:
+        yield caller
+    except Unauthorized:
+        request.state.access["caller"] = None  # logged as any refused key is
+        raise
+    except REFUSALS:
+        _vouch(request, service, caller)
+        raise
+
+
+def _vouch(request: Request, service: TwinService, caller: Principal) -> None:
+    """A remembered key read again before a refusal is told (401 when revoked)."""
+    if caller.confirm and caller.key_id is not None \
+            and not service.store.keys.is_active(caller.key_id):
+        service.store.keys.forget([caller.key_id])
+        request.state.access["caller"] = None
+        raise Unauthorized(REVOKED)
 
 
 def require(action: Action, name: str, *, twin: bool = False):

@@ -20,7 +20,7 @@ from serving.api.deps import (
     Principal,
     Service,
     access_of,
-    authorize,
+    acting_for,
     parse_body,
     require,
 )
@@ -71,14 +71,14 @@ async def ingest(request: Request, subject_id: RawWriteId, service: Service,
     raw = await request.body()  # capped before it was read
 
     def work() -> Response:  # one hop off the event loop: key, body, write, answer
-        caller = authorize(request, service, credentials, Action.WRITE_TWINS,
-                           "ingest_events", twin=True)
-        sid = twin_id(subject_id, CLIENT_ID_MAX)
-        body = parse_body(S.EventsIn, raw)
-        inp = TwinInput(sid, events=[e.to_row() for e in body.events],
-                        as_of=S.naive_utc(body.as_of), caller=caller,
-                        access=access_of(request))
-        out = service.coalescer.write(inp)  # batched with concurrent writes to other twins
+        with acting_for(request, service, credentials, Action.WRITE_TWINS,
+                        "ingest_events", twin=True) as caller:  # confirmed by the write
+            sid = twin_id(subject_id, CLIENT_ID_MAX)
+            body = parse_body(S.EventsIn, raw)
+            inp = TwinInput(sid, events=[e.to_row() for e in body.events],
+                            as_of=S.naive_utc(body.as_of), caller=caller,
+                            access=access_of(request))
+            out = service.coalescer.write(inp)  # batched with writes to other twins
         return json_response({"added": out.added, "duplicates": out.duplicates,
                               "forecast": out.forecast})
 
@@ -201,11 +201,11 @@ async def get_twin(request: Request, subject_id: RawReadId, service: Service,
                    credentials: Credentials) -> Response:
     """The twin's latest value per code and its current forecast."""
     def work() -> Response:  # one hop off the event loop: the key, then the view
-        caller = authorize(request, service, credentials, Action.READ_TWINS, "read_twin",
-                           twin=True)
-        sid = twin_id(subject_id, ASSIGNED_MAX)
-        return Response(service.twin_view(sid, caller, access_of(request)),
-                        media_type="application/json")
+        with acting_for(request, service, credentials, Action.READ_TWINS, "read_twin",
+                        twin=True) as caller:  # confirmed by the read's transaction
+            sid = twin_id(subject_id, ASSIGNED_MAX)
+            view = service.twin_view(sid, caller, access_of(request))
+        return Response(view, media_type="application/json")
 
     return await anyio.to_thread.run_sync(work)
 

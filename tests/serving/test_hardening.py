@@ -45,12 +45,44 @@ def fresh_get(server, path: str, key: str) -> int:
                      timeout=30).status_code
 
 
+def fresh_post(server, path: str, key: str, body) -> httpx.Response:
+    return httpx.post(server.url + path, headers={"Authorization": f"Bearer {key}"},
+                      content=body if isinstance(body, bytes) else None,
+                      json=None if isinstance(body, bytes) else body, timeout=30)
+
+
+def event_body(k: int) -> dict:
+    return {"events": [{"time": f"2021-03-{1 + k % 28:02d}T{k % 24:02d}:00:00Z",
+                        "code": "LAB//EGFR", "numeric_value": 40 + k}]}
+
+
+def answered_rows(server, name: str) -> int:
+    """The access log's rows of one key's answered (200) requests."""
+    store = open_store(server.db_url, migrate=False)
+    try:
+        with store.read() as s:
+            return s.execute(select(func.count()).select_from(AccessLog).where(
+                AccessLog.key_name == name, AccessLog.status_code == 200)).scalar_one()
+    finally:
+        store.dispose()
+
+
 def test_a_revoked_key_stops_at_once_in_every_worker(hard_server):
+    """Also on the twin routes that take the key as the worker remembers it: their own
+    transaction confirms it, so a key revoked by another process writes nothing, reads
+    nothing and learns nothing (not even that a twin is missing or a body is bad)."""
     store = open_store(hard_server.db_url, migrate=False)
     name = f"ward-{uuid.uuid4().hex[:6]}"
     key = store.keys.create(name, "clinical")
     store.dispose()
+    sid = SID + 9
     assert [fresh_get(hard_server, "/v1/model", key) for _ in range(16)] == [200] * 16
+    # both workers remember the key from these
+    assert [fresh_post(hard_server, f"/v1/twins/{sid}/events", key, event_body(k))
+            .status_code for k in range(16)] == [200] * 16
+    assert [fresh_get(hard_server, f"/v1/twins/{sid}", key) for _ in range(16)] == [200] * 16
+    stored, answered = events_stored(hard_server, sid), answered_rows(hard_server, name)
+    assert answered == 32  # one row per answered twin request
     env = {**os.environ, "TWINCAST_DATABASE_URL": hard_server.db_url,
            "TWINCAST_HOME": str(hard_server.home)}
     cli = subprocess.run([str(Path(sys.executable).parent / "twincast"), "keys", "revoke",
@@ -58,6 +90,15 @@ def test_a_revoked_key_stops_at_once_in_every_worker(hard_server):
                          timeout=120)
     assert cli.returncode == 0 and "every worker refuses it" in cli.stdout, cli.stderr
     assert [fresh_get(hard_server, "/v1/model", key) for _ in range(16)] == [401] * 16
+    for k in range(16):  # new events, a bad body, a twin that exists and one that does not
+        r = fresh_post(hard_server, f"/v1/twins/{sid}/events", key, event_body(100 + k))
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+        assert fresh_post(hard_server, f"/v1/twins/{sid}/events", key,
+                          b'{"events": [{"code": 5}]}').status_code == 401
+        assert fresh_get(hard_server, f"/v1/twins/{sid}", key) == 401
+        assert fresh_get(hard_server, f"/v1/twins/{SID + 99}", key) == 401
+    assert events_stored(hard_server, sid) == stored  # nothing written for the revoked key
+    assert answered_rows(hard_server, name) == answered  # and nothing answered for it
 
 
 def events_stored(server, sid: int) -> int:

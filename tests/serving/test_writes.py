@@ -450,3 +450,47 @@ def test_float32_values_come_back_as_people_wrote_them(database, tracker, traine
     # and some of them are not whole numbers, or the check above proves nothing
     assert any(v != round(v) for v in shown)
     svc.store.dispose()
+
+
+def test_a_key_revoked_elsewhere_fails_only_its_own_part_and_is_told_nothing(
+        database, tracker, trained, small_cohort):
+    """Keys the twin routes remember are confirmed in the transaction that acts for
+    them: a key another worker revoked writes nothing and reads nothing (not even that
+    a twin is missing), its batch neighbours are answered, and it is then forgotten."""
+    from serving.errors import NotFound, Unauthorized
+    from serving.writes import TwinOutcome
+
+    svc, elsewhere = service(database, tracker), service(database, tracker)
+    tag = uuid.uuid4().hex[:6]
+    tokens = {who: svc.store.keys.create(f"{who}-{tag}", "clinical") for who in ("live", "gone")}
+    keys = {who: svc.store.keys.recall(t) for who, t in tokens.items()}  # remembered
+    callers = {who: Caller(k.name, k.id, k.role, confirm=True) for who, k in keys.items()}
+    elsewhere.store.keys.revoke(keys["gone"].name)
+    assert svc.store.keys.recall(tokens["gone"]) == keys["gone"]  # still remembered here
+    events = event_rows(history(small_cohort, trained, 1))[:10]
+
+    def part(sid: int, who: str) -> TwinInput:
+        return TwinInput(sid, events=events, caller=callers[who],
+                         access=AccessInfo("POST", f"/v1/twins/{sid}/events", "ingest_events"))
+
+    before = counts(svc.store)
+    out = svc.coalescer.group.apply([part(4_400_001, "live"), part(4_400_002, "gone")])
+    assert isinstance(out[0], TwinOutcome) and out[0].added == 10
+    assert isinstance(out[1], Unauthorized)
+    after = counts(svc.store)
+    assert after["events"] == before["events"] + 10 and after["twins"] == before["twins"] + 1
+    assert after["access_log"] == before["access_log"] + 1  # the live key's row only
+
+    def read(sid: int, who: str):
+        return sid, callers[who], AccessInfo("GET", f"/v1/twins/{sid}", "read_twin")
+
+    views = svc.view_reads.apply([read(4_400_001, "live"), read(4_400_001, "gone"),
+                                  read(4_400_009, "gone"), read(4_400_009, "live")])
+    assert json.loads(views[0])["subject_id"] == 4_400_001
+    assert isinstance(views[1], Unauthorized) and isinstance(views[2], Unauthorized)
+    assert isinstance(views[3], NotFound)
+    assert counts(svc.store)["access_log"] == after["access_log"] + 1
+    assert svc.store.keys.recall(tokens["gone"]) is None  # forgotten: read again, refused
+    assert svc.store.keys.recall(tokens["live"]) == keys["live"]
+    svc.store.dispose()
+    elsewhere.store.dispose()
