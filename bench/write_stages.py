@@ -15,8 +15,10 @@ median over ``--writes`` writes; stages nest (plan holds history and forecast).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -80,105 +82,108 @@ def main() -> None:
     svc = build_service(config(OUT / "serve_home", url), start=False)
     model = svc.models.sync_to(svc.source.champion_version())
     store = svc.store
-    token = store.keys.create(f"stages-{uuid.uuid4().hex[:6]}", "clinical")
-    with store.engine.connect() as conn:
-        twins = [tuple(r) for r in conn.execute(text(
-            "SELECT subject_id, last_event_time FROM twins WHERE event_count BETWEEN 130 AND 170 "
-            "AND view IS NOT NULL ORDER BY subject_id LIMIT 300"))]
-    assert twins, "no twins with about 150 events: run bench/serve_bench.py --keep first"
-    statements = checkouts = 0
+    name = f"stages-{uuid.uuid4().hex[:6]}"
+    token = store.keys.create(name, "clinical")
+    try:
+        with store.engine.connect() as conn:
+            twins = [tuple(r) for r in conn.execute(text(
+                "SELECT subject_id, last_event_time FROM twins WHERE event_count "
+                "BETWEEN 130 AND 170 AND view IS NOT NULL AND last_event_time < :cut "
+                "ORDER BY subject_id LIMIT 300"), {"cut": W.utcnow() - timedelta(days=90)})]
+        assert twins, "no twins with about 150 events: run bench/serve_bench.py --keep first"
+        statements = checkouts = 0
 
-    def on_statement(*_):
-        nonlocal statements
-        statements += 1
+        def on_statement(*_):
+            nonlocal statements
+            statements += 1
 
-    def on_checkout(*_):
-        nonlocal checkouts
-        checkouts += 1
+        def on_checkout(*_):
+            nonlocal checkouts
+            checkouts += 1
 
-    event.listen(store.engine, "before_cursor_execute", on_statement)
-    event.listen(store.engine.pool, "checkout", on_checkout)
-    clock = Clock()
-    clock.wrap(svc.writer, "_plan", "write: plan")
-    clock.wrap(W, "forecast_batch", "write: plan: forecast")
-    clock.wrap(W.History, "from_columns", "write: plan: history")
-    clock.wrap(svc.writer, "_commit", "write: commit (under the lock)")
-    clock.wrap(svc.writer, "_keep", "write: keep in the cache")
-    clock.wrap(store.db, "transact", "write: transaction (holds the commit)")
-    row = np.zeros((1, len(model.bundle.spec.feature_names)), np.float64)
+        event.listen(store.engine, "before_cursor_execute", on_statement)
+        event.listen(store.engine.pool, "checkout", on_checkout)
+        clock = Clock()
+        clock.wrap(svc.writer, "_plan", "write: plan")
+        clock.wrap(W, "forecast_batch", "write: plan: forecast")
+        clock.wrap(W.History, "from_columns", "write: plan: history")
+        clock.wrap(svc.writer, "_commit", "write: commit (under the lock)")
+        clock.wrap(svc.writer, "_keep", "write: keep in the cache")
+        clock.wrap(store.db, "transact", "write: transaction (holds the commit)")
+        row = np.zeros((1, len(model.bundle.spec.feature_names)), np.float64)
 
-    def baseline_db(sid: int) -> None:
-        with store.engine.begin() as conn:
-            conn.execute(text("SELECT view FROM twins WHERE subject_id = :s"),
-                         {"s": sid}).scalar_one_or_none()
-            conn.execute(text(
-                "INSERT INTO access_log (time, method, path, action, subject_id, "
-                "status_code) VALUES (:t, 'GET', '/b', 'baseline', :s, 200)"),
-                {"t": W.utcnow(), "s": sid})
+        def baseline_db(sid: int) -> None:
+            with store.engine.begin() as conn:
+                conn.execute(text("SELECT view FROM twins WHERE subject_id = :s"),
+                             {"s": sid}).scalar_one_or_none()
+                conn.execute(text(
+                    "INSERT INTO access_log (time, method, path, action, subject_id, "
+                    "status_code) VALUES (:t, 'GET', '/b', 'baseline', :s, 200)"),
+                    {"t": W.utcnow(), "s": sid})
 
-    runs: list[dict[str, float]] = []
-    import cProfile
-    import pstats
-    prof = cProfile.Profile()
-    sent = 0
-    for _ in range(args.runs + 1):  # the first run warms the cache and is not counted
-        per: dict[str, list[float]] = defaultdict(list)
-        s0, c0 = statements, checkouts
-        for i in range(args.writes):
-            sid, last = twins[i % len(twins)]
-            last = last if not isinstance(last, str) else W.datetime.fromisoformat(last)
-            sent += 1
-            t = (last + timedelta(days=1, seconds=sent)).isoformat() + "Z"
-            raw = json.dumps({"events": [{"time": t, "code": "VITAL//SBP",
-                                          "numeric_value": 120 + i % 30}]}).encode()
-            clock.now.clear()
-            t0 = time.perf_counter()
-            with clock.stage("key (as remembered; confirmed by the write)"):
-                key = store.keys.recall(token)
-            with clock.stage("parse body"):
-                body = S.EventsIn.model_validate_json(raw)
-                inp = TwinInput(sid, events=[e.to_row() for e in body.events],
-                                caller=Caller(key.name, key.id, key.role, confirm=True),
-                                access=AccessInfo("POST", f"/v1/twins/{sid}/events",
-                                                  "ingest_events"))
-            with clock.stage("write"):
-                if args.profile and runs:
-                    prof.enable()
-                out = svc.coalescer.write(inp)
-                if args.profile and runs:
-                    prof.disable()
-            with clock.stage("answer"):
-                json_response({"added": out.added, "duplicates": out.duplicates,
-                               "forecast": out.forecast})
-            clock.now["total"] = time.perf_counter() - t0
-            for k, v in clock.now.items():
-                per[k].append(v)
-            t1 = time.perf_counter()
-            baseline_db(sid)
-            per["baseline: row read + access row commit"].append(time.perf_counter() - t1)
-            t1 = time.perf_counter()
-            model.bundle.raw_scores(row)
-            per["baseline: the model's scores for one row"].append(time.perf_counter() - t1)
-        runs.append({k: statistics.median(v) * 1e3 for k, v in per.items()}
-                    | {"statements": (statements - s0) / args.writes,
-                       "checkouts": (checkouts - c0) / args.writes})
-    runs = runs[1:]
-    hits, misses = svc.writer.cache.hits, svc.writer.cache.misses
-    print(f"one-event write to {len(twins)} twins of ~150 events, {url.split(':')[0]}, "
-          f"medians of {args.runs} runs x {args.writes} writes (ms):")
-    for k in runs[0]:
-        vals = [r.get(k, 0.0) for r in runs]
-        unit = "" if k in ("statements", "checkouts") else " ms"
-        print(f"  {k:<42} {statistics.median(vals):8.3f}{unit}   "
-              f"[{min(vals):.3f} .. {max(vals):.3f}]")
-    total = statistics.median(r["total"] for r in runs)
-    base = statistics.median(r["baseline: row read + access row commit"] for r in runs)
-    print(f"  total / same-db baseline: {total / base:.2f}x; cache hits {hits}, "
-          f"misses {misses}")
-    if args.profile:
-        pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(args.profile)
-    store.keys.revoke(key.name)
-    store.dispose()
+        runs: list[dict[str, float]] = []
+        prof = cProfile.Profile()
+        sent = 0
+        for _ in range(args.runs + 1):  # the first run warms the cache and is not counted
+            per: dict[str, list[float]] = defaultdict(list)
+            s0, c0 = statements, checkouts
+            for i in range(args.writes):
+                sid, last = twins[i % len(twins)]
+                last = last if not isinstance(last, str) else W.datetime.fromisoformat(last)
+                sent += 1
+                t = (last + timedelta(days=1, seconds=sent)).isoformat() + "Z"
+                raw = json.dumps({"events": [{"time": t, "code": "VITAL//SBP",
+                                              "numeric_value": 120 + i % 30}]}).encode()
+                clock.now.clear()
+                t0 = time.perf_counter()
+                with clock.stage("key (as remembered; confirmed by the write)"):
+                    key = store.keys.recall(token)
+                with clock.stage("parse body"):
+                    body = S.EventsIn.model_validate_json(raw)
+                    inp = TwinInput(sid, events=[e.to_row() for e in body.events],
+                                    caller=Caller(key.name, key.id, key.role, confirm=True),
+                                    access=AccessInfo("POST", f"/v1/twins/{sid}/events",
+                                                      "ingest_events"))
+                with clock.stage("write"):
+                    if args.profile and runs:
+                        prof.enable()
+                    out = svc.coalescer.write(inp)
+                    if args.profile and runs:
+                        prof.disable()
+                with clock.stage("answer"):
+                    json_response({"added": out.added, "duplicates": out.duplicates,
+                                   "forecast": out.forecast})
+                clock.now["total"] = time.perf_counter() - t0
+                for k, v in clock.now.items():
+                    per[k].append(v)
+                t1 = time.perf_counter()
+                baseline_db(sid)
+                per["baseline: row read + access row commit"].append(time.perf_counter() - t1)
+                t1 = time.perf_counter()
+                model.bundle.raw_scores(row)
+                per["baseline: the model's scores for one row"].append(time.perf_counter() - t1)
+            runs.append({k: statistics.median(v) * 1e3 for k, v in per.items()}
+                        | {"statements": (statements - s0) / args.writes,
+                           "checkouts": (checkouts - c0) / args.writes})
+        runs = runs[1:]
+        hits, misses = svc.writer.cache.hits, svc.writer.cache.misses
+        print(f"one-event write to {len(twins)} twins of ~150 events, {url.split(':')[0]}, "
+              f"medians of {args.runs} runs x {args.writes} writes (ms):")
+        for k in runs[0]:
+            vals = [r.get(k, 0.0) for r in runs]
+            unit = "" if k in ("statements", "checkouts") else " ms"
+            print(f"  {k:<42} {statistics.median(vals):8.3f}{unit}   "
+                  f"[{min(vals):.3f} .. {max(vals):.3f}]")
+        total = statistics.median(r["total"] for r in runs)
+        base = statistics.median(r["baseline: row read + access row commit"] for r in runs)
+        print(f"  total / same-db baseline: {total / base:.2f}x; cache hits {hits}, "
+              f"misses {misses}")
+        if args.profile:
+            order = os.environ.get("SORT", "tottime")  # or cumulative
+            pstats.Stats(prof).sort_stats(order).print_stats(args.profile)
+    finally:  # the bench's key does not outlive it
+        store.keys.revoke(name)
+        store.dispose()
 
 
 if __name__ == "__main__":

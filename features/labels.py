@@ -17,6 +17,7 @@ from a MEDS label file are read by :mod:`features.label_files` instead.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -44,16 +45,18 @@ def event_mask(arrays: EventArrays, definition: EventDefinition) -> np.ndarray:
     return _event_mask(arrays, _definition_flags(definition, tuple(arrays.categories)))
 
 
+def _code_flags(categories: tuple[str, ...], wanted) -> np.ndarray:
+    """Per category, ``wanted(code)``."""
+    return np.fromiter((bool(wanted(c)) for c in categories), dtype=bool,
+                       count=len(categories))
+
+
 def _definition_flags(definition: EventDefinition, categories: tuple[str, ...]
                       ) -> tuple[np.ndarray, list[tuple[np.ndarray, object, float]]]:
     """Per category: matches the definition's codes; and per value predicate, matches
     its code (with its comparison and threshold)."""
-    def flags(wanted) -> np.ndarray:
-        return np.fromiter((bool(wanted(c)) for c in categories), dtype=bool,
-                           count=len(categories))
-
-    return flags(definition.matches_code), [
-        (flags(lambda c, p=pred: c == p.code), _OPS[pred.op], pred.value)
+    return _code_flags(categories, definition.matches_code), [
+        (_code_flags(categories, lambda c, p=pred: c == p.code), _OPS[pred.op], pred.value)
         for pred in definition.parsed_predicates()]
 
 
@@ -68,47 +71,72 @@ def _event_mask(arrays: EventArrays, flags) -> np.ndarray:
     return mask & (arrays.time_us != NAT_US)
 
 
-class _TaskFlags:
-    """What the task's summary asks of each code of one vocabulary, worked out once (a
-    service summarises one patient at a time, over the same few codes each call)."""
+class _TaskCodes:
+    """What a task's summary asks of each code (an outcome? a visit? ...), each code
+    worked out once: a service summarises one patient at a time, each with its own few
+    codes, from the same vocabulary."""
 
-    def __init__(self, task: Task, categories: tuple[str, ...]):
+    MAX_CODES = 100_000
+
+    def __init__(self, task: Task):
         from fnmatch import fnmatchcase
 
-        def flags(wanted) -> np.ndarray:
-            return np.fromiter((bool(wanted(c)) for c in categories), dtype=bool,
+        excluded = task.features.exclude_codes
+        self.preds = {name: [(p.code, _OPS[p.op], p.value) for p in d.parsed_predicates()]
+                      for name, d in (("outcome", task.outcome),
+                                      ("competing", task.competing))}
+        self._tests = (task.outcome.matches_code, task.competing.matches_code,
+                       lambda c: c == BIRTH_CODE, lambda c: c == DEATH_CODE,
+                       lambda c: c != BIRTH_CODE
+                       and not any(fnmatchcase(c, p) for p in excluded))
+        self._memo: dict[str, tuple[bool, ...]] = {}
+
+    def flags(self, categories: tuple[str, ...]) -> _TaskFlags:
+        memo = self._memo
+        if len(memo) > self.MAX_CODES:
+            memo.clear()
+        rows = [memo.get(c) or memo.setdefault(c, tuple(bool(t(c)) for t in self._tests))
+                for c in categories]
+        table = np.array(rows, dtype=bool).reshape(len(categories), len(self._tests))
+
+        def on(code: str) -> np.ndarray:
+            return np.fromiter((c == code for c in categories), dtype=bool,
                                count=len(categories))
 
-        excluded = task.features.exclude_codes
-        self.outcome = _definition_flags(task.outcome, categories)
-        self.competing = _definition_flags(task.competing, categories)
-        self.birth = flags(lambda c: c == BIRTH_CODE)
-        self.death = flags(lambda c: c == DEATH_CODE)
-        self.visit = flags(lambda c: c != BIRTH_CODE
-                           and not any(fnmatchcase(c, p) for p in excluded))
+        return _TaskFlags(
+            (table[:, 0], [(on(c), op, v) for c, op, v in self.preds["outcome"]]),
+            (table[:, 1], [(on(c), op, v) for c, op, v in self.preds["competing"]]),
+            table[:, 2], table[:, 3], table[:, 4])
+
+
+@dataclass(frozen=True)
+class _TaskFlags:
+    """Per category of one vocabulary: the task's outcome and competing event (codes,
+    and value predicates), birth, death, and whether an event of it makes a visit."""
+
+    outcome: tuple
+    competing: tuple
+    birth: np.ndarray
+    death: np.ndarray
+    visit: np.ndarray
 
     @staticmethod
     def rows(flags: np.ndarray, arrays: EventArrays) -> np.ndarray:
         return flags[arrays.code] if flags.size else np.zeros(len(arrays), dtype=bool)
 
 
-_FLAGS: dict[tuple[int, tuple[str, ...]], tuple[Task, _TaskFlags]] = {}
-_FLAGS_MAX = 64
+_TASKS: dict[int, tuple[Task, _TaskCodes]] = {}  # by id(task), the task kept alive
+_TASKS_MAX = 32
 
 
-def _task_flags(task: Task, categories: tuple[str, ...]) -> _TaskFlags:
-    """The cached flags of ``task`` over ``categories`` (by the task's identity, the task
-    kept alive so that its id is not reused, and the codes themselves)."""
-    categories = tuple(categories)  # hashable (a tuple already: no copy)
-    key = (id(task), categories)
-    hit = _FLAGS.get(key)
-    if hit is not None and hit[0] is task:
-        return hit[1]
-    flags = _TaskFlags(task, categories)
-    if len(_FLAGS) >= _FLAGS_MAX:
-        _FLAGS.clear()
-    _FLAGS[key] = (task, flags)
-    return flags
+def _task_flags(task: Task, categories) -> _TaskFlags:
+    """The task's flags over ``categories`` (each code's worked out once per task)."""
+    hit = _TASKS.get(id(task))
+    if hit is None or hit[0] is not task:
+        if len(_TASKS) >= _TASKS_MAX:
+            _TASKS.clear()
+        hit = _TASKS[id(task)] = (task, _TaskCodes(task))
+    return hit[1].flags(tuple(categories))
 
 
 def first_time_per_subject(

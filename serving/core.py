@@ -23,10 +23,11 @@ from serving.refresh import Refresher
 from serving.served import ModelHolder
 from serving.store import Store
 from serving.store.db import worker_name
+from serving.store.keys import REVOKED
 from serving.store.twins import utcnow
 from serving.tamper import ANCHOR_LEASE, anchor
 from serving.views import forecast_json, iso
-from serving.writes import REVOKED, AccessInfo, Caller, TwinWriter, confirm_keys
+from serving.writes import AccessInfo, Caller, TwinWriter
 from training.errors import RegistryUnreachable
 
 log = logging.getLogger("twincast.service")
@@ -189,7 +190,8 @@ class TwinService:
         """Reads of twins' views, each answered its view or why not, and the access rows
         of those answered, in one transaction."""
         def work(s) -> list[str | BaseException]:
-            revoked = confirm_keys(self.store, s, [caller for _, caller, _ in reads])
+            revoked = self.store.keys.revoked_among(
+                s, [caller.key_id for _, caller, _ in reads if caller.confirm])
             views = self.store.twins.views(s, [sid for sid, _, _ in reads])
             out: list[str | BaseException] = []
             for sid, caller, _ in reads:

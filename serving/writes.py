@@ -33,6 +33,7 @@ from serving.served import ModelHolder
 from serving.store import Store
 from serving.store.access import access_row
 from serving.store.identity import Claim, Ident
+from serving.store.keys import REVOKED
 from serving.store.risks import Level, levels
 from serving.store.twins import (
     LOGICAL_ID_MAX,
@@ -57,7 +58,7 @@ REFRESH_CALLER = "system:refresh"
 class Caller:
     """Who asks: a key's name and id (None for the system and CDS clients) and role;
     ``confirm``: the key as this worker remembers it, to be confirmed active in the
-    transaction that acts for it (:func:`confirm_keys`)."""
+    transaction that acts for it (:meth:`Keys.revoked_among`)."""
 
     name: str
     key_id: int | None = None
@@ -66,17 +67,6 @@ class Caller:
     confirm: bool = False
 
 
-def confirm_keys(store: Store, s: Session, callers: Sequence[Caller]) -> set[int]:
-    """The remembered keys among ``callers`` that are no longer active, read in ``s``
-    (and forgotten by this worker, so that their next request reads its key)."""
-    ids = {c.key_id for c in callers if c.confirm and c.key_id is not None}
-    gone = ids - store.keys.active(s, ids) if ids else set()
-    if gone:
-        store.keys.forget(gone)
-    return gone
-
-
-REVOKED = "unknown or revoked API key"
 
 
 @dataclass
@@ -485,7 +475,8 @@ class TwinWriter:
     def _confirm(self, s: Session, inputs: list[TwinInput]) -> None:
         """Every part's remembered key still active, or nothing is written (a batch of
         several callers is then tried part by part, so only the revoked key's fails)."""
-        if confirm_keys(self.store, s, [inp.caller for inp in inputs]):
+        if self.store.keys.revoked_among(s, [inp.caller.key_id for inp in inputs
+                                             if inp.caller.confirm]):
             raise Unauthorized(REVOKED)
 
     def _check_served(self, s: Session, model: LoadedModel) -> None:

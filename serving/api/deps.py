@@ -17,17 +17,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
 from serving.core import TwinService
-from serving.errors import (
-    BadInput,
-    Conflict,
-    Forbidden,
-    NotFound,
-    NotReady,
-    PayloadTooLarge,
-    Unauthorized,
-)
+from serving.errors import Forbidden, NotReady, Unauthorized
 from serving.states import Action, may
-from serving.writes import REVOKED, AccessInfo, Caller
+from serving.store.keys import REVOKED
+from serving.writes import AccessInfo, Caller
 
 bearer = HTTPBearer(auto_error=False, description="a twincast API key (tc_…)")
 Principal = Caller  # who is asking: key name, key id, role
@@ -80,17 +73,15 @@ def authorize(request: Request, service: TwinService,
     return principal
 
 
-REFUSALS = (RequestValidationError, BadInput, NotFound, Conflict, PayloadTooLarge)
-
-
 @contextlib.contextmanager
 def acting_for(request: Request, service: TwinService,
                credentials: HTTPAuthorizationCredentials | None, action: Action, name: str,
                *, twin: bool = False) -> Iterator[Principal]:
     """:func:`authorize` with the key as this worker remembers it, for a route whose one
-    transaction confirms it (``Caller.confirm``): no read of its own.  A refusal the
-    route makes before that (a bad body, a missing twin) is told only to a key still
-    active; a revoked one gets the 401 a fresh read would have given."""
+    transaction confirms it (``Caller.confirm``): no read of its own.  Any other answer
+    than the route's own (a bad body, a missing twin, a busy database) is given only to
+    a key read again and found active; a revoked one gets the 401 a fresh read would
+    have given, and a key that cannot be read again is logged as no one's."""
     caller = authorize(request, service, credentials, action, name, twin=twin,
                        remembered=True)
     try:
@@ -98,8 +89,13 @@ def acting_for(request: Request, service: TwinService,
     except Unauthorized:
         request.state.access["caller"] = None  # logged as any refused key is
         raise
-    except REFUSALS:
-        _vouch(request, service, caller)
+    except Exception:
+        try:
+            _vouch(request, service, caller)
+        except Unauthorized:
+            raise
+        except Exception:  # the store cannot say: the original error stands, unattributed
+            request.state.access["caller"] = None
         raise
 
 

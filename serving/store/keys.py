@@ -4,7 +4,9 @@ Most routes look the key up on every request (one indexed read).  The hot twin r
 (one twin's events, one twin's view) take the key as this worker last found it active
 (:meth:`Keys.recall`) and confirm it in the transaction that acts for it
 (:meth:`Keys.active`): a key revoked meanwhile makes that transaction write nothing and
-the request a 401, so revocation is still at once everywhere, at no extra connection."""
+the request a 401, so revocation is still at once everywhere, at no extra connection.  (On
+PostgreSQL a revocation committed while such a transaction runs, after its check, lets
+that one transaction finish: a window of one transaction, not of a cache's lifetime.)"""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from serving.store.twins import utcnow
 
 KEY_PREFIX = "tc_"
 REMEMBERED_KEYS = 1024  # per worker: keys found active, by hash (no secret is kept)
+REVOKED = "unknown or revoked API key"
 
 
 def hash_key(token: str) -> str:
@@ -120,6 +123,20 @@ class Keys:
         """Which of these keys are active, read in the caller's transaction."""
         ids = sorted(set(key_ids))
         return set(s.execute(self._live, {"ids": ids}).scalars()) if ids else set()
+
+    def revoked_among(self, s: Session, key_ids: Iterable[int | None]) -> set[int]:
+        """Which of these remembered keys are no longer active, read in the transaction
+        that acts for them (and forgotten, so that their next request reads its key)."""
+        ids = {k for k in key_ids if k is not None}
+        gone = ids - self.active(s, ids) if ids else set()
+        if gone:
+            self.forget(gone)
+        return gone
+
+    def remembers(self, token: str) -> bool:
+        """Whether this worker holds the token's key in memory (not read again)."""
+        with self._known_lock:
+            return hash_key(token) in self._known
 
     def is_active(self, key_id: int) -> bool:
         with self.db.read() as s:

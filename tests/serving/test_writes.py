@@ -494,3 +494,54 @@ def test_a_key_revoked_elsewhere_fails_only_its_own_part_and_is_told_nothing(
     assert svc.store.keys.recall(tokens["live"]) == keys["live"]
     svc.store.dispose()
     elsewhere.store.dispose()
+
+
+def test_a_key_revoked_elsewhere_gets_401_whatever_else_its_request_would_get(
+        database, tracker, trained, small_cohort):
+    """Through the routes (in process): a key this worker remembers, revoked by another,
+    is told 401 — not the 422 of its bad body or path, the 404 of a missing twin or the
+    403 of its role — and nothing is stored for it."""
+    from starlette.testclient import TestClient
+
+    from serving.api.app import create_app
+
+    svc, elsewhere = service(database, tracker), service(database, tracker)
+    app = create_app()
+    app.state.service = svc
+    sid = 4_500_001
+    body = {"events": [{"time": "2021-01-01T10:00:00Z", "code": "LAB//EGFR",
+                        "numeric_value": 40.0}]}
+    cases = {  # role, the request a revoked key sends
+        "bad body": ("clinical", "POST", f"/v1/twins/{sid}/events", {"events": "no"}),
+        "bad id": ("clinical", "POST", "/v1/twins/-4/events", body),
+        "missing twin": ("clinical", "GET", "/v1/twins/4599999", None),
+        "role": ("auditor", "POST", f"/v1/twins/{sid}/events", body),
+        "new event": ("clinical", "POST", f"/v1/twins/{sid}/events",
+                      {"events": [{**body["events"][0], "time": "2021-02-01T10:00:00Z"}]}),
+    }
+    with TestClient(app) as client:
+        def send(token: str, method: str, path: str, json_body=None):
+            return client.request(method, path, json=json_body,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+        setup = svc.store.keys.create(f"setup-{uuid.uuid4().hex[:6]}", "clinical")
+        assert send(setup, "POST", f"/v1/twins/{sid}/events", body).status_code == 200
+        for case, (role, method, path, sent) in cases.items():
+            token = svc.store.keys.create(f"{role}-{uuid.uuid4().hex[:6]}", role)
+            assert send(token, "GET", f"/v1/twins/{sid}").status_code == 200, case
+            assert svc.store.keys.remembers(token), case
+            elsewhere.store.keys.revoke(svc.store.keys.recall(token).name)
+            before = counts(svc.store)["events"]
+            r = send(token, method, path, sent)
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", (case, r.text)
+            assert not svc.store.keys.remembers(token), case  # read again next time
+            assert counts(svc.store)["events"] == before, case
+        # the same requests from live keys get their own answers
+        clinical = svc.store.keys.create(f"live-{uuid.uuid4().hex[:6]}", "clinical")
+        auditor = svc.store.keys.create(f"live-{uuid.uuid4().hex[:6]}", "auditor")
+        got = {case: send(clinical if role == "clinical" else auditor, method, path, sent)
+               .status_code for case, (role, method, path, sent) in cases.items()}
+        assert got == {"bad body": 422, "bad id": 422, "missing twin": 404, "role": 403,
+                       "new event": 200}
+    svc.store.dispose()
+    elsewhere.store.dispose()
