@@ -40,27 +40,22 @@ def censored_column(horizon_days: int) -> str:
     return f"censored_{horizon_days}d"
 
 
-def event_mask(arrays: EventArrays, definition: EventDefinition) -> np.ndarray:
-    """Rows (with a time) that are an occurrence of ``definition``."""
-    return _event_mask(arrays, _definition_flags(definition, tuple(arrays.categories)))
-
-
 def _code_flags(categories: tuple[str, ...], wanted) -> np.ndarray:
     """Per category, ``wanted(code)``."""
     return np.fromiter((bool(wanted(c)) for c in categories), dtype=bool,
                        count=len(categories))
 
 
-def _definition_flags(definition: EventDefinition, categories: tuple[str, ...]
-                      ) -> tuple[np.ndarray, list[tuple[np.ndarray, object, float]]]:
-    """Per category: matches the definition's codes; and per value predicate, matches
-    its code (with its comparison and threshold)."""
-    return _code_flags(categories, definition.matches_code), [
-        (_code_flags(categories, lambda c, p=pred: c == p.code), _OPS[pred.op], pred.value)
-        for pred in definition.parsed_predicates()]
+def _predicate_flags(definition: EventDefinition, categories: tuple[str, ...]
+                     ) -> list[tuple[np.ndarray, object, float]]:
+    """Per value predicate of ``definition``: which categories are its code, with its
+    comparison and threshold."""
+    return [(_code_flags(categories, lambda c, p=pred: c == p.code), _OPS[pred.op],
+             pred.value) for pred in definition.parsed_predicates()]
 
 
 def _event_mask(arrays: EventArrays, flags) -> np.ndarray:
+    """Rows (with a time) that are an occurrence of a definition, by its flags."""
     codes, preds = flags
     if not codes.size:
         return np.zeros(len(arrays), dtype=bool)
@@ -82,9 +77,7 @@ class _TaskCodes:
         from fnmatch import fnmatchcase
 
         excluded = task.features.exclude_codes
-        self.preds = {name: [(p.code, _OPS[p.op], p.value) for p in d.parsed_predicates()]
-                      for name, d in (("outcome", task.outcome),
-                                      ("competing", task.competing))}
+        self.outcome, self.competing = task.outcome, task.competing
         self._tests = (task.outcome.matches_code, task.competing.matches_code,
                        lambda c: c == BIRTH_CODE, lambda c: c == DEATH_CODE,
                        lambda c: c != BIRTH_CODE
@@ -98,14 +91,9 @@ class _TaskCodes:
         rows = [memo.get(c) or memo.setdefault(c, tuple(bool(t(c)) for t in self._tests))
                 for c in categories]
         table = np.array(rows, dtype=bool).reshape(len(categories), len(self._tests))
-
-        def on(code: str) -> np.ndarray:
-            return np.fromiter((c == code for c in categories), dtype=bool,
-                               count=len(categories))
-
         return _TaskFlags(
-            (table[:, 0], [(on(c), op, v) for c, op, v in self.preds["outcome"]]),
-            (table[:, 1], [(on(c), op, v) for c, op, v in self.preds["competing"]]),
+            (table[:, 0], _predicate_flags(self.outcome, categories)),
+            (table[:, 1], _predicate_flags(self.competing, categories)),
             table[:, 2], table[:, 3], table[:, 4])
 
 

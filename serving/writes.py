@@ -67,8 +67,6 @@ class Caller:
     confirm: bool = False
 
 
-
-
 @dataclass
 class AccessInfo:
     """The request a write logs (``written`` once its rows are in the transaction)."""

@@ -83,9 +83,7 @@ class Keys:
                              .values(revoked_at=utcnow())).rowcount
         if not done:
             raise NotFound(f"no active API key named {name!r}")
-        with self._known_lock:  # this worker's memory; the others confirm before acting
-            for h in [h for h, k in self._known.items() if k.name == name]:
-                del self._known[h]
+        self._drop(lambda k: k.name == name)  # here; other workers confirm before acting
 
     def authenticate(self, token: str) -> KeyInfo | None:
         """The active key for a token (None: unknown or revoked), read from the store
@@ -145,6 +143,9 @@ class Keys:
     def forget(self, key_ids: Iterable[int]) -> None:
         """Recall these keys no more (found revoked): the next request reads its key."""
         gone = set(key_ids)
+        self._drop(lambda k: k.id in gone)
+
+    def _drop(self, which) -> None:
         with self._known_lock:
-            for h in [h for h, k in self._known.items() if k.id in gone]:
+            for h in [h for h, k in self._known.items() if which(k)]:
                 del self._known[h]
