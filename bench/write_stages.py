@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", type=int, metavar="N", default=0,
                     help="also print the N functions with the most own time (cProfile)")
+    ap.add_argument("--profile-only", metavar="METHOD", default="",
+                    help="profile only this TwinWriter method (e.g. _commit, _plan)")
     args = ap.parse_args()
     url = args.url or max(OUT.glob("twins_*.url"), key=lambda p: p.stat().st_mtime
                           ).read_text()
@@ -79,29 +81,57 @@ def main() -> None:
     from serving.bootstrap import build_service
     from serving.writes import AccessInfo, Caller, TwinInput
 
+    from serving.runtime import tune_gc
+
     svc = build_service(config(OUT / "serve_home", url), start=False)
     model = svc.models.sync_to(svc.source.champion_version())
+    tune_gc()  # as the service does once started
     store = svc.store
     name = f"stages-{uuid.uuid4().hex[:6]}"
     token = store.keys.create(name, "clinical")
     try:
-        with store.engine.connect() as conn:
-            twins = [tuple(r) for r in conn.execute(text(
-                "SELECT subject_id, last_event_time FROM twins WHERE event_count "
-                "BETWEEN 130 AND 170 AND view IS NOT NULL AND last_event_time < :cut "
-                "ORDER BY subject_id LIMIT 300"), {"cut": W.utcnow() - timedelta(days=90)})]
+        # the serving benchmark's twins: alive, the ~150-event histories closest to 150
+        from bench.features_bench import cohort
+        from bench.serve_data import hot_twins
+        from features.events import read_events
+
+        n_twins = int(url.rsplit("_", 1)[-1].split(".")[0])  # twins_sqlite_N.db, .._bench_N
+        hot = hot_twins(read_events(cohort(OUT, n_twins)))
+        with store.read() as s:
+            rows = store.twins.peek(s, hot)
+        twins = [(sid, rows[sid].last_event_time) for sid in hot if sid in rows
+                 and rows[sid].last_event_time is not None]
         assert twins, "no twins with about 150 events: run bench/serve_bench.py --keep first"
         statements = checkouts = 0
 
-        def on_statement(*_):
+        sql_time: dict[str, float] = defaultdict(float)  # per kind of statement, this run
+        started: list[float] = []
+
+        def on_statement(conn, cursor, sql, *_):
             nonlocal statements
             statements += 1
+            started.append(time.perf_counter())
+
+        def after_statement(conn, cursor, sql, *_):
+            sql_time[" ".join(sql.split()[:4])[:40]] += time.perf_counter() - started.pop()
 
         def on_checkout(*_):
             nonlocal checkouts
             checkouts += 1
 
         event.listen(store.engine, "before_cursor_execute", on_statement)
+        event.listen(store.engine, "after_cursor_execute", after_statement)
+        dialect = store.engine.dialect
+        do_commit = dialect.do_commit
+
+        def timed_commit(dbapi_connection):
+            t0 = time.perf_counter()
+            try:
+                return do_commit(dbapi_connection)
+            finally:
+                sql_time["COMMIT"] += time.perf_counter() - t0
+
+        dialect.do_commit = timed_commit
         event.listen(store.engine.pool, "checkout", on_checkout)
         clock = Clock()
         clock.wrap(svc.writer, "_plan", "write: plan")
@@ -123,10 +153,24 @@ def main() -> None:
 
         runs: list[dict[str, float]] = []
         prof = cProfile.Profile()
+        if args.profile and args.profile_only:  # one of the writer's methods alone
+            inner = getattr(svc.writer, args.profile_only)
+
+            def profiled(*a, **k):
+                if not runs:  # the warm-up run is not counted
+                    return inner(*a, **k)
+                prof.enable()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    prof.disable()
+
+            setattr(svc.writer, args.profile_only, profiled)
         sent = 0
         for _ in range(args.runs + 1):  # the first run warms the cache and is not counted
             per: dict[str, list[float]] = defaultdict(list)
             s0, c0 = statements, checkouts
+            sql_time.clear()
             for i in range(args.writes):
                 sid, last = twins[i % len(twins)]
                 last = last if not isinstance(last, str) else W.datetime.fromisoformat(last)
@@ -145,10 +189,11 @@ def main() -> None:
                                     access=AccessInfo("POST", f"/v1/twins/{sid}/events",
                                                       "ingest_events"))
                 with clock.stage("write"):
-                    if args.profile and runs:
+                    profiling = args.profile and runs and not args.profile_only
+                    if profiling:
                         prof.enable()
                     out = svc.coalescer.write(inp)
-                    if args.profile and runs:
+                    if profiling:
                         prof.disable()
                 with clock.stage("answer"):
                     json_response({"added": out.added, "duplicates": out.duplicates,
@@ -164,7 +209,8 @@ def main() -> None:
                 per["baseline: the model's scores for one row"].append(time.perf_counter() - t1)
             runs.append({k: statistics.median(v) * 1e3 for k, v in per.items()}
                         | {"statements": (statements - s0) / args.writes,
-                           "checkouts": (checkouts - c0) / args.writes})
+                           "checkouts": (checkouts - c0) / args.writes}
+                        | {f"sql: {k}": v * 1e3 / args.writes for k, v in sql_time.items()})
         runs = runs[1:]
         hits, misses = svc.writer.cache.hits, svc.writer.cache.misses
         print(f"one-event write to {len(twins)} twins of ~150 events, {url.split(':')[0]}, "
@@ -172,6 +218,8 @@ def main() -> None:
         for k in runs[0]:
             vals = [r.get(k, 0.0) for r in runs]
             unit = "" if k in ("statements", "checkouts") else " ms"
+            if k.startswith("sql: "):
+                unit += " (mean)"
             print(f"  {k:<42} {statistics.median(vals):8.3f}{unit}   "
                   f"[{min(vals):.3f} .. {max(vals):.3f}]")
         total = statistics.median(r["total"] for r in runs)

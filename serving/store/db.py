@@ -67,9 +67,12 @@ def make_engine(url: str) -> Engine:
             # no checkpoint inside a request's commit: the Checkpointer runs them
             cur.execute("PRAGMA wal_autocheckpoint=0")
             # a twin's history is a few hundred rows spread over the file: keep pages in
-            # memory (64 MiB per connection) and read through a memory map (1 GiB)
+            # memory (64 MiB per connection).  No memory map: with WAL it reads no faster
+            # here (a history 0.062 vs 0.060 ms), while every write transaction pays for
+            # it (BEGIN IMMEDIATE 0.15 vs 0.05 ms, a one-row event insert 0.11 vs
+            # 0.07 ms: the map follows the file as checkpoints grow it)
             cur.execute("PRAGMA cache_size=-65536")
-            cur.execute("PRAGMA mmap_size=1073741824")
+            cur.execute("PRAGMA mmap_size=0")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -70,7 +70,10 @@ class Event(Base):
     __table_args__ = (
         UniqueConstraint("subject_id", "idempotency_key", name="uq_event_idempotency"),
         Index("ix_events_subject_time", "subject_id", "time"),
-        Index("ix_events_subject_logical", "subject_id", "logical_id"),
+        # partial: only events of resources have a logical id (migration 0012)
+        Index("ix_events_subject_logical", "subject_id", "logical_id",
+              sqlite_where=text("logical_id IS NOT NULL"),
+              postgresql_where=text("logical_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -79,7 +82,7 @@ class Event(Base):
     code: Mapped[str] = mapped_column(String(255))
     numeric_value: Mapped[float | None] = mapped_column(Float)
     text_value: Mapped[str | None] = mapped_column(Text)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime)  # read per twin only
     idempotency_key: Mapped[str] = mapped_column(String(128))
     source: Mapped[str | None] = mapped_column(String(255))
     # the resource the event came from ("Observation/abc", a component

@@ -422,7 +422,8 @@ class Twins:
             fams = sorted(fams)
             while fams:
                 part, fams = fams[:room], fams[room:]
-                batches[-1].append(and_(e.subject_id == sid, or_(*(
+                # "logical_id IS NOT NULL" spelt out: the index on it is partial
+                batches[-1].append(and_(e.subject_id == sid, e.logical_id.is_not(None), or_(*(
                     or_(e.logical_id == f, e.logical_id.like(_like_escape(f) + "#%",
                                                              escape="!")) for f in part))))
                 room -= len(part)
@@ -484,8 +485,12 @@ class Twins:
                         f"({', '.join('?' * len(EVENT_COLUMNS))}) "
                         "ON CONFLICT (subject_id, idempotency_key) DO NOTHING")
         dt = self._param_time
+        stamps: dict[datetime, Any] = {}  # a write's rows share one recorded_at
         params = [(r["subject_id"], dt(r["time"]), r["code"], r["numeric_value"],
-                   r["text_value"], dt(r["recorded_at"]), r["idempotency_key"], r["source"])
+                   r["text_value"],
+                   stamps[rec] if (rec := r["recorded_at"]) in stamps
+                   else stamps.setdefault(rec, dt(rec)),
+                   r["idempotency_key"], r["source"])
                   for r in rows]
         return s.connection().exec_driver_sql(sql, params).rowcount
 
