@@ -79,9 +79,8 @@ def main() -> None:
     from serving.api import schemas as S
     from serving.api.responses import json_response
     from serving.bootstrap import build_service
-    from serving.writes import AccessInfo, Caller, TwinInput
-
     from serving.runtime import tune_gc
+    from serving.writes import AccessInfo, Caller, TwinInput
 
     svc = build_service(config(OUT / "serve_home", url), start=False)
     model = svc.models.sync_to(svc.source.champion_version())
