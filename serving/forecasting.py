@@ -139,7 +139,7 @@ def explain(model: LoadedModel, x: np.ndarray) -> list[list[dict[str, Any]]]:
     """Top contributions for each feature row, with readable names and values."""
     spec = model.bundle.spec
     out = []
-    labels: dict[str, tuple[str | None, str]] = {}  # per feature name: (unit, label)
+    labels = model.feature_labels  # per feature name: (unit, label), kept with the model
     for row in model.bundle.contributions(x, TOP_CONTRIBUTIONS):
         items = []
         for item in row:

@@ -35,6 +35,11 @@ class LoadedModel:
     def task_digest(self) -> str:
         return self.bundle.task.digest()
 
+    @cached_property
+    def feature_labels(self) -> dict[str, tuple[str | None, str]]:
+        """Per feature name, (unit, readable label): filled as forecasts explain them."""
+        return {}
+
     @property
     def code_version(self) -> str:
         return str(self.bundle.metadata.get("code_version", "unknown"))

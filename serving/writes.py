@@ -149,14 +149,16 @@ class HistoryCache:
     workers' writes, corrections, imports and restarts just make it miss.  An entry also
     keeps the twin's row as this worker wrote it, so that a write that only appends can
     be planned with no read at all (:meth:`trusted`): the commit's check under the lock
-    is what makes that safe.  Least recently used entries go first beyond ``max_bytes``
-    (arrays and texts counted)."""
+    is what makes that safe — and, for a twin written alone, the history built from
+    those events, which its next write extends in place (:meth:`History.appended`).
+    Least recently used entries go first beyond ``max_bytes`` (arrays and texts counted;
+    a kept history about doubles an entry's arrays)."""
 
     def __init__(self, max_bytes: int = HISTORY_CACHE_BYTES):
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, tuple[int, str | None, EventColumns,
-                                              datetime | None, int, TwinRow | None]
-                                   ] = OrderedDict()
+                                              datetime | None, int, TwinRow | None,
+                                              History | None]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -173,18 +175,20 @@ class HistoryCache:
             return entry[2], entry[3]
 
     def trusted(self, subject_ids: Sequence[int]
-                ) -> dict[int, tuple[TwinRow, EventColumns, datetime | None]] | None:
-        """Every one of these twins' row as this worker last wrote it and its events, or
-        None unless all are here (unverified: the commit checks the row under the lock,
-        and the writer counts a hit or a miss by what it found)."""
+                ) -> dict[int, tuple[TwinRow, EventColumns, datetime | None, History | None]
+                          ] | None:
+        """Every one of these twins' row as this worker last wrote it, its events and
+        (when kept) its history, or None unless all are here (unverified: the commit
+        checks the row under the lock, and the writer counts a hit or a miss by what it
+        found)."""
         with self._lock:
             entries = [self._entries.get(sid) for sid in subject_ids]
             if any(e is None or e[5] is None for e in entries):
                 return None
             for sid in subject_ids:
                 self._entries.move_to_end(sid)
-            return {sid: (e[5], e[2], e[3]) for sid, e in zip(subject_ids, entries,
-                                                              strict=True)}
+            return {sid: (e[5], e[2], e[3], e[6]) for sid, e in zip(subject_ids, entries,
+                                                                    strict=True)}
 
     def count(self, *, hits: int, misses: int) -> None:
         with self._lock:
@@ -192,15 +196,16 @@ class HistoryCache:
             self.misses += misses
 
     def put(self, subject_id: int, count: int, head: str | None, cols: EventColumns,
-            superseded: datetime | None, row: TwinRow | None = None) -> None:
-        size = cols.nbytes()
+            superseded: datetime | None, row: TwinRow | None = None,
+            history: History | None = None) -> None:
+        size = cols.nbytes() * (2 if history is not None else 1)
         if len(cols) != count or size > self.max_bytes // 8:
             self.drop(subject_id)
             return
         with self._lock:
             old = self._entries.pop(subject_id, None)
             self._bytes -= old[4] if old is not None else 0
-            self._entries[subject_id] = (count, head, cols, superseded, size, row)
+            self._entries[subject_id] = (count, head, cols, superseded, size, row, history)
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, gone = self._entries.popitem(last=False)
@@ -232,6 +237,7 @@ class _Plan:
     history: dict[int, tuple[EventColumns, datetime | None]]  # forecast twins' events
     created_at: dict[int, datetime] = field(default_factory=dict)
     trusted: bool = False  # planned from the cache alone, with no read
+    built: History | None = None  # the history forecast, when the plan had one twin
     new_heads: dict[int, str] = field(default_factory=dict)  # set by the commit
 
 
@@ -324,7 +330,7 @@ class TwinWriter:
             else None
         with contextlib.nullcontext() if trusted else self.store.read() as s:
             if trusted:
-                twins = {sid: row for sid, (row, _, _) in trusted.items()}
+                twins = {sid: row for sid, (row, _, _, _) in trusted.items()}
                 existing: set[tuple[int, str]] = set()
             else:  # one snapshot on SQLite; counts are checked anyway
                 twins = self.store.twins.peek(s, ids)
@@ -337,7 +343,7 @@ class TwinWriter:
                     if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
                                                           model)]
             if trusted:
-                kept = {sid: (cols, sup) for sid, (_, cols, sup) in trusted.items()}
+                kept = {sid: (cols, sup) for sid, (_, cols, sup, _) in trusted.items()}
             else:
                 kept = {sid: hit for sid, _ in redo if sid in twins
                         and (hit := self.cache.get(twins[sid])) is not None}
@@ -357,7 +363,10 @@ class TwinWriter:
              for k, r in enumerate(fresh) if r["subject_id"] in again])
         superseded.update({sid: sup for sid, (_, sup) in kept.items() if sup is not None})
         cols = EventColumns.concat([stored, *(c for c, _ in kept.values()), new])
-        history = History.from_columns(cols, superseded)
+        # one twin written last by this worker: its kept history, extended in place
+        prior = trusted[ids[0]][3] if trusted and len(ids) == 1 and ids[0] in again else None
+        history = (prior.appended(new) if prior is not None else None) \
+            or History.from_columns(cols, superseded)
         results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
                                  [inp.as_of for _, inp in redo])
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
@@ -367,8 +376,9 @@ class TwinWriter:
                      sent, forecasts, views, out,
                      {sid: twins[sid].forecast_head if sid in twins else None for sid in ids},
                      {sid: (part, superseded.get(sid)) for sid, part
-                      in cols.by_subject().items() if sid in again}, created_at,
-                     trusted is not None)
+                      in (cols.by_subject() if len(again) > 1 else
+                          dict.fromkeys(again, cols)).items() if sid in again}, created_at,
+                     trusted is not None, history if len(ids) == 1 else None)
 
     def _commit(self, s: Session, model: LoadedModel, plan: _Plan, inputs: list[TwinInput]
                 ) -> list[TwinOutcome]:
@@ -426,7 +436,7 @@ class TwinWriter:
             row = None if u is None or u["n_events"] != count else TwinRow(
                 sid, plan.created_at[sid], u["last_time"], count, u["mname"], u["mversion"],
                 None, head)
-            self.cache.put(sid, count, head, renumbered, superseded, row)
+            self.cache.put(sid, count, head, renumbered, superseded, row, plan.built)
 
     def _log(self, s: Session, ids: list[int], inputs: list[TwinInput]) -> None:
         """Each part's access row (who asked, through which request), in the write's

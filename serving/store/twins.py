@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from features.events import EventArrays, shortest_f32
+from features.events import NAT_US, EventArrays, shortest_f32
 from serving.store.models import Event, Forecast, Twin
 
 KEY_CHUNK = 20_000  # bound parameters per query
@@ -676,6 +676,55 @@ class History:
             wm = history.watermark.get(sid)
             history.watermark[sid] = t if wm is None else max(wm, t)
         return history
+
+    def appended(self, new: EventColumns) -> History | None:
+        """This one twin's history with ``new`` of its events added, each arrived after
+        every event here — what :meth:`from_columns` builds from all of them, at a small
+        part of its cost (a one-event write's history was a tenth of its time) — or None
+        when that cannot be had in place (no events yet, another twin's events, a code
+        the twin has not had: its categories change), and the history is built anew."""
+        a = self.arrays
+        if len(new) == 0 or a.subject_id.size == 0 or len(self.count) != 1:
+            return None
+        sid = int(a.subject_id[0])
+        if bool((new.sid != sid).any()):
+            return None
+        index = {c: i for i, c in enumerate(a.categories)}
+        codes = [index.get(c) for c in new.code.tolist()]
+        if None in codes:
+            return None
+        t_arr, c_arr, v_arr, latest = a.time_us, a.code, a.value, list(self.latest[sid])
+        at = {e["code"]: i for i, e in enumerate(latest)}
+        values32 = new.value.astype(np.float32)
+        shown = shortest_f32(values32)
+        texts = new.text
+        for k, (c, t, v) in enumerate(zip(codes, new.t.tolist(), values32.astype(np.float64)
+                                          .tolist(), strict=True)):
+            # canonical order is (time, code, value), values' NaN last, ties stable: the
+            # new event goes after every event whose key is not above its own
+            same = (c_arr == c) & ((v_arr <= v) if v == v else True)
+            pos = int(((t_arr < t) | ((t_arr == t) & ((c_arr < c) | same))).sum())
+            t_arr, c_arr = np.insert(t_arr, pos, t), np.insert(c_arr, pos, c)
+            v_arr = np.insert(v_arr, pos, v)
+            # the latest of its code: the later time wins, and of equal times the later
+            # arrival (static facts, NaT, are the earliest)
+            when = None if t == NAT_US else datetime_of(t)
+            old = latest[at[new.code[k]]]
+            if old["time"] is None or (when is not None and when >= old["time"]):
+                text = texts[k] if texts is not None else None
+                latest[at[new.code[k]]] = {
+                    "code": new.code[k], "time": when, "numeric_value": shown[k],
+                    "text_value": text if isinstance(text, str) else None}
+        arrays = EventArrays(np.full(t_arr.size, sid, dtype=np.int64), t_arr, c_arr,
+                             a.categories, v_arr)
+        watermark = max(self.watermark[sid], datetime_of(int(new.rec.max())))
+        last = dict(self.last_time)
+        dated = new.t[new.t != NAT_US]
+        if dated.size:
+            newest = datetime_of(int(dated.max()))
+            last[sid] = max(last[sid], newest) if sid in last else newest
+        return History(arrays, {sid: latest}, {sid: watermark}, last,
+                       {sid: self.count[sid] + len(new)})
 
     @classmethod
     def _from_rows(cls, rows: Sequence[tuple]) -> History:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from datetime import datetime
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,3 +50,40 @@ def test_idempotency_keys_and_forecast_digests_see_every_field():
     row = {"forecast_id": "f", "subject_id": 1, "as_of": t, "risks": {"365d": 0.1}}
     assert forecast_digest(row) != forecast_digest({**row, "risks": {"365d": 0.2}})
     assert forecast_digest(row) != forecast_digest({**row, "requested_by": "someone"})
+
+
+_TIMES = [None, datetime(2020, 1, 1), datetime(2020, 1, 1, 0, 0, 1),  # noqa: DTZ001
+          datetime(2021, 6, 1), datetime(2022, 3, 4, 5, 6, 7, 8)]  # noqa: DTZ001
+_event = st.tuples(st.sampled_from(_TIMES), st.sampled_from(["LAB//A", "LAB//B", "SEX//F"]),
+                   st.none() | st.sampled_from([1.0, 2.5, -3.0, 88.1, 1e-7]),
+                   st.none() | st.sampled_from(["x", "yz"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(stored=st.lists(_event, min_size=1, max_size=12),
+       new=st.lists(_event, min_size=1, max_size=3))
+def test_a_history_with_events_added_is_the_history_built_from_all_of_them(stored, new):
+    """A write's history taken from the cached one plus the new events (the one-event
+    write's shortcut) is exactly what the store's rows would give: canonical arrays
+    (order, codes, float32 values), each code's latest value, watermark, last time and
+    count — or None when it cannot be (a code the twin has not had), never something
+    else."""
+    from serving.store.twins import EventColumns
+
+    rec = datetime(2023, 1, 1)  # noqa: DTZ001
+    rows = [(7, t, c, v, x, i, rec) for i, (t, c, v, x) in enumerate(stored)]
+    later = datetime(2023, 2, 1)  # noqa: DTZ001
+    more = [(7, t, c, v, x, len(rows) + i, later) for i, (t, c, v, x) in enumerate(new)]
+    got = History.from_rows(rows).appended(EventColumns.from_rows(more))
+    if got is None:
+        assert {c for _, c, _, _ in new} - {c for _, c, _, _ in stored}
+        return
+    want = History.from_rows(rows + more)
+    assert got.arrays.categories == want.arrays.categories
+    for name in ("subject_id", "time_us", "code"):
+        assert getattr(got.arrays, name).tolist() == getattr(want.arrays, name).tolist()
+    assert got.arrays.code.dtype == want.arrays.code.dtype
+    assert np.array_equal(got.arrays.value, want.arrays.value, equal_nan=True)
+    assert got.latest == want.latest
+    assert (got.watermark, got.last_time, got.count) == \
+        (want.watermark, want.last_time, want.count)

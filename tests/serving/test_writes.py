@@ -329,6 +329,8 @@ def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
         if kept is not None:
             _same_history(History.from_columns(kept[2], {sid: kept[3]} if kept[3] else {}),
                           want)
+            if kept[6] is not None:  # the history itself, extended in place by each write
+                _same_history(kept[6], want)
         full = svc.writer.stateless(sid, sent, None)
         assert out.forecast["risks"] == full["risks"]
         assert json.loads(out.view)["event_count"] == want.count[sid]
@@ -337,6 +339,7 @@ def test_a_worker_keeps_a_twins_history_exactly_as_the_store_holds_it(
     for k in range(3):  # one event a write: each plan reads the twin from the cache
         check(one, post(one, [events[-6 + k]]))
     assert one.writer.cache.hits == 3
+    assert one.writer.cache._entries[sid][6] is not None  # kept, and checked above
     # a write that fails before its commit leaves the kept entry as it was
     kept = one.writer.cache._entries[sid][:2]
     one.writer.failpoints = frozenset({"before_commit"})
