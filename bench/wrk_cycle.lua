@@ -24,8 +24,7 @@ function done(summary, latency, requests)
   local errors = summary.errors.connect + summary.errors.read + summary.errors.write
     + summary.errors.status + summary.errors.timeout
   io.write(string.format(
-    '{"count": %d, "errors": %d, "wall_s": %f, "p50_ms": %f, "p90_ms": %f, "p99_ms": %f, "max_ms": %f, "mean_ms": %f}\n',
+    '{"count": %d, "errors": %d, "wall_s": %f, "p50_ms": %f, "p90_ms": %f, "p99_ms": %f, "max_ms": %f}\n',
     summary.requests, errors, summary.duration / 1e6, latency:percentile(50) / 1000,
-    latency:percentile(90) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
-    latency.mean / 1000))
+    latency:percentile(90) / 1000, latency:percentile(99) / 1000, latency.max / 1000))
 end

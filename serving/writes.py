@@ -151,8 +151,8 @@ class HistoryCache:
     be planned with no read at all (:meth:`trusted`): the commit's check under the lock
     is what makes that safe — and, for a twin written alone, the history built from
     those events, which its next write extends in place (:meth:`History.appended`).
-    Least recently used entries go first beyond ``max_bytes`` (arrays and texts counted;
-    a kept history about doubles an entry's arrays)."""
+    Least recently used entries go first beyond ``max_bytes`` (arrays, texts and the
+    kept history's arrays and values counted)."""
 
     def __init__(self, max_bytes: int = HISTORY_CACHE_BYTES):
         self.max_bytes = max_bytes
@@ -198,10 +198,14 @@ class HistoryCache:
     def put(self, subject_id: int, count: int, head: str | None, cols: EventColumns,
             superseded: datetime | None, row: TwinRow | None = None,
             history: History | None = None) -> None:
-        size = cols.nbytes() * (2 if history is not None else 1)
+        size = cols.nbytes()
         if len(cols) != count or size > self.max_bytes // 8:
             self.drop(subject_id)
             return
+        if history is not None:  # kept while the entry stays within its bound
+            extra = history.nbytes()
+            history = history if size + extra <= self.max_bytes // 8 else None
+            size += extra if history is not None else 0
         with self._lock:
             old = self._entries.pop(subject_id, None)
             self._bytes -= old[4] if old is not None else 0
@@ -365,8 +369,9 @@ class TwinWriter:
         cols = EventColumns.concat([stored, *(c for c, _ in kept.values()), new])
         # one twin written last by this worker: its kept history, extended in place
         prior = trusted[ids[0]][3] if trusted and len(ids) == 1 and ids[0] in again else None
-        history = (prior.appended(new) if prior is not None else None) \
-            or History.from_columns(cols, superseded)
+        history = prior.appended(new) if prior is not None else None
+        if history is None:
+            history = History.from_columns(cols, superseded)
         results = forecast_batch(model, history.arrays, [sid for sid, _ in redo],
                                  [inp.as_of for _, inp in redo])
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}

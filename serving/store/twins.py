@@ -644,6 +644,9 @@ def event_rows(events: dict[int, Sequence[EventRow]], *,
     return rows, sent
 
 
+APPEND_IN_PLACE_MAX = 8  # new events a kept history takes in place (each costs a pass)
+
+
 @dataclass
 class History:
     """Events of several twins as canonical arrays (the model's input) plus what a twin's
@@ -684,7 +687,8 @@ class History:
         when that cannot be had in place (no events yet, another twin's events, a code
         the twin has not had: its categories change), and the history is built anew."""
         a = self.arrays
-        if len(new) == 0 or a.subject_id.size == 0 or len(self.count) != 1:
+        if not 0 < len(new) <= APPEND_IN_PLACE_MAX or a.subject_id.size == 0 \
+                or len(self.count) != 1:
             return None
         sid = int(a.subject_id[0])
         if bool((new.sid != sid).any()):
@@ -725,6 +729,12 @@ class History:
             last[sid] = max(last[sid], newest) if sid in last else newest
         return History(arrays, {sid: latest}, {sid: watermark}, last,
                        {sid: self.count[sid] + len(new)})
+
+    def nbytes(self) -> int:
+        """Memory held: the arrays and the latest values (a few hundred bytes each)."""
+        a = self.arrays
+        return (a.subject_id.nbytes + a.time_us.nbytes + a.code.nbytes + a.value.nbytes
+                + 300 * sum(len(v) for v in self.latest.values()))
 
     @classmethod
     def _from_rows(cls, rows: Sequence[tuple]) -> History:

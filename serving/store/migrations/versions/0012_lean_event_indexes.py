@@ -9,6 +9,10 @@ Create Date: 2026-12-04
 becomes partial (``logical_id IS NOT NULL``): only events of FHIR resources have a
 logical id, and only they are looked up by it.  Each stored event so costs two index
 insertions fewer, which is most of a bulk import's time in the database.
+
+On PostgreSQL the partial index is built inside the migration's transaction, which holds
+writes to ``events`` for one scan of the table (seconds for a few million events); a
+store much larger than that is better migrated in a quiet moment.
 """
 
 import sqlalchemy as sa
