@@ -337,12 +337,18 @@ class TwinWriter:
                 twins = {sid: row for sid, (row, _, _, _) in trusted.items()}
                 existing: set[tuple[int, str]] = set()
             else:  # one snapshot on SQLite; counts are checked anyway
-                twins = self.store.twins.peek(s, ids)
-                existing = self.store.twins.existing_keys(s, rows)
+                twins = self.store.twins.peek(s, ids, views=False)
+                existing = self.store.twins.existing_keys(
+                    s, rows, {sid: t.event_count for sid, t in twins.items()})
             fresh = [r for r in rows if (r["subject_id"], r["idempotency_key"]) not in existing]
             added = dict.fromkeys(ids, 0)
             for r in fresh:
                 added[r["subject_id"]] += 1
+            if not trusted:  # the views of the twins this write may leave as they are
+                same = [sid for sid, inp in zip(ids, inputs, strict=True) if sid in twins
+                        and _unchanged(twins[sid], added[sid], inp.as_of, model, view=False)]
+                for sid, view in self.store.twins.views(s, same).items():
+                    twins[sid].view = view
             redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
                     if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
                                                           model)]
@@ -377,6 +383,8 @@ class TwinWriter:
         created_at = {sid: twins[sid].created_at if sid in twins else now for sid in ids}
         forecasts, views, out = self._rows(model, created_at, history, results,
                                            _callers(ids, inputs), now)
+        out.update({sid: (json.loads(twins[sid].view)["forecast"], twins[sid].view)
+                    for sid in ids if sid not in again})  # left as they are
         return _Plan(ids, now, {sid: sid in twins for sid in ids}, counts, fresh, added,
                      sent, forecasts, views, out,
                      {sid: twins[sid].forecast_head if sid in twins else None for sid in ids},
@@ -388,7 +396,9 @@ class TwinWriter:
     def _commit(self, s: Session, model: LoadedModel, plan: _Plan, inputs: list[TwinInput]
                 ) -> list[TwinOutcome]:
         self._confirm(s, inputs)
-        twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now)
+        # no views: the plan holds every answer (a twin left as it is keeps the view it
+        # read, which its unchanged forecast head vouches for)
+        twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now, views=False)
         for sid in plan.ids:
             t = twins[sid]
             if t.created == plan.existed[sid] or t.event_count != plan.counts[sid] \
@@ -566,13 +576,14 @@ class TwinWriter:
         ``model`` already (a re-run chunk, or another runner's, writes nothing twice).
         Returns how many were written; 0 when ``model`` is no longer the served version."""
         with self.store.read() as s:  # heads first: a change after them is seen below
-            heads = {sid: t.forecast_head for sid, t in self.store.twins.peek(s, ids).items()}
+            heads = {sid: t.forecast_head
+                     for sid, t in self.store.twins.peek(s, ids, views=False).items()}
             history = self.store.twins.histories(s, ids)
         seen = {sid: history.count.get(sid, 0) for sid in ids}
         results = forecast_batch(model, history.arrays, ids, [None] * len(ids))
 
         def work(s: Session) -> int:
-            twins = self.store.twins.lock(s, ids, create=False)
+            twins = self.store.twins.lock(s, ids, create=False, views=False)
             if self.store.jobs.served_version(s, model.name, lock=True) != model.version:
                 return 0
             # unchanged since the read (a correction keeps the count but moves the
@@ -632,9 +643,13 @@ def _outcome(sid: int, label: str, counts: Appended, twin: TwinRow, created: boo
                        counts.superseded)
 
 
-def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedModel) -> bool:
-    return (added == 0 and as_of is None and twin.view is not None and not twin.created
-            and twin.model_version == model.version and twin.model_name == model.name)
+def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedModel, *,
+               view: bool = True) -> bool:
+    """Nothing new for a twin already forecast by this model (``view=False``: its view
+    not read yet, so not asked of it)."""
+    return (added == 0 and as_of is None and (twin.view is not None or not view)
+            and not twin.created and twin.model_version == model.version
+            and twin.model_name == model.name)
 
 
 def check_events(inputs: Sequence[TwinInput]) -> None:

@@ -39,6 +39,7 @@ from features.events import NAT_US, EventArrays, shortest_f32
 from serving.store.models import Event, Forecast, Twin
 
 KEY_CHUNK = 20_000  # bound parameters per query
+SCAN_KEYS_RATIO = 6  # existing_keys: read a twin's keys when sent x this >= its events
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "recorded_at",
                  "idempotency_key", "source")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # MEDS stores values as float32
@@ -147,6 +148,7 @@ class TwinRow:
 
 TWIN_COLUMNS = ("subject_id, created_at, last_event_time, event_count, model_name, "
                 "model_version, view, forecast_head")  # TwinRow's fields, in order
+TWIN_COLUMNS_NO_VIEW = TWIN_COLUMNS.replace(" view,", " NULL,")
 
 
 def _stored_time(text: str | None) -> datetime | None:
@@ -216,9 +218,11 @@ class Twins:
 
     # ------------------------------------------------------------------ twins
     def lock(self, s: Session, subject_ids: Sequence[int], *, create: bool,
-             now: datetime | None = None) -> dict[int, TwinRow]:
+             now: datetime | None = None, views: bool = True) -> dict[int, TwinRow]:
         """The twins' rows, locked for this transaction in ascending id order (created
-        when asked; ids that do not exist are absent from the answer otherwise)."""
+        when asked; ids that do not exist are absent from the answer otherwise);
+        ``views=False``: without their kept views (``view`` None: a few kB a twin that
+        most writers never read)."""
         ids = sorted(set(subject_ids))
         if not ids:
             return {}
@@ -229,22 +233,23 @@ class Twins:
             have = set(conn.execute(self._present, {"ids": ids}).scalars())
             created = self._create(conn, [i for i in ids if i not in have], now)
             return {r.subject_id: r for r in self._twin_rows(s, ids, lock=True,
-                                                             created=created)}
-        found = {r.subject_id: r for r in self._twin_rows(s, ids, lock=True)}
+                                                             created=created, views=views)}
+        found = {r.subject_id: r for r in self._twin_rows(s, ids, lock=True, views=views)}
         missing = [i for i in ids if i not in found]
         if create and missing:  # one twin: nothing held yet, so the order holds
             created = self._create(conn, missing, now)
-            for r in self._twin_rows(s, missing, lock=True, created=created):
+            for r in self._twin_rows(s, missing, lock=True, created=created, views=views):
                 found[r.subject_id] = r
         return found
 
     def _twin_rows(self, s: Session, ids: list[int], *, lock: bool,
-                   created: set[int] = frozenset()) -> list[TwinRow]:
+                   created: set[int] = frozenset(), views: bool = True) -> list[TwinRow]:
         """Twin rows by driver SQL, ascending (locked: ``FOR NO KEY UPDATE`` on
         PostgreSQL, which lets other writes' foreign-key checks pass) — plain tuples with
         times parsed here: SQLAlchemy's row and type processing cost more than the
         query."""
-        sql = (f"SELECT {TWIN_COLUMNS} FROM twins WHERE subject_id IN "
+        sql = (f"SELECT {TWIN_COLUMNS if views else TWIN_COLUMNS_NO_VIEW} FROM twins "
+               "WHERE subject_id IN "
                f"({', '.join('?' * len(ids))}) ORDER BY subject_id")
         if lock and not self.sqlite:
             sql += " FOR NO KEY UPDATE"
@@ -265,10 +270,13 @@ class Twins:
             {"subject_id": i, "created_at": now, "updated_at": now, "event_count": 0}
             for i in ids]).scalars())
 
-    def peek(self, s: Session, subject_ids: Sequence[int]) -> dict[int, TwinRow]:
-        """The twins' rows as they are now, without a lock (absent when missing)."""
+    def peek(self, s: Session, subject_ids: Sequence[int], *, views: bool = True
+             ) -> dict[int, TwinRow]:
+        """The twins' rows as they are now, without a lock (absent when missing;
+        ``views``: as :meth:`lock`)."""
         ids = sorted(set(subject_ids))
-        return {r.subject_id: r for r in self._twin_rows(s, ids, lock=False)} if ids else {}
+        return {r.subject_id: r for r in self._twin_rows(s, ids, lock=False, views=views)
+                } if ids else {}
 
     def insert_new(self, s: Session, subject_id: int) -> None:
         """A brand-new twin row (its id comes from the id source: no conflict possible)."""
@@ -494,12 +502,30 @@ class Twins:
                   for r in rows]
         return s.connection().exec_driver_sql(sql, params).rowcount
 
-    def existing_keys(self, s: Session, rows: list[dict[str, Any]]) -> set[tuple[int, str]]:
-        """Which of the rows' (twin, idempotency key) pairs are stored already."""
+    def existing_keys(self, s: Session, rows: list[dict[str, Any]],
+                      stored: dict[int, int] | None = None) -> set[tuple[int, str]]:
+        """Which of the rows' (twin, idempotency key) pairs are stored already.
+
+        ``stored``: how many events each twin holds, when known — a twin sent more than a
+        sixth of that has all its keys read in one range of the index instead of each
+        looked up (a key read costs about a sixth of a look-up: 0.8 vs 4.9 µs on SQLite)."""
         keys: dict[int, list[str]] = {}
         for r in rows:
             keys.setdefault(r["subject_id"], []).append(r["idempotency_key"])
         found: set[tuple[int, str]] = set()
+        scan = sorted(sid for sid, ks in keys.items()
+                      if stored is not None and len(ks) * SCAN_KEYS_RATIO >= stored.get(sid, 0))
+        if scan:
+            sent = {(sid, k) for sid in scan for k in keys.pop(sid)}
+            for lo in range(0, len(scan), KEY_CHUNK):
+                part = scan[lo:lo + KEY_CHUNK]
+                sql = self._sql("SELECT subject_id, idempotency_key FROM events WHERE "
+                                f"subject_id IN ({', '.join('?' * len(part))})")
+                result = s.connection().exec_driver_sql(sql, tuple(part))
+                try:
+                    found.update(p for p in result.cursor.fetchall() if p in sent)
+                finally:
+                    result.close()
         # "(twin = ? AND key IN (…)) OR …": one index search per twin (a plain
         # "twin IN (…) AND key IN (…)" probes every twin with every key); in chunks
         # below SQLite's limit on bound parameters

@@ -557,3 +557,32 @@ def test_a_key_revoked_elsewhere_gets_401_whatever_else_its_request_would_get(
                        "new event": 200}
     svc.store.dispose()
     elsewhere.store.dispose()
+
+
+def test_stored_keys_are_found_alike_by_look_up_and_by_range_read(database, tracker, trained,
+                                                                  small_cohort):
+    """Which sent events a twin holds already: each key looked up, or all the twin's keys
+    read (a large part of its history sent again) — the same answer: re-sends found, new
+    events not, and each twin's own keys only."""
+    from serving.store.twins import event_rows as store_rows
+
+    svc = service(database, tracker)
+    events = event_rows(history(small_cohort, trained, 2))
+    a, b = 4_500_001, 4_500_002
+    svc.writer.write([TwinInput(a, events=events[:-4]), TwinInput(b, events=events[-4:])],
+                     Caller("seed"), None)
+    now = svc.writer.clock()
+
+    def keys(sid, evs):
+        return {r["idempotency_key"] for r in store_rows({sid: evs}, source="x", now=now)[0]}
+
+    rows, _ = store_rows({a: events, b: events[:-4]}, source="x", now=now)
+    want = {(a, k) for k in keys(a, events) & keys(a, events[:-4])} | \
+        {(b, k) for k in keys(b, events[:-4]) & keys(b, events[-4:])}
+    with svc.store.read() as s:
+        probed = svc.store.twins.existing_keys(s, rows)
+        ranged = svc.store.twins.existing_keys(s, rows, {a: 1, b: 1})
+        mixed = svc.store.twins.existing_keys(s, rows, {a: 1, b: 10**6})
+    assert probed == ranged == mixed == want
+    assert any(sid == a for sid, _ in want) and len(want) < len(rows)
+    svc.store.dispose()
