@@ -248,7 +248,8 @@ class Checkpointer:
     auto-checkpoint threshold would copy the log into the database (and sync) while its
     request waits — the periodic ~50-100 ms stalls of a busy writer.  One thread per
     database file and process checkpoints every ``every`` seconds instead (PASSIVE: it
-    never blocks readers or writers; TRUNCATE when the log has grown past ``max_pages``)."""
+    never blocks readers or writers; TRUNCATE when the log has grown past ``max_pages``
+    and that pass copied all of it)."""
 
     def __init__(self, engine: Engine, every: float = 1.0, max_pages: int = 100_000):
         self.engine, self.every, self.max_pages = engine, every, max_pages
@@ -259,8 +260,11 @@ class Checkpointer:
             time.sleep(self.every)
             try:
                 with self.engine.connect() as conn:
-                    busy, log, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
-                    if not busy and log > self.max_pages:
+                    busy, log, done = conn.exec_driver_sql(
+                        "PRAGMA wal_checkpoint(PASSIVE)").one()
+                    # truncate only a log already copied in full: writers then wait for
+                    # the truncation alone (0.15 s for a 380 MB log here), not the copy
+                    if not busy and log > self.max_pages and done == log:
                         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             except Exception:  # a busy or closed database: try again next time
                 continue
