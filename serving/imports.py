@@ -56,7 +56,7 @@ def import_events(store: Store, events: pd.DataFrame, *, source: str = "import",
                     None if np.isnat(times[i]) else pd.Timestamp(times[i]).to_pydatetime(),
                     codes[i], None if np.isnan(values[i]) else float(values[i]),
                     texts[i] if isinstance(texts[i], str) else None) for i in rows]
-            store.twins.lock(s, list(chunk), create=True, views=False)
+            store.twins.lock(s, list(chunk), create=True)
             counts = store.twins.append_events(s, chunk, source=source, now=utcnow())
             n_added += sum(c.added for c in counts.values())
             _recount(s, list(chunk))

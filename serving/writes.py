@@ -337,7 +337,7 @@ class TwinWriter:
                 twins = {sid: row for sid, (row, _, _, _) in trusted.items()}
                 existing: set[tuple[int, str]] = set()
             else:  # one snapshot on SQLite; counts are checked anyway
-                twins = self.store.twins.peek(s, ids, views=False)
+                twins = self.store.twins.peek(s, ids)
                 existing = self.store.twins.existing_keys(
                     s, rows, {sid: t.event_count for sid, t in twins.items()})
             fresh = [r for r in rows if (r["subject_id"], r["idempotency_key"]) not in existing]
@@ -345,8 +345,8 @@ class TwinWriter:
             for r in fresh:
                 added[r["subject_id"]] += 1
             if not trusted:  # the views of the twins this write may leave as they are
-                same = [sid for sid, inp in zip(ids, inputs, strict=True) if sid in twins
-                        and _unchanged(twins[sid], added[sid], inp.as_of, model, view=False)]
+                same = [sid for sid, inp in zip(ids, inputs, strict=True)
+                        if sid in twins and added[sid] == 0 and inp.as_of is None]
                 for sid, view in self.store.twins.views(s, same).items():
                     twins[sid].view = view
             redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
@@ -398,7 +398,7 @@ class TwinWriter:
         self._confirm(s, inputs)
         # no views: the plan holds every answer (a twin left as it is keeps the view it
         # read, which its unchanged forecast head vouches for)
-        twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now, views=False)
+        twins = self.store.twins.lock(s, plan.ids, create=True, now=plan.now)
         for sid in plan.ids:
             t = twins[sid]
             if t.created == plan.existed[sid] or t.event_count != plan.counts[sid] \
@@ -476,7 +476,7 @@ class TwinWriter:
             raise BadInput("a twin appears twice in one request: send its events together",
                            ["body"])
         now = self.clock()
-        twins = self.store.twins.lock(s, ids, create=True, now=now)
+        twins = self.store.twins.lock(s, ids, create=True, now=now, views=True)
         self._check_served(s, model)
         counts = self.store.twins.append_events(
             s, {sid: inp.events for sid, inp in zip(ids, inputs, strict=True)},
@@ -577,13 +577,13 @@ class TwinWriter:
         Returns how many were written; 0 when ``model`` is no longer the served version."""
         with self.store.read() as s:  # heads first: a change after them is seen below
             heads = {sid: t.forecast_head
-                     for sid, t in self.store.twins.peek(s, ids, views=False).items()}
+                     for sid, t in self.store.twins.peek(s, ids).items()}
             history = self.store.twins.histories(s, ids)
         seen = {sid: history.count.get(sid, 0) for sid in ids}
         results = forecast_batch(model, history.arrays, ids, [None] * len(ids))
 
         def work(s: Session) -> int:
-            twins = self.store.twins.lock(s, ids, create=False, views=False)
+            twins = self.store.twins.lock(s, ids, create=False)
             if self.store.jobs.served_version(s, model.name, lock=True) != model.version:
                 return 0
             # unchanged since the read (a correction keeps the count but moves the
@@ -643,13 +643,9 @@ def _outcome(sid: int, label: str, counts: Appended, twin: TwinRow, created: boo
                        counts.superseded)
 
 
-def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedModel, *,
-               view: bool = True) -> bool:
-    """Nothing new for a twin already forecast by this model (``view=False``: its view
-    not read yet, so not asked of it)."""
-    return (added == 0 and as_of is None and (twin.view is not None or not view)
-            and not twin.created and twin.model_version == model.version
-            and twin.model_name == model.name)
+def _unchanged(twin: TwinRow, added: int, as_of: datetime | None, model: LoadedModel) -> bool:
+    return (added == 0 and as_of is None and twin.view is not None and not twin.created
+            and twin.model_version == model.version and twin.model_name == model.name)
 
 
 def check_events(inputs: Sequence[TwinInput]) -> None:

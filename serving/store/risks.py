@@ -182,7 +182,7 @@ class Risks:
         alert = s.execute(select(TwinAlert).where(TwinAlert.id == alert_id)).scalar_one_or_none()
         if alert is None:
             raise NotFound(f"no alert {alert_id}")
-        self.twins.lock(s, [alert.subject_id], create=False, views=False)  # as writes do
+        self.twins.lock(s, [alert.subject_id], create=False)  # as writes of the twin do
         if s.execute(select(AlertAck.alert_id).where(AlertAck.alert_id == alert_id)).first():
             raise Conflict(f"alert {alert_id} was acknowledged already")
         try:

@@ -218,11 +218,11 @@ class Twins:
 
     # ------------------------------------------------------------------ twins
     def lock(self, s: Session, subject_ids: Sequence[int], *, create: bool,
-             now: datetime | None = None, views: bool = True) -> dict[int, TwinRow]:
+             now: datetime | None = None, views: bool = False) -> dict[int, TwinRow]:
         """The twins' rows, locked for this transaction in ascending id order (created
-        when asked; ids that do not exist are absent from the answer otherwise);
-        ``views=False``: without their kept views (``view`` None: a few kB a twin that
-        most writers never read)."""
+        when asked; ids that do not exist are absent from the answer otherwise); their
+        kept views only with ``views`` (else ``view`` is None: a few kB a twin that most
+        writers never read)."""
         ids = sorted(set(subject_ids))
         if not ids:
             return {}
@@ -270,7 +270,7 @@ class Twins:
             {"subject_id": i, "created_at": now, "updated_at": now, "event_count": 0}
             for i in ids]).scalars())
 
-    def peek(self, s: Session, subject_ids: Sequence[int], *, views: bool = True
+    def peek(self, s: Session, subject_ids: Sequence[int], *, views: bool = False
              ) -> dict[int, TwinRow]:
         """The twins' rows as they are now, without a lock (absent when missing;
         ``views``: as :meth:`lock`)."""
@@ -493,13 +493,10 @@ class Twins:
                         f"({', '.join('?' * len(EVENT_COLUMNS))}) "
                         "ON CONFLICT (subject_id, idempotency_key) DO NOTHING")
         dt = self._param_time
-        stamps: dict[datetime, Any] = {}  # a write's rows share one recorded_at
+        stamps = {rec: dt(rec) for rec in {r["recorded_at"] for r in rows}}  # one a write
         params = [(r["subject_id"], dt(r["time"]), r["code"], r["numeric_value"],
-                   r["text_value"],
-                   stamps[rec] if (rec := r["recorded_at"]) in stamps
-                   else stamps.setdefault(rec, dt(rec)),
-                   r["idempotency_key"], r["source"])
-                  for r in rows]
+                   r["text_value"], stamps[r["recorded_at"]], r["idempotency_key"],
+                   r["source"]) for r in rows]
         return s.connection().exec_driver_sql(sql, params).rowcount
 
     def existing_keys(self, s: Session, rows: list[dict[str, Any]],
