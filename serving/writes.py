@@ -163,18 +163,15 @@ class HistoryCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, twin: TwinRow, *, count: bool = True
-            ) -> tuple[EventColumns, datetime | None] | None:
-        """The twin's kept events if its row still shows their key (``count=False``: the
-        caller counts the hit or miss once it knows whether it needed the entry)."""
+    def get(self, twin: TwinRow) -> tuple[EventColumns, datetime | None] | None:
         with self._lock:
             entry = self._entries.get(twin.subject_id)
             if entry is None or entry[0] != twin.event_count \
                     or entry[1] != twin.forecast_head:
-                self.misses += count
+                self.misses += 1
                 return None
             self._entries.move_to_end(twin.subject_id)
-            self.hits += count
+            self.hits += 1
             return entry[2], entry[3]
 
     def trusted(self, subject_ids: Sequence[int]
@@ -336,24 +333,13 @@ class TwinWriter:
         trusted = self.cache.trusted(ids) if trust and all(inp.events for inp in inputs) \
             else None
         with contextlib.nullcontext() if trusted else self.store.read() as s:
-            read_rows: list[tuple] = []
-            sending: set[int] = set()
             if trusted:
                 twins = {sid: row for sid, (row, _, _, _) in trusted.items()}
-                kept = {sid: (cols, sup) for sid, (_, cols, sup, _) in trusted.items()}
                 existing: set[tuple[int, str]] = set()
             else:  # one snapshot on SQLite; counts are checked anyway
                 twins = self.store.twins.peek(s, ids)
-                kept = {sid: hit for sid in ids if sid in twins
-                        and (hit := self.cache.get(twins[sid], count=False)) is not None}
-                # the histories a forecast will need are read with their keys, which
-                # tell which sent events are stored already; the others' keys looked up
-                sending = {sid for sid, inp in zip(ids, inputs, strict=True)
-                           if inp.events and sid in twins and sid not in kept}
-                read_rows, existing = self.store.twins.history_and_keys(s, sending)
-                existing |= self.store.twins.existing_keys(
-                    s, [r for r in rows if r["subject_id"] not in sending],
-                    {sid: t.event_count for sid, t in twins.items()})
+                existing = self.store.twins.existing_keys(
+                    s, rows, {sid: t.event_count for sid, t in twins.items()})
             fresh = [r for r in rows if (r["subject_id"], r["idempotency_key"]) not in existing]
             added = dict.fromkeys(ids, 0)
             for r in fresh:
@@ -366,22 +352,20 @@ class TwinWriter:
             redo = [(sid, inp) for sid, inp in zip(ids, inputs, strict=True)
                     if sid not in twins or not _unchanged(twins[sid], added[sid], inp.as_of,
                                                           model)]
-            again = {sid for sid, _ in redo}
-            kept = {sid: hit for sid, hit in kept.items() if sid in again}
-            if not sending <= again:  # a re-send left some as they are
-                read_rows = [r for r in read_rows if r[0] in again]
-            read = [sid for sid in again if sid not in kept]  # none when trusted
-            if not trusted:  # entries that spared a read, twins that needed one
-                self.cache.count(hits=len(kept), misses=sum(sid in twins for sid in read))
-            stored = EventColumns.from_rows(
-                read_rows + self.store.twins.history_rows(
-                    s, [sid for sid in read if sid not in sending]))
+            if trusted:
+                kept = {sid: (cols, sup) for sid, (_, cols, sup, _) in trusted.items()}
+            else:
+                kept = {sid: hit for sid, _ in redo if sid in twins
+                        and (hit := self.cache.get(twins[sid])) is not None}
+            read = [sid for sid, _ in redo if sid not in kept]  # none when trusted
+            stored = EventColumns.from_rows(self.store.twins.history_rows(s, read))
             superseded = self.store.twins.last_superseded(s, read)
         counts = {sid: t.event_count for sid, t in twins.items()}
         for sid in read:
             counts[sid] = 0
         for sid, n in zip(*np.unique(stored.sid, return_counts=True), strict=True):
             counts[int(sid)] = int(n)
+        again = {sid for sid, _ in redo}
         stamp = now.isoformat()  # times as text, as the store's rows come (parsed faster)
         new = EventColumns.from_rows(
             [(r["subject_id"], r["time"] and r["time"].isoformat(), r["code"],

@@ -588,26 +588,6 @@ class Twins:
         finally:
             result.close()
 
-    def history_and_keys(self, s: Session, subject_ids: Iterable[int]
-                         ) -> tuple[list[tuple], set[tuple[int, str]]]:
-        """The twins' live event rows (as :meth:`history_rows`) and every (twin,
-        idempotency key) they hold, superseded rows' too — one pass over their events,
-        for a write that needs both (instead of a second read of the same twins' keys)."""
-        ids = sorted(set(subject_ids))
-        if not ids:
-            return [], set()
-        text = "" if self.sqlite else "::text"
-        sql = (f"SELECT subject_id, time{text}, code, numeric_value, text_value, id, "
-               f"recorded_at{text}, idempotency_key, superseded_at IS NULL FROM events "
-               f"WHERE subject_id IN ({', '.join('?' * len(ids))})")
-        result = s.connection().exec_driver_sql(self._sql(sql), tuple(ids))
-        try:
-            rows = result.cursor.fetchall()
-        finally:
-            result.close()
-        keys = set(zip(map(itemgetter(0), rows), map(itemgetter(7), rows), strict=True))
-        return [r for r in rows if r[8]], keys
-
     # ------------------------------------------------------------------ forecasts
     def add_forecasts(self, s: Session, rows: list[dict[str, Any]],
                       heads: dict[int, str | None]) -> dict[int, str]:
