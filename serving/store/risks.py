@@ -31,9 +31,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from serving.errors import Conflict, NotFound
+from serving.store import arrays
 from serving.store.models import AlertAck, TwinAlert, TwinRisk
 from serving.store.twins import Twins
 
+# what a twin's new forecast rewrites in its risk row at each horizon
+RISK_UPDATES = ("risk", "previous_risk", "rise", "last_event_time", "as_of", "expires_at",
+                "forecast_id", "model_version", "armed", "open_alert_id")
 ALERT = "alert"    # a twin's new forecast crossed the threshold: for the care team
 REVIEW = "review"  # the all-twin refresh did (a new model version): queued for review
 SORTS = ("risk", "rise", "quiet")  # highest risk, risen most, longest without an event
@@ -68,10 +72,11 @@ class Risks:
         ins = (sqlite_insert if self.sqlite else pg_insert)(TwinRisk.__table__)
         self._upsert = ins.on_conflict_do_update(
             index_elements=["subject_id", "horizon_days"],
-            set_={c: ins.excluded[c] for c in ("risk", "previous_risk", "rise",
-                                               "last_event_time", "as_of", "expires_at",
-                                               "forecast_id", "model_version", "armed",
-                                               "open_alert_id")})
+            set_={c: ins.excluded[c] for c in RISK_UPDATES})
+        self._pg_upsert = arrays.insert_sql(  # the same, as one statement over arrays
+            TwinRisk.__table__, ("subject_id", "horizon_days", *RISK_UPDATES),
+            "ON CONFLICT (subject_id, horizon_days) DO UPDATE SET "
+            + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in RISK_UPDATES))
         self._add_alert = insert(TwinAlert.__table__).returning(
             a.id, sort_by_parameter_order=True)
 
@@ -163,8 +168,11 @@ class Risks:
                 if not review:  # a review is never an open alert
                     upserts[slot]["open_alert_id"] = aid
                 alert["id"] = aid
-        if upserts:
+        if upserts and self.sqlite:
             conn.execute(self._upsert, upserts)
+        elif upserts:  # one binary array per column (a twin's horizons: distinct keys)
+            conn.exec_driver_sql(self._pg_upsert, arrays.arrays(
+                TwinRisk.__table__, upserts, ("subject_id", "horizon_days", *RISK_UPDATES)))
         return alerts
 
     # ------------------------------------------------------------------ acknowledging

@@ -36,12 +36,17 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from features.events import NAT_US, EventArrays, shortest_f32
+from serving.store import arrays
 from serving.store.models import Event, Forecast, Twin
 
 KEY_CHUNK = 20_000  # bound parameters per query
 SCAN_KEYS_RATIO = 6  # existing_keys: read a twin's keys when sent x this >= its events
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "recorded_at",
                  "idempotency_key", "source")
+# a view update's keys (writer's names) by the twins column each rewrites
+VIEW_KEYS = {"subject_id": "sid", "view": "view", "model_name": "mname",
+             "model_version": "mversion", "event_count": "n_events",
+             "last_event_time": "last_time", "updated_at": "now", "forecast_head": "head"}
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # MEDS stores values as float32
 LOGICAL_ID_MAX = 200  # events.logical_id
 KEY_LOGICAL_MAX = 90  # a logical id's share of a 128-character idempotency key
@@ -490,9 +495,15 @@ class Twins:
         20,000 rows spend their time in the database, not in statement building."""
         if not rows:
             return 0
-        sql = self._sql(f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(EVENT_COLUMNS))}) "
-                        "ON CONFLICT (subject_id, idempotency_key) DO NOTHING")
+        if not self.sqlite:  # one statement over binary arrays: 20,000 rows 720 -> 480 ms
+            table = Event.__table__
+            return s.connection().exec_driver_sql(
+                arrays.insert_sql(table, EVENT_COLUMNS,
+                                  "ON CONFLICT (subject_id, idempotency_key) DO NOTHING"),
+                arrays.arrays(table, rows, EVENT_COLUMNS)).rowcount
+        sql = (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
+               f"({', '.join('?' * len(EVENT_COLUMNS))}) "
+               "ON CONFLICT (subject_id, idempotency_key) DO NOTHING")
         dt = self._param_time
         stamps = {rec: dt(rec) for rec in {r["recorded_at"] for r in rows}}  # one a write
         params = [(r["subject_id"], dt(r["time"]), r["code"], r["numeric_value"],
@@ -601,8 +612,15 @@ class Twins:
             r["digest_version"] = DIGEST_VERSION
             r["prev_digest"] = heads.get(r["subject_id"])
             r["row_digest"] = new[r["subject_id"]] = forecast_digest(r)
-        if rows:
+        if not rows:
+            return new
+        columns = tuple(rows[0])
+        if self.sqlite or any(len(r) != len(columns) for r in rows):
             s.connection().execute(self._add_forecasts, rows)
+        else:  # one statement, one binary array per column (1,000 rows: ~1/3 the time)
+            table = Forecast.__table__
+            s.connection().exec_driver_sql(arrays.insert_sql(table, columns),
+                                           arrays.arrays(table, rows, columns))
         return new
 
     def write_views(self, s: Session, updates: list[dict[str, Any]], heads: dict[int, str]
@@ -613,7 +631,14 @@ class Twins:
             return
         for u in updates:
             u["head"] = heads[u["sid"]]
-        s.connection().execute(self._write_views, updates)
+        if self.sqlite:
+            s.connection().execute(self._write_views, updates)
+            return
+        table = Twin.__table__
+        columns = tuple(c for c in VIEW_KEYS if c != "subject_id")
+        s.connection().exec_driver_sql(
+            arrays.update_sql(table, "subject_id", columns),
+            arrays.arrays(table, updates, ("subject_id", *columns), VIEW_KEYS))
 
     def sources_before(self, s: Session, subject_id: int, prefix: str, until: datetime,
                        limit: int = 20) -> list[str]:
