@@ -15,16 +15,28 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Float, Table
+from sqlalchemy import JSON, Boolean, Float, Integer, String, Table
 from sqlalchemy.dialects import postgresql
 
 from serving.store.db import json_text
 
 _PG = postgresql.dialect()
+# below this many rows a statement per row is faster: the arrays' statement costs about
+# 0.3 ms more to run (one-event writes measured: 0.32 vs 0.57 ms an events insert)
+MIN_ROWS = 32
+
+
+def worth(rows: Sequence[Any]) -> bool:
+    """Whether these rows go faster as arrays than a statement each."""
+    return len(rows) >= MIN_ROWS
 
 
 def _array(table: Table, column: str) -> str:
-    return f"%b::{table.c[column].type.compile(dialect=_PG)}[]"
+    kind = table.c[column].type
+    # text without a length: the insert's own assignment then refuses a value too long,
+    # as a statement per row would (an explicit cast to varchar(n) cuts it silently)
+    name = "TEXT" if isinstance(kind, String) else kind.compile(dialect=_PG)
+    return f"%b::{name}[]"
 
 
 @lru_cache(maxsize=64)
@@ -49,7 +61,8 @@ def update_sql(table: Table, key: str, columns: tuple[str, ...]) -> str:
 def arrays(table: Table, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
            names: Mapping[str, str] | None = None) -> tuple[list[Any], ...]:
     """The rows' values as one list per column (``names``: a column's key in the rows
-    when it is not the column's name)."""
+    when it is not the column's name).  Numbers are made one type per array (the driver
+    refuses a list that mixes types it would send differently)."""
     out = []
     for c in columns:
         key = (names or {}).get(c, c)
@@ -57,7 +70,16 @@ def arrays(table: Table, rows: Sequence[Mapping[str, Any]], columns: Sequence[st
         kind = table.c[c].type
         if isinstance(kind, JSON):
             values = [json_text(v) for v in values]
-        elif isinstance(kind, Float):  # one element type per array
+        elif isinstance(kind, Float):
             values = [None if v is None else float(v) for v in values]
+        elif isinstance(kind, Integer) and not isinstance(kind, Boolean):
+            values = [None if v is None else int(v) for v in values]
         out.append(values)
     return tuple(out)
+
+
+def distinct(rows: Sequence[Mapping[str, Any]], *keys: str) -> None:
+    """Refuse rows that repeat a key: one statement cannot write a row twice (an upsert
+    fails, an update picks one), where a statement per row let the last one win."""
+    if len({tuple(r[k] for k in keys) for r in rows}) != len(rows):
+        raise ValueError(f"rows repeat a ({', '.join(keys)}) key: write each row once")

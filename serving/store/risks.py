@@ -30,8 +30,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+import serving.store.arrays as arrays
 from serving.errors import Conflict, NotFound
-from serving.store import arrays
 from serving.store.models import AlertAck, TwinAlert, TwinRisk
 from serving.store.twins import Twins
 
@@ -168,9 +168,10 @@ class Risks:
                 if not review:  # a review is never an open alert
                     upserts[slot]["open_alert_id"] = aid
                 alert["id"] = aid
-        if upserts and self.sqlite:
+        if upserts and (self.sqlite or not arrays.worth(upserts)):
             conn.execute(self._upsert, upserts)
-        elif upserts:  # one binary array per column (a twin's horizons: distinct keys)
+        elif upserts:  # one binary array per column
+            arrays.distinct(upserts, "subject_id", "horizon_days")
             conn.exec_driver_sql(self._pg_upsert, arrays.arrays(
                 TwinRisk.__table__, upserts, ("subject_id", "horizon_days", *RISK_UPDATES)))
         return alerts

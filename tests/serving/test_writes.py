@@ -590,9 +590,9 @@ def test_stored_keys_are_found_alike_by_look_up_and_by_range_read(database, trac
 
 def test_a_batch_read_from_the_store_leaves_a_resent_twin_and_forecasts_the_other(
         database, tracker, trained, small_cohort):
-    """A worker that has kept neither twin reads both histories with their keys: the twin
-    sent only what it holds keeps its forecast; the other's forecast covers its whole
-    history (and only its own)."""
+    """A worker that has kept neither twin plans from a read of the store: the twin sent
+    only what it holds keeps its forecast; the other's forecast covers its whole history
+    (and only its own) — all without falling back to the locked path."""
     events = event_rows(history(small_cohort, trained, 3))
     a, b = 4_600_001, 4_600_002
     seed = service(database, tracker)
@@ -612,3 +612,69 @@ def test_a_batch_read_from_the_store_leaves_a_resent_twin_and_forecasts_the_othe
     assert out[b].forecast["risks"] == fresh.writer.stateless(b, events, None)["risks"]
     assert json.loads(out[b].view)["event_count"] == len(events)
     fresh.store.dispose()
+
+
+def test_many_rows_are_stored_as_row_by_row_writes_store_them(database, tracker, trained,
+                                                               small_cohort, monkeypatch):
+    """A batch large enough to go as one statement per table (PostgreSQL's binary arrays)
+    stores what statements row by row store: the same events in the order sent, the same
+    forecasts (JSON null for a twin not eligible), views and risk rows, and an intact
+    forecast chain; on PostgreSQL a value too long for its column is refused, not cut."""
+    from serving.store import arrays
+    from serving.store.models import TwinRisk
+    from serving.tamper import verify_chains
+
+    svc = service(database, tracker)
+    parts = [event_rows(history(small_cohort, trained, k)) for k in range(3)]
+    n = arrays.MIN_ROWS + 4  # twins: every table's rows over the threshold
+
+    def batch(base: int) -> list[TwinInput]:
+        return [TwinInput(base + k, events=parts[k % 3] if k else parts[0][:1])
+                for k in range(n)]  # twin 0: one event, not eligible
+
+    def stored(base: int):
+        ids = [base + k for k in range(n)]
+        with svc.store.read() as s:
+            ev = s.execute(select(Event.subject_id, Event.time, Event.code,
+                                  Event.numeric_value, Event.text_value, Event.source)
+                           .where(Event.subject_id.in_(ids)).order_by(Event.id)).all()
+            fc = s.execute(select(Forecast.subject_id, Forecast.status, Forecast.reason,
+                                  Forecast.risks, Forecast.contributions,
+                                  Forecast.trajectories, Forecast.feature_digest,
+                                  Forecast.as_of).where(Forecast.subject_id.in_(ids))
+                           .order_by(Forecast.subject_id)).all()
+            null = s.execute(text("SELECT risks IS NULL FROM forecasts WHERE subject_id = "
+                                  f"{base}")).scalar_one()
+            tw = s.execute(select(Twin.subject_id, Twin.event_count, Twin.last_event_time,
+                                  Twin.model_version).where(Twin.subject_id.in_(ids))
+                           .order_by(Twin.subject_id)).all()
+            rk = s.execute(select(TwinRisk.subject_id, TwinRisk.horizon_days, TwinRisk.risk,
+                                  TwinRisk.expires_at, TwinRisk.armed)
+                           .where(TwinRisk.subject_id.in_(ids))
+                           .order_by(TwinRisk.subject_id, TwinRisk.horizon_days)).all()
+        shift = [(r[0] - base, *r[1:]) for r in ev], [(r[0] - base, *r[1:]) for r in fc], \
+            [(r[0] - base, *r[1:]) for r in tw], [(r[0] - base, *r[1:]) for r in rk]
+        return shift, null
+
+    svc.writer.write(batch(4_700_000), Caller("ward"), None)
+    monkeypatch.setattr(arrays, "MIN_ROWS", 10**9)  # row by row
+    svc.writer.write(batch(4_800_000), Caller("ward"), None)
+    monkeypatch.undo()
+    (ev, fc, tw, rk), null = stored(4_700_000)
+    assert stored(4_800_000) == ((ev, fc, tw, rk), null)
+    want = [(k, *e[:4], "ward") for k in range(n) for e in (parts[k % 3] if k else
+                                                               parts[0][:1])]
+    assert ev == want  # every event, in the order sent (ids taken in it)
+    assert fc[0][1] == "not_eligible" and fc[0][3] is None and not null  # JSON null
+    assert all(f[1] == "ok" for f in fc[1:]) and len(rk) == 2 * (n - 1)
+    assert verify_chains(svc.store)[1] == []
+    if svc.store.db.sqlite:  # SQLite keeps any length: nothing more to check there
+        svc.store.dispose()
+        return
+    long = [e._replace(code="LAB//" + "X" * 300) for e in parts[1]]
+    before = counts(svc.store)
+    with pytest.raises(Exception, match="too long"):
+        svc.writer.write([TwinInput(4_900_000 + k, events=long) for k in range(n)],
+                         Caller("ward"), None)
+    assert counts(svc.store) == before
+    svc.store.dispose()
