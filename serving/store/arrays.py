@@ -26,9 +26,10 @@ _PG = postgresql.dialect()
 MIN_ROWS = 32
 
 
-def worth(rows: Sequence[Any]) -> bool:
-    """Whether these rows go faster as arrays than a statement each."""
-    return len(rows) >= MIN_ROWS
+def worth(rows: Sequence[Any], *, sqlite: bool) -> bool:
+    """Whether these rows go faster as arrays than a statement each (PostgreSQL only:
+    SQLite takes bound rows in process, with no text to parse)."""
+    return not sqlite and len(rows) >= MIN_ROWS
 
 
 def _array(table: Table, column: str) -> str:

@@ -168,7 +168,7 @@ class Risks:
                 if not review:  # a review is never an open alert
                     upserts[slot]["open_alert_id"] = aid
                 alert["id"] = aid
-        if upserts and (self.sqlite or not arrays.worth(upserts)):
+        if upserts and not arrays.worth(upserts, sqlite=self.sqlite):
             conn.execute(self._upsert, upserts)
         elif upserts:  # one binary array per column
             arrays.distinct(upserts, "subject_id", "horizon_days")
